@@ -1,0 +1,26 @@
+"""Omni SDK: what a model author imports to serve a model with omni-runtime."""
+
+from __future__ import annotations
+
+from omni_sdk._engine import Engine, EngineDefinitionError, LoadContext, Signature
+from omni_sdk._plugins import EnginePlugins, PackageError
+from omni_sdk._resources import Resources, Scaling
+from omni_sdk._tensors import InvalidInput, TensorSpec
+from omni_sdk.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "EngineDefinitionError",
+    "EnginePlugins",
+    "InvalidInput",
+    "LoadContext",
+    "PackageError",
+    "Resources",
+    "Scaling",
+    "Signature",
+    "TensorSpec",
+    "__version__",
+    "hookimpl",
+]

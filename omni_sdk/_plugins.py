@@ -1,0 +1,154 @@
+"""Finding engines: a typed wrapper over pluggy for the ``omni`` entry-point group."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from omni_sdk import hookspecs
+from omni_sdk._engine import Engine, EngineDefinitionError
+
+__all__ = ["ENTRY_POINT_GROUP", "EnginePlugins", "PackageError", "read_package"]
+
+ENTRY_POINT_GROUP = "omni"
+log = logging.getLogger("omni.plugins")
+
+
+class PackageError(Exception):
+    """A model package cannot be loaded; the message names the package and the cause."""
+
+
+class EnginePlugins:
+    """The plugins of one process and the engines they register.
+
+    ``OMNI_LOAD_PLUGINS`` (comma-separated entry-point names) limits which installed plugins
+    load; ``OMNI_TRACE_PLUGINS=1`` prints every hook call to stderr.
+    """
+
+    def __init__(self) -> None:
+        self._pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self._pm.add_hookspecs(hookspecs)
+        if os.environ.get("OMNI_TRACE_PLUGINS"):
+            self._pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+            self._pm.enable_tracing()
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        self._pm.register(plugin, name=name)
+
+    def unregister(self, name: str) -> None:
+        self._pm.unregister(name=name)
+
+    def load_installed(self) -> None:
+        """Load the ``omni`` entry points of installed distributions, minus any not allowed."""
+        allowed = _allow_list()
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and entry_point.name not in allowed:
+                continue
+            if self._pm.get_plugin(entry_point.name) is not None:
+                continue
+            self._pm.register(entry_point.load(), name=entry_point.name)
+        self._pm.check_pending()
+
+    def load_package(self, package_dir: Path) -> str:
+        """Load the plugins a model package declares in its pyproject.toml; returns its name."""
+        info = read_package(package_dir)
+        for root in (package_dir / "src", package_dir):
+            if root.is_dir() and str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+        for ep_name, target in info["entry_points"].items():
+            try:
+                plugin = _import_target(target)
+            except Exception as exc:
+                raise PackageError(
+                    f"package {package_dir}: entry point {ep_name} = {target!r} failed to "
+                    f"import: {type(exc).__name__}: {exc}"
+                ) from exc
+            self._pm.register(plugin, name=f"{info['name']}:{ep_name}")
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PackageError(f"package {package_dir}: {exc}") from exc
+        return str(info["name"])
+
+    def engines(self) -> list[type[Engine]]:
+        """Every engine the loaded plugins register, checked, with unique names."""
+        found: list[type[Engine]] = []
+
+        def register(engine: type[Engine]) -> None:
+            if not (isinstance(engine, type) and issubclass(engine, Engine)):
+                raise EngineDefinitionError(
+                    f"register() takes an Engine subclass, got {engine!r}"
+                )
+            engine.validate_definition()
+            found.append(engine)
+
+        self._pm.hook.register_engines(register=register)
+        by_name: dict[str, type[Engine]] = {}
+        for engine in found:
+            other = by_name.setdefault(engine.name, engine)
+            if other is not engine:
+                raise EngineDefinitionError(
+                    f"two engines are named {engine.name!r}: {_where(other)} and {_where(engine)}"
+                )
+        return list(by_name.values())
+
+
+def read_package(package_dir: Path) -> dict[str, Any]:
+    """Name and ``omni`` entry points from a model package's pyproject.toml."""
+    pyproject = package_dir / "pyproject.toml"
+    if not package_dir.is_dir():
+        raise PackageError(f"model package {package_dir} does not exist")
+    if not pyproject.is_file():
+        raise PackageError(f"model package {package_dir} has no pyproject.toml")
+    try:
+        data = tomllib.loads(pyproject.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{pyproject} is not valid TOML: {exc}") from exc
+    project = data.get("project", {})
+    name = project.get("name")
+    entry_points = project.get("entry-points", {}).get(ENTRY_POINT_GROUP)
+    if not isinstance(name, str):
+        raise PackageError(f"{pyproject} has no [project] name")
+    if not entry_points or not isinstance(entry_points, dict):
+        raise PackageError(
+            f"{pyproject} registers no engine: add [project.entry-points.omni] with a line "
+            "such as `my_model = \"my_model\"` naming the module that holds the hookimpl"
+        )
+    return {"name": name, "entry_points": entry_points}
+
+
+def _import_target(target: str) -> object:
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name.strip())
+    obj: object = module
+    for part in filter(None, attribute.strip().split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _allow_list() -> set[str] | None:
+    raw = os.environ.get("OMNI_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _where(engine: type[Engine]) -> str:
+    return f"{engine.__module__}.{engine.__qualname__}"
+
+
+def iter_engines(plugins: Iterable[object]) -> list[type[Engine]]:
+    """The engines registered by the given plugin objects (handy in tests)."""
+    manager = EnginePlugins()
+    for index, plugin in enumerate(plugins):
+        manager.register(plugin, name=f"inline-{index}")
+    return manager.engines()

@@ -1,0 +1,38 @@
+"""Per-engine limits and scaling policy, overridable per deployment in ``omni.toml``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from omni_sdk._units import parse_duration, parse_size
+
+__all__ = ["Bytes", "Resources", "Scaling", "Seconds"]
+
+Bytes = Annotated[int, BeforeValidator(parse_size), PlainSerializer(int)]
+Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(float)]
+
+
+class Resources(BaseModel):
+    """What one replica of an engine may use: host memory, GPU memory and CPUs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory: Bytes = Field(default=2 << 30, description="host memory limit, e.g. '2GiB'")
+    gpu_memory: Bytes = Field(default=0, description="GPU memory quota, e.g. '4GiB'; 0: none")
+    cpus: float = Field(default=1.0, gt=0, description="CPU share, e.g. 0.5 or 2")
+
+
+class Scaling(BaseModel):
+    """How many replicas of an engine run, and when they start and stop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    idle_timeout: Seconds = Field(default=300.0, description="e.g. '5m'")
+    target_ongoing_requests: int = Field(default=2, ge=1)
+    max_queue_size: int = Field(
+        default=128, ge=1, description="requests waiting per model before 429s"
+    )

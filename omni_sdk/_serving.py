@@ -1,0 +1,301 @@
+"""Runs one engine behind both APIs: decodes requests, calls the engine, encodes answers.
+
+The worker process and the in-process test helpers share this code, so what a model author
+tests in-process is exactly what the runtime serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from omni_sdk._engine import Engine
+from omni_sdk._tensors import InvalidInput, encode_binary, json_data, tensor_to_value, value_to_tensor
+
+__all__ = ["EngineRunner", "Prepared", "ai_error_body", "AI_ERROR_CODES"]
+
+# Workers-AI-style error codes, by HTTP status (docs/http-api.md).
+AI_ERROR_CODES = {400: 5006, 404: 5007, 413: 3006, 429: 3040, 500: 3043, 503: 3042}
+RESULT_OPEN = b'{"result":'
+RESULT_CLOSE = b',"success":true,"errors":[],"messages":[]}'
+
+
+def ai_error_body(status: int, message: str) -> bytes:
+    return json.dumps(
+        {
+            "result": None,
+            "success": False,
+            "errors": [{"code": AI_ERROR_CODES.get(status, 3043), "message": message}],
+            "messages": [],
+        }
+    ).encode()
+
+
+def v2_error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A decoded request, or the error response that decoding produced."""
+
+    v2: bool
+    request: BaseModel | None = None
+    status: int = 200
+    error: str = ""
+    request_id: str | None = None
+    outputs: list[tuple[Any, bool]] | None = None  # (TensorSpec, binary) for v2
+
+
+class EngineRunner:
+    """One loaded engine instance and the codecs of both APIs around it."""
+
+    def __init__(self, engine: Engine, model_name: str | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or type(engine).name
+        signature = type(engine).signature()
+        self.request_model = signature.request_model
+        self.response_model = signature.response_model
+        self.inputs = {spec.name: spec for spec in signature.inputs}
+        self.outputs = {spec.name: spec for spec in signature.outputs}
+        cls = type(engine)
+        self.batch_size = cls.max_batch_size if cls.max_batch_size > 1 else 1
+        call = engine.infer_batch if self.batch_size > 1 else engine.infer
+        self.is_async = inspect.iscoroutinefunction(call)
+        self._label = f"model '{self.model_name}'"
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def prepare_json(self, body: bytes | memoryview) -> Prepared:
+        try:
+            data = json.loads(bytes(body) if isinstance(body, memoryview) else body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return self._bad(False, f"{self._label}: the body is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            return self._bad(False, f"{self._label}: the body must be a JSON object")
+        data.pop("options", None)
+        return self._validate(False, data)
+
+    def prepare_v2(self, body: bytes | memoryview, header_length: int) -> Prepared:
+        view = memoryview(body)
+        if header_length > len(view):
+            return self._bad(
+                True,
+                f"{self._label}: Inference-Header-Content-Length is {header_length} but the "
+                f"body has only {len(view)} bytes",
+            )
+        end = header_length or len(view)
+        try:
+            header = json.loads(bytes(view[:end]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return self._bad(True, f"{self._label}: the inference header is not valid JSON: {exc}")
+        if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+            return self._bad(True, f"{self._label}: the request needs an 'inputs' list")
+        try:
+            values = self._decode_inputs(header["inputs"], view, end)
+            outputs = self._requested_outputs(header)
+        except InvalidInput as exc:
+            return self._bad(True, f"{self._label}: {exc}")
+        prepared = self._validate(True, values)
+        request_id = header.get("id")
+        prepared.request_id = request_id if isinstance(request_id, str) else None
+        prepared.outputs = outputs
+        return prepared
+
+    def _decode_inputs(self, inputs: list[Any], view: memoryview, offset: int) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for item in inputs:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise InvalidInput("every entry of 'inputs' needs a 'name'")
+            name = item["name"]
+            spec = self.inputs.get(name)
+            if spec is None:
+                known = ", ".join(self.inputs) or "none"
+                raise InvalidInput(f"has no input '{name}' (its inputs: {known})")
+            if name in values:
+                raise InvalidInput(f"input '{name}' appears twice")
+            raw = None
+            params = item.get("parameters")
+            size = params.get("binary_data_size") if isinstance(params, dict) else None
+            if size is not None:
+                if not isinstance(size, int) or size < 0:
+                    raise InvalidInput(f"input '{name}': binary_data_size must be an integer")
+                if offset + size > len(view):
+                    raise InvalidInput(
+                        f"input '{name}': binary_data_size is {size} but only "
+                        f"{len(view) - offset} bytes of binary data remain in the body"
+                    )
+                raw = view[offset : offset + size]
+                offset += size
+            values[name] = tensor_to_value(
+                spec, item.get("datatype"), item.get("shape"), item.get("data"), raw
+            )
+        if offset != len(view):
+            raise InvalidInput(
+                f"the body has {len(view) - offset} bytes of binary data that no input claims"
+            )
+        missing = [n for n, s in self.inputs.items() if s.required and n not in values]
+        if missing:
+            raise InvalidInput(f"missing input '{missing[0]}'")
+        return values
+
+    def _requested_outputs(self, header: dict[str, Any]) -> list[tuple[Any, bool]]:
+        params = header.get("parameters")
+        binary_default = bool(params.get("binary_data_output")) if isinstance(params, dict) else False
+        requested = header.get("outputs")
+        if not requested:
+            return [(spec, binary_default) for spec in self.outputs.values()]
+        if not isinstance(requested, list):
+            raise InvalidInput("'outputs' must be a list")
+        chosen = []
+        for item in requested:
+            name = item.get("name") if isinstance(item, dict) else None
+            spec = self.outputs.get(name) if isinstance(name, str) else None
+            if spec is None:
+                known = ", ".join(self.outputs)
+                raise InvalidInput(f"has no output {name!r} (its outputs: {known})")
+            out_params = item.get("parameters")
+            binary = binary_default
+            if isinstance(out_params, dict) and "binary_data" in out_params:
+                binary = bool(out_params["binary_data"])
+            chosen.append((spec, binary))
+        return chosen
+
+    def _validate(self, v2: bool, values: dict[str, Any]) -> Prepared:
+        try:
+            return Prepared(v2=v2, request=self.request_model.model_validate(values))
+        except ValidationError as exc:
+            return self._bad(v2, f"{self._label}: {describe_validation_error(exc, 'input')}")
+
+    def _bad(self, v2: bool, message: str, status: int = 400) -> Prepared:
+        return Prepared(v2=v2, status=status, error=message)
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self, batch: list[Prepared]) -> list[Any]:
+        """Outcomes (a response or an exception) for the valid requests of ``batch``."""
+        requests = [p.request for p in batch if p.request is not None]
+        if self.batch_size > 1:
+            outcomes: list[Any] = []
+            for start in range(0, len(requests), self.batch_size):
+                chunk = requests[start : start + self.batch_size]
+                try:
+                    outcomes.extend(self._check_batch(self.engine.infer_batch(chunk), len(chunk)))
+                except Exception as exc:
+                    outcomes.extend([exc] * len(chunk))
+            return outcomes
+        outcomes = []
+        infer = self.engine.infer
+        for request in requests:
+            try:
+                outcomes.append(infer(request))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def arun(self, batch: list[Prepared]) -> list[Any]:
+        """As ``run``, for engines whose ``infer``/``infer_batch`` is ``async def``."""
+        requests = [p.request for p in batch if p.request is not None]
+        if self.batch_size > 1:
+            chunks = [
+                requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)
+            ]
+            results = await asyncio.gather(
+                *(self.engine.infer_batch(chunk) for chunk in chunks),  # type: ignore[misc]
+                return_exceptions=True,
+            )
+            outcomes: list[Any] = []
+            for chunk, result in zip(chunks, results, strict=True):
+                try:
+                    outcomes.extend(self._check_batch(result, len(chunk)))
+                except Exception as exc:
+                    outcomes.extend([exc] * len(chunk))
+            return outcomes
+        return list(
+            await asyncio.gather(
+                *(self.engine.infer(r) for r in requests), return_exceptions=True
+            )
+        )
+
+    def _check_batch(self, result: Any, expected: int) -> list[Any]:
+        if isinstance(result, BaseException):
+            raise result
+        if not isinstance(result, list) or len(result) != expected:
+            got = f"{len(result)} items" if isinstance(result, list) else type(result).__name__
+            raise TypeError(f"infer_batch returned {got} for {expected} requests")
+        return result
+
+    # -- encoding ------------------------------------------------------------------------
+
+    def respond_all(self, batch: list[Prepared], outcomes: list[Any]) -> list[tuple[int, int, list[bytes]]]:
+        results = iter(outcomes)
+        return [self.respond(p, next(results) if p.request is not None else None) for p in batch]
+
+    def respond(self, prepared: Prepared, outcome: Any) -> tuple[int, int, list[bytes]]:
+        """``(status, inference_header_length, body parts)`` for one request."""
+        if prepared.request is None:
+            return self._error(prepared.v2, prepared.status, prepared.error)
+        if isinstance(outcome, BaseException):
+            message = f"{self._label} failed: {type(outcome).__name__}: {outcome}"
+            return self._error(prepared.v2, 500, message)
+        try:
+            response = self._check_response(outcome)
+            if not prepared.v2:
+                return 200, 0, [RESULT_OPEN, response.model_dump_json().encode(), RESULT_CLOSE]
+            return self._encode_v2(prepared, response.model_dump(mode="json"))
+        except (TypeError, ValueError) as exc:
+            return self._error(prepared.v2, 500, f"{self._label} returned a bad response: {exc}")
+
+    def _check_response(self, outcome: Any) -> BaseModel:
+        if isinstance(outcome, self.response_model):
+            return outcome
+        if isinstance(outcome, dict):
+            try:
+                return self.response_model.model_validate(outcome)
+            except ValidationError as exc:
+                raise ValueError(describe_validation_error(exc, "output")) from None
+        raise TypeError(
+            f"expected {self.response_model.__name__}, got {type(outcome).__name__}"
+        )
+
+    def _encode_v2(self, prepared: Prepared, dumped: dict[str, Any]) -> tuple[int, int, list[bytes]]:
+        tensors = []
+        chunks: list[bytes] = []
+        for spec, binary in prepared.outputs or ():
+            shape, flat = value_to_tensor(spec, dumped.get(spec.name))
+            tensor: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": shape}
+            if binary:
+                raw = encode_binary(spec, flat)
+                tensor["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            else:
+                tensor["data"] = json_data(spec, flat)
+            tensors.append(tensor)
+        header: dict[str, Any] = {"model_name": self.model_name, "model_version": "1"}
+        if prepared.request_id is not None:
+            header["id"] = prepared.request_id
+        header["outputs"] = tensors
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        if not chunks:
+            return 200, 0, [encoded]
+        return 200, len(encoded), [encoded, *chunks]
+
+    def _error(self, v2: bool, status: int, message: str) -> tuple[int, int, list[bytes]]:
+        return status, 0, [v2_error_body(message) if v2 else ai_error_body(status, message)]
+
+
+def describe_validation_error(exc: ValidationError, role: str) -> str:
+    """One sentence per problem, naming the field: ``input 'text': Field required``."""
+    parts = []
+    for error in exc.errors(include_url=False)[:5]:
+        loc = ".".join(str(x) for x in error["loc"]) or "(root)"
+        parts.append(f"{role} '{loc}': {error['msg']}")
+    more = len(exc.errors()) - 5
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

@@ -1,0 +1,192 @@
+"""``omni-runtime``: serve model packages, list their engines, check the machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+
+from omni_sdk import __version__
+
+from omni_runtime.config import ConfigError, ServerSettings
+from omni_runtime.discovery import DiscoveryError, config_files, discover_all, find_packages
+from omni_runtime.doctor import doctor_report
+
+__all__ = ["main"]
+
+log = logging.getLogger("omni.runtime")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omni-runtime", description="Serve many AI models on few GPUs."
+    )
+    parser.add_argument("--version", action="version", version=f"omni-runtime {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve model packages over HTTP")
+    serve.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                       help="a model package, or a directory whose subdirectories are packages")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--config", type=Path, help="an omni.toml to apply before the others")
+    serve.add_argument("--max-body-size", help="largest request body, e.g. 64MiB")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+
+    models = commands.add_parser("models", help="list the engines that packages register")
+    models.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    doctor = commands.add_parser("doctor", help="what isolation this machine supports")
+    doctor.add_argument("--json", action="store_true")
+    return parser  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "models":
+            return _models(args)
+        return _doctor(args)
+    except (DiscoveryError, ConfigError) as exc:
+        print(f"omni-runtime: {exc}", file=sys.stderr)
+        return 2
+
+
+def _discover(paths: list[Path], config: Path | None = None):  # type: ignore[no-untyped-def]
+    packages = find_packages(paths)
+    files = config_files(paths, config)
+    return asyncio.run(discover_all(packages, files)), files
+
+
+def _models(args: argparse.Namespace) -> int:
+    discovery, _ = _discover(args.paths)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "models": [spec.summary() for spec in discovery.models],
+                    "failures": [
+                        {"package": str(f.package_dir), "error": f.error} for f in discovery.failures
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        rows = [("MODEL", "TASK", "INPUTS", "OUTPUTS")]
+        for spec in discovery.models:
+            rows.append(
+                (
+                    spec.name,
+                    spec.task or "-",
+                    ", ".join(f"{t['name']}:{t['datatype']}{t['shape']}" for t in spec.inputs),
+                    ", ".join(f"{t['name']}:{t['datatype']}{t['shape']}" for t in spec.outputs),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in rows:
+            print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+        for failure in discovery.failures:
+            print(f"failed: {failure.error}", file=sys.stderr)
+    return 1 if discovery.failures and not discovery.models else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from omni_runtime.deployment import Node
+    from omni_runtime.metrics import Metrics
+    from omni_runtime.server import OmniApp
+
+    started = time.monotonic()
+    discovery, files = _discover(args.paths, args.config)
+    settings = ServerSettings()
+    for omni_file in files.values():
+        if omni_file.server is not None:
+            settings = settings.model_copy(
+                update={k: getattr(omni_file.server, k) for k in omni_file.server.model_fields_set}
+            )
+    if args.max_body_size:
+        try:
+            settings = settings.model_copy(
+                update={"max_body_size": ServerSettings(max_body_size=args.max_body_size).max_body_size}
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--max-body-size: {exc}") from None
+    for failure in discovery.failures:
+        log.error("%s", failure.error)
+    if not discovery.models:
+        print("omni-runtime: no model could be discovered; nothing to serve", file=sys.stderr)
+        return 1
+
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"omni-runtime: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    metrics = Metrics()
+    node = Node(discovery, settings, metrics)
+
+    async def load_then_announce() -> None:
+        await node.load_all()
+        states = [m.state.value for m in node.models.values()]
+        ready = states.count("READY")
+        print(
+            f"omni-runtime: serving {ready} of {len(states)} models at {url} "
+            f"(ready in {time.monotonic() - started:.1f}s)",
+            flush=True,
+        )
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def startup() -> None:
+        task = asyncio.create_task(load_then_announce())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    app = OmniApp(node, on_startup=startup, on_shutdown=node.unload_all)
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout),
+        server_header=False,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    report = doctor_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for key, value in report.items():
+        print(f"{key:<22} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``omni.toml``: per-deployment overrides of engines' resources and scaling, and server limits.
+
+    [server]
+    max_body_size = "64MiB"
+
+    [models."@cf/baai/bge-small-en-v1.5".resources]
+    memory = "4GiB"
+
+    [models."@cf/baai/bge-small-en-v1.5".scaling]
+    max_replicas = 2
+
+A file beside a model package (in its directory) wins over one at the repository root (the
+directory given to ``serve`` that holds the packages), which wins over the engine's defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from omni_sdk import Resources, Scaling
+from omni_sdk._resources import Bytes, Seconds
+
+__all__ = ["ConfigError", "ModelOverride", "OmniFile", "ServerSettings", "load_omni_file"]
+
+CONFIG_NAME = "omni.toml"
+
+
+class ConfigError(Exception):
+    """A configuration file is wrong; the message names the file, the field and what is allowed."""
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_size: Bytes = Field(default=64 << 20, description="larger bodies get 413")
+    load_timeout: Seconds = Field(default=600.0, description="how long a request waits for a load")
+    drain_timeout: Seconds = Field(default=30.0, description="how long shutdown waits for requests")
+    shm_threshold: Bytes = Field(default=256 << 10, description="payloads this large use /dev/shm")
+
+
+class ModelOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resources: Resources | None = None
+    scaling: Scaling | None = None
+    device: str | None = None
+
+    def apply(self, resources: Resources, scaling: Scaling) -> tuple[Resources, Scaling]:
+        """Only the fields the file sets replace the engine's defaults."""
+        if self.resources is not None:
+            resources = resources.model_copy(
+                update={k: getattr(self.resources, k) for k in self.resources.model_fields_set}
+            )
+        if self.scaling is not None:
+            scaling = scaling.model_copy(
+                update={k: getattr(self.scaling, k) for k in self.scaling.model_fields_set}
+            )
+        return resources, scaling
+
+
+class OmniFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings | None = None
+    models: dict[str, ModelOverride] = Field(default_factory=dict)
+
+
+def load_omni_file(path: Path) -> OmniFile:
+    """Parse and check one omni.toml; raise ``ConfigError`` naming the file and field."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return OmniFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc, data)}") from None
+
+
+def _describe(exc: ValidationError, data: dict[str, Any]) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = error["loc"]
+        where = ".".join(f'"{p}"' if isinstance(p, str) and "/" in p else str(p) for p in loc)
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_fields(loc[:-1]))
+            problems.append(f"unknown field '{where}' (allowed here: {allowed})")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"field '{where}': {message} (got {error.get('input')!r})")
+    return "; ".join(problems)
+
+
+def _allowed_fields(parent: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = OmniFile
+    for part in parent:
+        if model is OmniFile and part == "models":
+            continue
+        if model is OmniFile and part == "server":
+            model = ServerSettings
+        elif model is OmniFile:
+            model = ModelOverride
+        elif model is ModelOverride and part == "resources":
+            model = Resources
+        elif model is ModelOverride and part == "scaling":
+            model = Scaling
+    return list(model.model_fields)

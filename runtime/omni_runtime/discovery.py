@@ -1,0 +1,187 @@
+"""Finding model packages and asking each one's interpreter what engines it registers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omni_sdk import Resources, Scaling
+
+from omni_runtime.config import CONFIG_NAME, ConfigError, ModelOverride, OmniFile, load_omni_file
+
+__all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
+
+
+class DiscoveryError(Exception):
+    """A PATH given to the CLI holds no model package; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable engine, as its package's interpreter described it."""
+
+    name: str
+    task: str
+    description: str
+    package: str
+    package_dir: Path
+    python: str
+    engine_class: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    resources: Resources
+    scaling: Scaling
+    max_batch_size: int = 0
+    device: str = "cpu"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "description": self.description,
+            "package": self.package,
+            "path": str(self.package_dir),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "resources": self.resources.model_dump(),
+            "scaling": self.scaling.model_dump(),
+            "max_batch_size": self.max_batch_size,
+        }
+
+
+@dataclass(frozen=True)
+class PackageFailure:
+    """A package whose engines could not be discovered, and why."""
+
+    package_dir: Path
+    error: str
+
+
+@dataclass
+class Discovery:
+    models: list[ModelSpec] = field(default_factory=list)
+    failures: list[PackageFailure] = field(default_factory=list)
+
+
+def find_packages(paths: list[Path]) -> list[Path]:
+    """Each PATH is a package (has pyproject.toml) or a directory of packages."""
+    packages: list[Path] = []
+    for path in paths:
+        path = path.resolve()
+        if not path.exists():
+            raise DiscoveryError(f"{path} does not exist")
+        if (path / "pyproject.toml").is_file():
+            packages.append(path)
+            continue
+        if not path.is_dir():
+            raise DiscoveryError(f"{path} is neither a model package nor a directory of them")
+        found = sorted(p for p in path.iterdir() if (p / "pyproject.toml").is_file())
+        if not found:
+            raise DiscoveryError(
+                f"{path} holds no model package: expected pyproject.toml in it or in its "
+                "immediate subdirectories"
+            )
+        packages.extend(found)
+    return list(dict.fromkeys(packages))
+
+
+def config_files(paths: list[Path], explicit: Path | None = None) -> dict[Path, OmniFile]:
+    """omni.toml files that apply: the explicit one, repository roots, then package dirs."""
+    files: dict[Path, OmniFile] = {}
+    candidates = [explicit] if explicit else []
+    for path in paths:
+        path = path.resolve()
+        candidates.append(path / CONFIG_NAME)
+        if not (path / "pyproject.toml").is_file() and path.is_dir():
+            candidates.extend(p / CONFIG_NAME for p in sorted(path.iterdir()))
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file() and candidate not in files:
+            files[candidate] = load_omni_file(candidate)
+    if explicit is not None and explicit not in files:
+        raise ConfigError(f"{explicit}: no such file")
+    return files
+
+
+async def _describe_package(package_dir: Path, python: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        python,
+        "-m",
+        "omni_sdk.discover",
+        str(package_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=package_dir,
+    )
+    stdout, stderr = await process.communicate()
+    lines = [line for line in stdout.decode(errors="replace").splitlines() if line.strip()]
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
+        result = {"error": f"package {package_dir}: discovery failed: " + " | ".join(tail)}
+    return result
+
+
+def _override_for(
+    name: str, package_dir: Path, files: dict[Path, OmniFile]
+) -> list[ModelOverride]:
+    # Least specific first: repository roots and explicit files, then the package's own.
+    ordered = sorted(files.items(), key=lambda item: item[0].parent == package_dir)
+    return [f.models[name] for _, f in ordered if name in f.models]
+
+
+async def discover_all(
+    packages: list[Path], files: dict[Path, OmniFile], python: str = sys.executable
+) -> Discovery:
+    """Describe every package concurrently; failures are collected, not raised."""
+    results = await asyncio.gather(*(_describe_package(p, python) for p in packages))
+    discovery = Discovery()
+    seen: dict[str, Path] = {}
+    for package_dir, result in zip(packages, results, strict=True):
+        if "error" in result:
+            discovery.failures.append(PackageFailure(package_dir, result["error"]))
+            continue
+        for engine in result["engines"]:
+            name = engine["name"]
+            if name in seen:
+                discovery.failures.append(
+                    PackageFailure(
+                        package_dir,
+                        f"model {name!r} is registered by both {seen[name]} and {package_dir}; "
+                        f"the one in {package_dir} is not served",
+                    )
+                )
+                continue
+            seen[name] = package_dir
+            resources = Resources.model_validate(engine["resources"])
+            scaling = Scaling.model_validate(engine["scaling"])
+            device = "cpu"
+            for override in _override_for(name, package_dir, files):
+                resources, scaling = override.apply(resources, scaling)
+                device = override.device or device
+            discovery.models.append(
+                ModelSpec(
+                    name=name,
+                    task=engine["task"],
+                    description=engine["description"],
+                    package=result["package"],
+                    package_dir=package_dir,
+                    python=python,
+                    engine_class=engine["class"],
+                    inputs=engine["inputs"],
+                    outputs=engine["outputs"],
+                    input_schema=engine["input_schema"],
+                    output_schema=engine["output_schema"],
+                    resources=resources,
+                    scaling=scaling,
+                    max_batch_size=engine["max_batch_size"],
+                    device=device,
+                )
+            )
+    return discovery

@@ -1,0 +1,84 @@
+"""The runtime's end of a worker's socket: frames out, futures resolved by request id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from omni_sdk._protocol import RESPONSE_PREFIX, FrameReader, Kind, ProtocolError, ShmSegments, payload
+
+__all__ = ["WorkerChannel", "WorkerGone"]
+
+Response = tuple[int, int, bytes]  # HTTP status, Inference-Header-Content-Length, body
+
+
+class WorkerGone(Exception):
+    """The worker's socket closed while requests were waiting on it."""
+
+
+class WorkerChannel(asyncio.Protocol):
+    def __init__(self, label: str, shm: ShmSegments) -> None:
+        self.label = label
+        self.shm = shm
+        self.transport: asyncio.Transport | None = None
+        self.hello: asyncio.Future[tuple[int, dict[str, Any]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader = FrameReader()
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._next_id = 0
+        self._loop = asyncio.get_running_loop()
+        self.gone_reason = ""
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for kind, flags, request_id, body in self._reader.feed(data):
+                if kind == Kind.RESPONSE:
+                    future = self._pending.pop(request_id, None)
+                    if future is not None and not future.done():
+                        raw = payload(flags, body)
+                        status, header_length = RESPONSE_PREFIX.unpack_from(raw)
+                        future.set_result((status, header_length, bytes(raw[RESPONSE_PREFIX.size :])))
+                elif kind in (Kind.HELLO, Kind.LOAD_FAILED) and not self.hello.done():
+                    self.hello.set_result((kind, json.loads(body)))
+        except (ProtocolError, OSError, ValueError) as exc:
+            self.gone_reason = f"{self.label} sent an unreadable message: {exc}"
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.gone_reason or f"{self.label}'s worker exited"
+        error = WorkerGone(reason)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        if not self.hello.done():
+            self.hello.set_exception(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def request(self, kind: int, parts: list[bytes] | tuple[bytes, ...]) -> asyncio.Future[Response]:
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[Response] = self._loop.create_future()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            future.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
+            return future
+        self._pending[request_id] = future
+        transport.write(self.shm.frame(kind, request_id, parts))
+        return future
+
+    def send(self, kind: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.shm.frame(kind, 0, ()))

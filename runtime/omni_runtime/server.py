@@ -1,0 +1,444 @@
+"""The HTTP surface: KServe v2 (with Triton's extensions), ``/ai/run``, metrics, OpenAPI.
+
+A plain ASGI application rather than a framework: the infer routes are the hot path, and all
+they do here is check the request, hand its body to the model's worker untouched, and send
+back what the worker wrote. Decoding and validation happen in the worker, on its own core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from omni_sdk import __version__
+from omni_sdk._protocol import V2_PREFIX, Kind
+from omni_sdk._serving import ai_error_body, v2_error_body
+
+from omni_runtime.deployment import ModelBusy, ModelDeployment, ModelState, ModelUnavailable, Node
+from omni_runtime.openapi import build_openapi
+
+__all__ = ["OmniApp"]
+
+log = logging.getLogger("omni.server")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON = b"application/json"
+_VERSIONED = re.compile(r"^(.*)/versions/([^/]+)$")
+_MODEL_SUFFIXES = ("/infer", "/ready", "/config", "/stats", "")
+_ROUTE_CACHE_LIMIT = 4096
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+class BodyTooLarge(HTTPError):
+    pass
+
+
+class OmniApp:
+    """ASGI application over a ``Node`` of model deployments."""
+
+    def __init__(
+        self,
+        node: Node,
+        on_startup: Callable[[], Awaitable[None]] | None = None,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.node = node
+        self.models = node.models
+        self.metrics = node.metrics
+        self.max_body = node.settings.max_body_size
+        self._on_startup = on_startup
+        self._on_shutdown = on_shutdown
+        self._routes: dict[tuple[str, str], tuple[Any, ModelDeployment | None]] = {}
+        self._openapi: bytes | None = None
+        self.metrics.watch_memory(
+            lambda: {
+                name: [w.pid for w in m.replicas if w.pid] for name, m in self.models.items()
+            }
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self._on_startup:
+                        await self._on_startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._on_shutdown:
+                    await self._on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- routing -------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        route = self._routes.get((method, path))
+        if route is None:
+            route = self._resolve(method, path)
+        handler, model = route
+        try:
+            await handler(scope, receive, send, model)
+        except HTTPError as exc:
+            ai = path.startswith("/ai/")
+            body = ai_error_body(exc.status, str(exc)) if ai else v2_error_body(str(exc))
+            await _respond(send, exc.status, body, extra=exc.headers)
+
+    def _resolve(self, method: str, path: str) -> tuple[Any, ModelDeployment | None]:
+        route: tuple[Any, ModelDeployment | None] | None = None
+        fixed = _FIXED_ROUTES.get((method, path))
+        if fixed is not None:
+            route = (getattr(self, fixed), None)
+        elif path.startswith("/v2/models/"):
+            route = self._resolve_model(method, path[len("/v2/models/") :])
+        elif path.startswith("/ai/run/") and method == "POST":
+            model = self.models.get(path[len("/ai/run/") :])
+            route = (self.ai_run, model) if model else (self.unknown_model, None)
+        elif path.startswith("/v2/repository/models/") and method == "POST":
+            rest = path[len("/v2/repository/models/") :]
+            for action in ("load", "unload"):
+                model = self.models.get(rest.removesuffix("/" + action))
+                if rest.endswith("/" + action) and model:
+                    route = (getattr(self, f"repository_{action}"), model)
+            route = route or (self.unknown_model, None)
+        if route is None:
+            return (self.not_found, None)
+        if route[1] is not None and len(self._routes) < _ROUTE_CACHE_LIMIT:
+            self._routes[(method, path)] = route
+        return route
+
+    def _resolve_model(self, method: str, rest: str) -> tuple[Any, ModelDeployment | None]:
+        for suffix in _MODEL_SUFFIXES:
+            if suffix and not rest.endswith(suffix):
+                continue
+            name = rest[: len(rest) - len(suffix)]
+            versioned = _VERSIONED.match(name)
+            version = None
+            if versioned and versioned.group(1) in self.models:
+                name, version = versioned.group(1), versioned.group(2)
+            model = self.models.get(name)
+            if model is None:
+                continue
+            if version is not None and version != "1":
+                return (self._no_such_version(version), None)
+            handler = _MODEL_ROUTES.get((method, suffix))
+            return (getattr(self, handler), model) if handler else (self.method_not_allowed, None)
+        if rest == "stats" and method == "GET":
+            return (self.all_stats, None)
+        return (self.unknown_model, None)
+
+    # -- inference -----------------------------------------------------------------------
+
+    async def v2_infer(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        started = time.perf_counter()
+        header_length = 0
+        for name, value in scope["headers"]:
+            if name == b"inference-header-content-length":
+                try:
+                    header_length = int(value)
+                except ValueError:
+                    raise HTTPError(400, "Inference-Header-Content-Length must be an integer") from None
+        body = await self._read_body(scope, receive, model)
+        if header_length < 0 or header_length > len(body):
+            raise HTTPError(
+                400,
+                f"model '{model.name}': Inference-Header-Content-Length is {header_length} "
+                f"but the body has {len(body)} bytes",
+            )
+        await self._forward(send, model, Kind.INFER_V2, [V2_PREFIX.pack(header_length), body], started, False)
+
+    async def ai_run(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        started = time.perf_counter()
+        body = await self._read_body(scope, receive, model)
+        reject = b"rejectIfBusy" in body and _reject_if_busy(body)
+        await self._forward(send, model, Kind.RUN_JSON, [body], started, True, reject)
+
+    async def _forward(
+        self,
+        send: Send,
+        model: ModelDeployment,
+        kind: int,
+        parts: list[bytes],
+        started: float,
+        ai: bool,
+        reject_if_busy: bool = False,
+    ) -> None:
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            status, header_length, body = await model.call(kind, parts, reject_if_busy)
+        except ModelBusy as exc:
+            status, header_length, body = 429, 0, _error(ai, 429, str(exc))
+        except ModelUnavailable as exc:
+            status, header_length, body = 503, 0, _error(ai, 503, str(exc))
+            extra = [(b"retry-after", str(exc.retry_after).encode())]
+        elapsed = time.perf_counter() - started
+        model.stats.record(status == 200, int(elapsed * 1e9))
+        self.metrics.observe(model.name, status, elapsed)
+        if header_length:
+            extra.append((b"inference-header-content-length", str(header_length).encode()))
+            await _respond(send, status, body, b"application/octet-stream", extra)
+        else:
+            await _respond(send, status, body, JSON, extra)
+
+    async def _read_body(self, scope: Scope, receive: Receive, model: ModelDeployment) -> bytes:
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise self._too_large(model)
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body"):
+            if len(body) > self.max_body:
+                raise self._too_large(model)
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body"):
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._too_large(model)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, model: ModelDeployment) -> HTTPError:
+        self.metrics.observe(model.name, 413, 0.0)
+        return BodyTooLarge(
+            413,
+            f"model '{model.name}': the request body is larger than the server's limit of "
+            f"{self.max_body} bytes (server.max_body_size in omni.toml)",
+        )
+
+    # -- health and metadata -------------------------------------------------------------
+
+    async def live(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await _respond(send, 200, b"")
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await _respond(send, 200 if self.node.ready else 503, b"")
+
+    async def server_metadata(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await _respond_json(
+            send,
+            {
+                "name": "omni",
+                "version": __version__,
+                "extensions": [
+                    "binary_tensor_data",
+                    "model_repository",
+                    "statistics",
+                    "model_configuration",
+                ],
+            },
+        )
+
+    async def model_metadata(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        spec = model.spec
+        await _respond_json(
+            send,
+            {
+                "name": spec.name,
+                "versions": ["1"],
+                "platform": "omni",
+                "inputs": [_tensor(t) for t in spec.inputs],
+                "outputs": [_tensor(t) for t in spec.outputs],
+            },
+        )
+
+    async def model_ready(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        await _respond(send, 200 if model.state is ModelState.READY else 400, b"")
+
+    async def model_config(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        spec = model.spec
+        await _respond_json(
+            send,
+            {
+                "name": spec.name,
+                "platform": "omni",
+                "backend": "omni",
+                "max_batch_size": spec.max_batch_size,
+                "input": [_config_tensor(t) for t in spec.inputs],
+                "output": [_config_tensor(t) for t in spec.outputs],
+                "parameters": {
+                    "task": {"string_value": spec.task},
+                    "package": {"string_value": spec.package},
+                },
+                "instance_group": [{"count": model.replica_count, "kind": f"KIND_{spec.device.upper()}"}],
+                "omni": {
+                    "resources": spec.resources.model_dump(),
+                    "scaling": spec.scaling.model_dump(),
+                },
+            },
+        )
+
+    async def model_stats(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        await _respond_json(send, {"model_stats": [_stats(model)]})
+
+    async def all_stats(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await _respond_json(send, {"model_stats": [_stats(m) for m in self.models.values()]})
+
+    # -- repository extension ------------------------------------------------------------
+
+    async def repository_index(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        body = await receive()
+        try:
+            request = json.loads(body.get("body") or b"{}")
+        except json.JSONDecodeError as exc:
+            raise HTTPError(400, f"repository index: the body is not valid JSON: {exc}") from None
+        only_ready = isinstance(request, dict) and bool(request.get("ready"))
+        index: list[dict[str, Any]] = []
+        for model in self.models.values():
+            if only_ready and model.state is not ModelState.READY:
+                continue
+            entry = {"name": model.name, "version": "1", "state": model.state.value, "reason": model.reason}
+            index.append(entry)
+        if not only_ready:
+            for failure in self.node.failures:
+                index.append(
+                    {"name": failure.package_dir.name, "version": "", "state": "UNAVAILABLE", "reason": failure.error}
+                )
+        await _respond_json(send, index)
+
+    async def repository_load(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        await model.load()
+        if model.state is not ModelState.READY:
+            raise HTTPError(400, f"failed to load model '{model.name}': {model.reason}")
+        await _respond(send, 200, b"")
+
+    async def repository_unload(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+        await model.unload()
+        await _respond(send, 200, b"")
+
+    # -- the rest ------------------------------------------------------------------------
+
+    async def metrics_page(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await _respond(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        if self._openapi is None:
+            specs = [m.spec for m in self.models.values()]
+            self._openapi = json.dumps(build_openapi(specs, __version__)).encode()
+        await _respond(send, 200, self._openapi)
+
+    async def unknown_model(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        path: str = scope["path"]
+        name = path.removeprefix("/ai/run/").removeprefix("/v2/models/").removeprefix("/v2/repository/models/")
+        known = ", ".join(sorted(self.models)) or "none"
+        raise HTTPError(404, f"unknown model '{name}' (served models: {known})")
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        raise HTTPError(404, f"no route for {scope['method']} {scope['path']}")
+
+    async def method_not_allowed(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        raise HTTPError(405, f"{scope['method']} is not allowed on {scope['path']}")
+
+    def _no_such_version(self, version: str) -> Callable[..., Awaitable[None]]:
+        async def handler(scope: Scope, receive: Receive, send: Send, _: None) -> None:
+            raise HTTPError(404, f"model version {version!r} does not exist; Omni serves version '1'")
+
+        return handler
+
+
+_FIXED_ROUTES = {
+    ("GET", "/v2/health/live"): "live",
+    ("GET", "/v2/health/ready"): "ready",
+    ("GET", "/v2"): "server_metadata",
+    ("GET", "/v2/"): "server_metadata",
+    ("POST", "/v2/repository/index"): "repository_index",
+    ("GET", "/v2/models/stats"): "all_stats",
+    ("GET", "/metrics"): "metrics_page",
+    ("GET", "/openapi.json"): "openapi",
+}
+_MODEL_ROUTES = {
+    ("POST", "/infer"): "v2_infer",
+    ("GET", "/ready"): "model_ready",
+    ("GET", "/config"): "model_config",
+    ("GET", "/stats"): "model_stats",
+    ("GET", ""): "model_metadata",
+}
+
+
+def _error(ai: bool, status: int, message: str) -> bytes:
+    return ai_error_body(status, message) if ai else v2_error_body(message)
+
+
+def _reject_if_busy(body: bytes) -> bool:
+    try:
+        options = json.loads(body).get("options")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False  # the worker reports the malformed body
+    return isinstance(options, dict) and options.get("rejectIfBusy") is True
+
+
+def _tensor(t: dict[str, Any]) -> dict[str, Any]:
+    return {"name": t["name"], "datatype": t["datatype"], "shape": t["shape"]}
+
+
+def _config_tensor(t: dict[str, Any]) -> dict[str, Any]:
+    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
+    entry = {"name": t["name"], "data_type": f"TYPE_{datatype}", "dims": t["shape"]}
+    if t.get("optional"):
+        entry["optional"] = True
+    return entry
+
+
+def _stats(model: ModelDeployment) -> dict[str, Any]:
+    s = model.stats
+    return {
+        "name": model.name,
+        "version": "1",
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.success_count,
+        "execution_count": s.success_count,
+        "inference_stats": {
+            "success": {"count": s.success_count, "ns": s.success_ns},
+            "fail": {"count": s.fail_count, "ns": s.fail_ns},
+            "queue": {"count": 0, "ns": 0},
+            "compute_input": {"count": 0, "ns": 0},
+            "compute_infer": {"count": 0, "ns": 0},
+            "compute_output": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [],
+    }
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = JSON,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_json(send: Send, value: Any) -> None:
+    await _respond(send, 200, json.dumps(value).encode())

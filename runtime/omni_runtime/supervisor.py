@@ -1,0 +1,163 @@
+"""Worker processes: spawn, handshake, watch, restart with backoff, drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import time
+
+from omni_sdk._protocol import Kind, ShmSegments
+
+from omni_runtime.config import ServerSettings
+from omni_runtime.discovery import ModelSpec
+from omni_runtime.ipc import WorkerChannel, WorkerGone
+
+__all__ = ["LoadFailed", "WorkerProcess", "describe_exit"]
+
+log = logging.getLogger("omni.supervisor")
+_worker_ids = iter(range(1, 1 << 62))
+
+
+class LoadFailed(Exception):
+    """A worker did not become ready; the message says why, naming the model."""
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+class WorkerProcess:
+    """One replica of one model: ``python -m omni_sdk.worker`` and its socket."""
+
+    def __init__(self, spec: ModelSpec, settings: ServerSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.id = next(_worker_ids)
+        self.shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-r", settings.shm_threshold)
+        self.worker_shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-w")
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: WorkerChannel | None = None
+        self.started_at = 0.0
+        self.load_seconds = 0.0
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._log_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.spec.name}'"
+
+    async def start(self) -> None:
+        """Spawn the worker and wait for its HELLO; raise ``LoadFailed`` with the reason."""
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec = self.spec
+        command = [
+            spec.python, "-m", "omni_sdk.worker",
+            "--fd", str(child.fileno()),
+            "--package", str(spec.package_dir),
+            "--model", spec.name,
+            "--device", spec.device,
+            "--resources", spec.resources.model_dump_json(),
+            "--shm-prefix", self.worker_shm.prefix,
+            "--shm-threshold", str(self.settings.shm_threshold),
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.started_at = time.monotonic()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *command,
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=spec.package_dir,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            parent.close()
+            raise LoadFailed(f"{self.label}: cannot start {spec.python}: {exc}") from exc
+        finally:
+            child.close()
+        self._log_task = asyncio.create_task(self._pump_logs())
+        _, self.channel = await loop.create_unix_connection(
+            lambda: WorkerChannel(self.label, self.shm), sock=parent
+        )
+        try:
+            kind, hello = await self.channel.hello
+        except WorkerGone:
+            returncode = await self.process.wait()
+            await self._log_task
+            tail = " | ".join(list(self.log_tail)[-5:])
+            raise LoadFailed(
+                f"{self.label}: worker {describe_exit(returncode)} before it was ready"
+                + (f"; its last output: {tail}" if tail else "")
+            ) from None
+        if kind == Kind.LOAD_FAILED:
+            await self.stop(timeout=5)
+            raise LoadFailed(str(hello.get("error", f"{self.label} failed to load")))
+        self.load_seconds = time.monotonic() - self.started_at
+        log.info(
+            "%s ready: worker pid %s, started in %.2fs (engine load %.2fs)",
+            self.label, self.pid, self.load_seconds, hello.get("load_seconds", 0.0),
+        )  # fmt: skip
+
+    async def _pump_logs(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        model_log = logging.getLogger("omni.model")
+        async for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self.log_tail.append(line)
+                model_log.info("[%s] %s", self.spec.name, line)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        returncode = await self.process.wait()
+        if self._log_task is not None:
+            await self._log_task
+        self.cleanup()
+        return returncode
+
+    async def stop(self, timeout: float) -> None:
+        """Ask the worker to finish and exit; kill it if it has not within ``timeout``."""
+        if self.process is None or self.process.returncode is not None:
+            self.cleanup()
+            return
+        if self.channel is not None:
+            self.channel.send(Kind.SHUTDOWN)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            log.warning("%s: worker pid %s did not stop in %.0fs; killing it", self.label, self.pid, timeout)
+            self.kill()
+            await self.process.wait()
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.close()
+        self.cleanup()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
+    def cleanup(self) -> None:
+        """Remove shared-memory segments either side left for the other."""
+        self.shm.cleanup()
+        self.worker_shm.cleanup()
+
