@@ -85,9 +85,7 @@ class EnginePlugins:
 
         def register(engine: type[Engine]) -> None:
             if not (isinstance(engine, type) and issubclass(engine, Engine)):
-                raise EngineDefinitionError(
-                    f"register() takes an Engine subclass, got {engine!r}"
-                )
+                raise EngineDefinitionError(f"register() takes an Engine subclass, got {engine!r}")
             engine.validate_definition()
             found.append(engine)
 
@@ -121,7 +119,7 @@ def read_package(package_dir: Path) -> dict[str, Any]:
     if not entry_points or not isinstance(entry_points, dict):
         raise PackageError(
             f"{pyproject} registers no engine: add [project.entry-points.omni] with a line "
-            "such as `my_model = \"my_model\"` naming the module that holds the hookimpl"
+            'such as `my_model = "my_model"` naming the module that holds the hookimpl'
         )
     return {"name": name, "entry_points": entry_points}
 

@@ -16,6 +16,7 @@ the socket; the receiver maps it and unlinks it at once.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import mmap
 import os
@@ -122,10 +123,8 @@ class ShmSegments:
             return
         for name in names:
             if name.startswith(stem + "-"):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, name))
-                except OSError:
-                    pass
 
 
 def write_shm(name: str, parts: list[bytes] | tuple[bytes, ...], size: int) -> None:

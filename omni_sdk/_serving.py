@@ -15,7 +15,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from omni_sdk._engine import Engine
-from omni_sdk._tensors import InvalidInput, encode_binary, json_data, tensor_to_value, value_to_tensor
+from omni_sdk._tensors import (
+    InvalidInput,
+    encode_binary,
+    json_data,
+    tensor_to_value,
+    value_to_tensor,
+)
 
 __all__ = ["EngineRunner", "Prepared", "ai_error_body", "AI_ERROR_CODES"]
 
@@ -146,7 +152,9 @@ class EngineRunner:
 
     def _requested_outputs(self, header: dict[str, Any]) -> list[tuple[Any, bool]]:
         params = header.get("parameters")
-        binary_default = bool(params.get("binary_data_output")) if isinstance(params, dict) else False
+        binary_default = (
+            bool(params.get("binary_data_output")) if isinstance(params, dict) else False
+        )
         requested = header.get("outputs")
         if not requested:
             return [(spec, binary_default) for spec in self.outputs.values()]
@@ -206,7 +214,7 @@ class EngineRunner:
                 requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)
             ]
             results = await asyncio.gather(
-                *(self.engine.infer_batch(chunk) for chunk in chunks),  # type: ignore[misc]
+                *(self.engine.infer_batch(chunk) for chunk in chunks),  # type: ignore[arg-type]
                 return_exceptions=True,
             )
             outcomes: list[Any] = []
@@ -217,9 +225,7 @@ class EngineRunner:
                     outcomes.extend([exc] * len(chunk))
             return outcomes
         return list(
-            await asyncio.gather(
-                *(self.engine.infer(r) for r in requests), return_exceptions=True
-            )
+            await asyncio.gather(*(self.engine.infer(r) for r in requests), return_exceptions=True)
         )
 
     def _check_batch(self, result: Any, expected: int) -> list[Any]:
@@ -232,7 +238,9 @@ class EngineRunner:
 
     # -- encoding ------------------------------------------------------------------------
 
-    def respond_all(self, batch: list[Prepared], outcomes: list[Any]) -> list[tuple[int, int, list[bytes]]]:
+    def respond_all(
+        self, batch: list[Prepared], outcomes: list[Any]
+    ) -> list[tuple[int, int, list[bytes]]]:
         results = iter(outcomes)
         return [self.respond(p, next(results) if p.request is not None else None) for p in batch]
 
@@ -259,11 +267,11 @@ class EngineRunner:
                 return self.response_model.model_validate(outcome)
             except ValidationError as exc:
                 raise ValueError(describe_validation_error(exc, "output")) from None
-        raise TypeError(
-            f"expected {self.response_model.__name__}, got {type(outcome).__name__}"
-        )
+        raise TypeError(f"expected {self.response_model.__name__}, got {type(outcome).__name__}")
 
-    def _encode_v2(self, prepared: Prepared, dumped: dict[str, Any]) -> tuple[int, int, list[bytes]]:
+    def _encode_v2(
+        self, prepared: Prepared, dumped: dict[str, Any]
+    ) -> tuple[int, int, list[bytes]]:
         tensors = []
         chunks: list[bytes] = []
         for spec, binary in prepared.outputs or ():

@@ -166,7 +166,7 @@ def _count(shape: list[int]) -> int:
 
 def tensor_to_value(
     spec: TensorSpec,
-    datatype: str,
+    datatype: Any,
     shape: Any,
     data: Any,
     raw: bytes | memoryview | None,
@@ -202,7 +202,7 @@ def tensor_to_value(
             if typecode == "e":
                 items = list(struct.unpack(f"<{count}e", raw))
             else:
-                items = memoryview(raw).cast("B").cast(typecode).tolist()
+                items = memoryview(raw).cast("B").cast(typecode).tolist()  # type: ignore[call-overload]
             if datatype == "BOOL":
                 items = [bool(x) for x in items]
     else:
@@ -210,7 +210,9 @@ def tensor_to_value(
             raise InvalidInput(f"input '{name}' has neither 'data' nor binary data")
         items = _flatten(data, name)
     if len(items) != count:
-        raise InvalidInput(f"input '{name}': shape {shape} holds {count} elements, got {len(items)}")
+        raise InvalidInput(
+            f"input '{name}': shape {shape} holds {count} elements, got {len(items)}"
+        )
 
     if spec.element in ("str", "json"):
         try:

@@ -51,7 +51,8 @@ def parse_duration(value: int | float | str) -> float:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _DURATION_UNITS:
         raise ValueError(
-            f"expected a duration such as '250ms', '30s', '5m' or a number of seconds, got {value!r}"
+            "expected a duration such as '250ms', '30s', '5m' or a number of seconds, "
+            f"got {value!r}"
         )
     return float(match.group(1)) * _DURATION_UNITS[unit]
 

@@ -1,10 +1,10 @@
 """Test an engine in-process, through the same codecs the runtime serves it with.
 
-    from omni_sdk.testing import EngineTester
+from omni_sdk.testing import EngineTester
 
-    def test_sentiment():
-        with EngineTester(Sentiment) as tester:
-            assert tester.run({"text": "great"})["label"] == "positive"
+def test_sentiment():
+    with EngineTester(Sentiment) as tester:
+        assert tester.run({"text": "great"})["label"] == "positive"
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -22,6 +23,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from omni_sdk._engine import Engine, LoadContext
 from omni_sdk._plugins import EnginePlugins
@@ -44,10 +46,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """Ask the kernel to kill this worker if the runtime dies without stopping it."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_engine(package: Path, model: str, device: str, resources: Resources) -> Engine:
@@ -69,18 +69,17 @@ def load_engine(package: Path, model: str, device: str, resources: Resources) ->
 
 
 class WorkerLoop:
-    """Reads frames, runs the engine, writes responses; one instance per worker process."""
+    """Serves a synchronous engine: read what has arrived, answer it all, write once."""
 
     def __init__(self, sock: socket.socket, runner: EngineRunner, shm: ShmSegments) -> None:
         self.sock = sock
         self.runner = runner
         self.shm = shm
         self.reader = FrameReader()
-        self.loop = asyncio.new_event_loop() if runner.is_async else None
         self.stopping = False
 
     def serve(self) -> None:
-        pending: list[tuple[int, int, int, bytes]] = []
+        pending: list[Frame] = []
         while not self.stopping:
             if not pending:
                 data = self.sock.recv(1 << 18)
@@ -88,11 +87,14 @@ class WorkerLoop:
                     return  # the runtime went away
                 pending.extend(self.reader.feed(data))
             self._fill_batch(pending)
-            batch, pending = self._take(pending)
+            batch, control, pending, self.stopping = split_frames(self.runner, pending)
             if batch:
-                self.sock.sendall(self._answer(batch))
+                prepared = [p for _, p in batch]
+                control.append(answer(self.runner, self.shm, batch, self.runner.run(prepared)))
+            if control:
+                self.sock.sendall(b"".join(control))
 
-    def _fill_batch(self, pending: list[tuple[int, int, int, bytes]]) -> None:
+    def _fill_batch(self, pending: list[Frame]) -> None:
         """Wait up to the engine's batch_timeout for a batch to fill."""
         timeout = type(self.runner.engine).batch_timeout
         if self.runner.batch_size <= 1 or timeout <= 0:
@@ -107,45 +109,102 @@ class WorkerLoop:
                 return
             pending.extend(self.reader.feed(data))
 
-    def _take(
-        self, pending: list[tuple[int, int, int, bytes]]
-    ) -> tuple[list[tuple[int, Prepared]], list[tuple[int, int, int, bytes]]]:
-        batch: list[tuple[int, Prepared]] = []
-        control: list[bytes] = []
-        for index, (kind, flags, request_id, body) in enumerate(pending):
-            if kind == Kind.INFER_V2:
-                data = payload(flags, body)
-                (header_length,) = V2_PREFIX.unpack_from(data)
-                batch.append(
-                    (request_id, self.runner.prepare_v2(memoryview(data)[V2_PREFIX.size :], header_length))
-                )
-            elif kind == Kind.RUN_JSON:
-                batch.append((request_id, self.runner.prepare_json(payload(flags, body))))
-            elif kind == Kind.PING:
-                control.append(encode_frame(Kind.PONG, request_id))
-            elif kind == Kind.SHUTDOWN:
-                self.stopping = True
-                rest = pending[index + 1 :]
-                if control:
-                    self.sock.sendall(b"".join(control))
-                return batch, rest
-        if control:
-            self.sock.sendall(b"".join(control))
-        return batch, []
 
-    def _answer(self, batch: list[tuple[int, Prepared]]) -> bytes:
-        prepared = [p for _, p in batch]
-        if self.loop is not None:
-            outcomes = self.loop.run_until_complete(self.runner.arun(prepared))
-        else:
-            outcomes = self.runner.run(prepared)
-        frames = []
-        for (request_id, _), (status, header_length, parts) in zip(
-            batch, self.runner.respond_all(prepared, outcomes), strict=True
-        ):
-            prefix = RESPONSE_PREFIX.pack(status, header_length)
-            frames.append(self.shm.frame(Kind.RESPONSE, request_id, [prefix, *parts]))
-        return b"".join(frames)
+class AsyncWorker(asyncio.Protocol):
+    """Serves an ``async def`` engine: every batch that arrives runs as its own task."""
+
+    def __init__(self, runner: EngineRunner, shm: ShmSegments, done: asyncio.Future[None]) -> None:
+        self.runner = runner
+        self.shm = shm
+        self.done = done
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        frames = list(self.reader.feed(data))
+        while frames and not self.stopping:
+            batch, control, frames, self.stopping = split_frames(self.runner, frames)
+            if control:
+                self.transport.write(b"".join(control))
+            if batch:
+                task = asyncio.ensure_future(self._answer(batch))
+                self.tasks.add(task)
+                task.add_done_callback(self._finished)
+        if self.stopping and not self.tasks:
+            self._finish()
+
+    async def _answer(self, batch: list[tuple[int, Prepared]]) -> None:
+        outcomes = await self.runner.arun([p for _, p in batch])
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(answer(self.runner, self.shm, batch, outcomes))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.stopping and not self.tasks:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+
+Frame = tuple[int, int, int, bytes]
+
+
+def split_frames(
+    runner: EngineRunner, frames: list[Frame]
+) -> tuple[list[tuple[int, Prepared]], list[bytes], list[Frame], bool]:
+    """Decode requests; answer pings. Returns (requests, replies, frames left, stopping)."""
+    batch: list[tuple[int, Prepared]] = []
+    control: list[bytes] = []
+    for index, (kind, flags, request_id, body) in enumerate(frames):
+        if kind == Kind.INFER_V2:
+            data = memoryview(payload(flags, body))
+            (header_length,) = V2_PREFIX.unpack_from(data)
+            batch.append((request_id, runner.prepare_v2(data[V2_PREFIX.size :], header_length)))
+        elif kind == Kind.RUN_JSON:
+            batch.append((request_id, runner.prepare_json(payload(flags, body))))
+        elif kind == Kind.PING:
+            control.append(encode_frame(Kind.PONG, request_id))
+        elif kind == Kind.SHUTDOWN:
+            return batch, control, frames[index + 1 :], True
+        if runner.batch_size > 1 and len(batch) >= runner.batch_size:
+            return batch, control, frames[index + 1 :], False
+    return batch, control, [], False
+
+
+def answer(
+    runner: EngineRunner, shm: ShmSegments, batch: list[tuple[int, Prepared]], outcomes: list[Any]
+) -> bytes:
+    prepared = [p for _, p in batch]
+    frames = []
+    for (request_id, _), (status, header_length, parts) in zip(
+        batch, runner.respond_all(prepared, outcomes), strict=True
+    ):
+        prefix = RESPONSE_PREFIX.pack(status, header_length)
+        frames.append(shm.frame(Kind.RESPONSE, request_id, [prefix, *parts]))
+    return b"".join(frames)
+
+
+async def serve_async(sock: socket.socket, runner: EngineRunner, shm: ShmSegments) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.create_unix_connection(
+        lambda: AsyncWorker(runner, shm, done), sock=sock
+    )
+    try:
+        await done
+    finally:
+        transport.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = ShmSegments(args.shm_prefix, args.shm_threshold)
     try:
-        WorkerLoop(sock, runner, shm).serve()
+        if runner.is_async:
+            asyncio.run(serve_async(sock, runner, shm))
+        else:
+            WorkerLoop(sock, runner, shm).serve()
     finally:
         engine.unload()
     return 0

@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from omni_sdk import __version__
-
 from omni_runtime.config import ConfigError, ServerSettings
 from omni_runtime.discovery import DiscoveryError, config_files, discover_all, find_packages
 from omni_runtime.doctor import doctor_report
+from omni_sdk import __version__
 
 __all__ = ["main"]
 
@@ -30,14 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve model packages over HTTP")
-    serve.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                       help="a model package, or a directory whose subdirectories are packages")
+    serve.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="a model package, or a directory whose subdirectories are packages",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--config", type=Path, help="an omni.toml to apply before the others")
     serve.add_argument("--max-body-size", help="largest request body, e.g. 64MiB")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     models = commands.add_parser("models", help="list the engines that packages register")
     models.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -81,7 +84,8 @@ def _models(args: argparse.Namespace) -> int:
                 {
                     "models": [spec.summary() for spec in discovery.models],
                     "failures": [
-                        {"package": str(f.package_dir), "error": f.error} for f in discovery.failures
+                        {"package": str(f.package_dir), "error": f.error}
+                        for f in discovery.failures
                     ],
                 },
                 indent=2,
@@ -100,7 +104,9 @@ def _models(args: argparse.Namespace) -> int:
             )
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         for row in rows:
-            print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+            print(
+                "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3]
+            )
         for failure in discovery.failures:
             print(f"failed: {failure.error}", file=sys.stderr)
     return 1 if discovery.failures and not discovery.models else 0
@@ -124,7 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_body_size:
         try:
             settings = settings.model_copy(
-                update={"max_body_size": ServerSettings(max_body_size=args.max_body_size).max_body_size}
+                update={
+                    "max_body_size": ServerSettings(max_body_size=args.max_body_size).max_body_size
+                }
             )
         except ValueError as exc:
             raise ConfigError(f"--max-body-size: {exc}") from None
@@ -139,7 +147,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         sock.bind((args.host, args.port))
     except OSError as exc:
-        print(f"omni-runtime: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"omni-runtime: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
     sock.listen(2048)
     sock.set_inheritable(False)

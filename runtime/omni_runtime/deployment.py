@@ -209,7 +209,9 @@ class ModelDeployment:
                 raise ModelBusy(f"model '{self.name}' is busy and the request asked not to wait")
         else:
             if reject_if_busy:
-                raise ModelBusy(f"model '{self.name}' is starting and the request asked not to wait")
+                raise ModelBusy(
+                    f"model '{self.name}' is starting and the request asked not to wait"
+                )
             worker = await self._wait_for_replica()
         channel = worker.channel
         assert channel is not None
@@ -236,7 +238,8 @@ class ModelDeployment:
             await asyncio.wait_for(self._ready.wait(), self.settings.load_timeout)
         except TimeoutError:
             raise ModelUnavailable(
-                f"model '{self.name}' did not become ready within {self.settings.load_timeout:.0f}s",
+                f"model '{self.name}' did not become ready within "
+                f"{self.settings.load_timeout:.0f}s",
                 5,
             ) from None
         finally:
@@ -265,7 +268,9 @@ class Node:
     def __init__(self, discovery: Discovery, settings: ServerSettings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.models = {spec.name: ModelDeployment(spec, settings, metrics) for spec in discovery.models}
+        self.models = {
+            spec.name: ModelDeployment(spec, settings, metrics) for spec in discovery.models
+        }
         self.failures: list[PackageFailure] = discovery.failures
 
     async def load_all(self) -> None:

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omni_sdk import Resources, Scaling
-
 from omni_runtime.config import CONFIG_NAME, ConfigError, ModelOverride, OmniFile, load_omni_file
+from omni_sdk import Resources, Scaling
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
 
@@ -128,9 +127,7 @@ async def _describe_package(package_dir: Path, python: str) -> dict[str, Any]:
     return result
 
 
-def _override_for(
-    name: str, package_dir: Path, files: dict[Path, OmniFile]
-) -> list[ModelOverride]:
+def _override_for(name: str, package_dir: Path, files: dict[Path, OmniFile]) -> list[ModelOverride]:
     # Least specific first: repository roots and explicit files, then the package's own.
     ordered = sorted(files.items(), key=lambda item: item[0].parent == package_dir)
     return [f.models[name] for _, f in ordered if name in f.models]

@@ -6,7 +6,14 @@ import asyncio
 import json
 from typing import Any
 
-from omni_sdk._protocol import RESPONSE_PREFIX, FrameReader, Kind, ProtocolError, ShmSegments, payload
+from omni_sdk._protocol import (
+    RESPONSE_PREFIX,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    ShmSegments,
+    payload,
+)
 
 __all__ = ["WorkerChannel", "WorkerGone"]
 
@@ -47,7 +54,9 @@ class WorkerChannel(asyncio.Protocol):
                     if future is not None and not future.done():
                         raw = payload(flags, body)
                         status, header_length = RESPONSE_PREFIX.unpack_from(raw)
-                        future.set_result((status, header_length, bytes(raw[RESPONSE_PREFIX.size :])))
+                        future.set_result(
+                            (status, header_length, bytes(raw[RESPONSE_PREFIX.size :]))
+                        )
                 elif kind in (Kind.HELLO, Kind.LOAD_FAILED) and not self.hello.done():
                     self.hello.set_result((kind, json.loads(body)))
         except (ProtocolError, OSError, ValueError) as exc:
@@ -67,7 +76,9 @@ class WorkerChannel(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def request(self, kind: int, parts: list[bytes] | tuple[bytes, ...]) -> asyncio.Future[Response]:
+    def request(
+        self, kind: int, parts: list[bytes] | tuple[bytes, ...]
+    ) -> asyncio.Future[Response]:
         self._next_id += 1
         request_id = self._next_id
         future: asyncio.Future[Response] = self._loop.create_future()

@@ -61,7 +61,10 @@ def build_openapi(models: list[ModelSpec], version: str) -> dict[str, Any]:
                 "summary": f"Run {spec.name}" + (f" ({spec.task})" if spec.task else ""),
                 "description": spec.description,
                 "tags": ["Workers AI"],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": request}},
+                },
                 "responses": {
                     "200": {
                         "description": "The model's answer in the Workers AI envelope",
@@ -89,11 +92,15 @@ def build_openapi(models: list[ModelSpec], version: str) -> dict[str, Any]:
             "post": {
                 "summary": f"KServe v2 inference on {spec.name}",
                 "description": (
-                    f"Inputs: {_tensor_table(spec.inputs)}. Outputs: {_tensor_table(spec.outputs)}. "
+                    f"Inputs: {_tensor_table(spec.inputs)}. "
+                    f"Outputs: {_tensor_table(spec.outputs)}. "
                     "JSON, or the binary tensor extension with Inference-Header-Content-Length."
                 ),
                 "tags": ["KServe v2"],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
                 "responses": {"200": {"description": "Output tensors"}},
             }
         }

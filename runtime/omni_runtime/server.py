@@ -14,12 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from omni_runtime.deployment import ModelBusy, ModelDeployment, ModelState, ModelUnavailable, Node
+from omni_runtime.openapi import build_openapi
 from omni_sdk import __version__
 from omni_sdk._protocol import V2_PREFIX, Kind
 from omni_sdk._serving import ai_error_body, v2_error_body
-
-from omni_runtime.deployment import ModelBusy, ModelDeployment, ModelState, ModelUnavailable, Node
-from omni_runtime.openapi import build_openapi
 
 __all__ = ["OmniApp"]
 
@@ -64,9 +63,7 @@ class OmniApp:
         self._routes: dict[tuple[str, str], tuple[Any, ModelDeployment | None]] = {}
         self._openapi: bytes | None = None
         self.metrics.watch_memory(
-            lambda: {
-                name: [w.pid for w in m.replicas if w.pid] for name, m in self.models.items()
-            }
+            lambda: {name: [w.pid for w in m.replicas if w.pid] for name, m in self.models.items()}
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -153,7 +150,9 @@ class OmniApp:
 
     # -- inference -----------------------------------------------------------------------
 
-    async def v2_infer(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def v2_infer(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         started = time.perf_counter()
         header_length = 0
         for name, value in scope["headers"]:
@@ -161,7 +160,9 @@ class OmniApp:
                 try:
                     header_length = int(value)
                 except ValueError:
-                    raise HTTPError(400, "Inference-Header-Content-Length must be an integer") from None
+                    raise HTTPError(
+                        400, "Inference-Header-Content-Length must be an integer"
+                    ) from None
         body = await self._read_body(scope, receive, model)
         if header_length < 0 or header_length > len(body):
             raise HTTPError(
@@ -169,9 +170,13 @@ class OmniApp:
                 f"model '{model.name}': Inference-Header-Content-Length is {header_length} "
                 f"but the body has {len(body)} bytes",
             )
-        await self._forward(send, model, Kind.INFER_V2, [V2_PREFIX.pack(header_length), body], started, False)
+        await self._forward(
+            send, model, Kind.INFER_V2, [V2_PREFIX.pack(header_length), body], started, False
+        )
 
-    async def ai_run(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def ai_run(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         started = time.perf_counter()
         body = await self._read_body(scope, receive, model)
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
@@ -256,7 +261,9 @@ class OmniApp:
             },
         )
 
-    async def model_metadata(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def model_metadata(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         spec = model.spec
         await _respond_json(
             send,
@@ -269,10 +276,14 @@ class OmniApp:
             },
         )
 
-    async def model_ready(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def model_ready(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         await _respond(send, 200 if model.state is ModelState.READY else 400, b"")
 
-    async def model_config(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def model_config(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         spec = model.spec
         await _respond_json(
             send,
@@ -287,7 +298,9 @@ class OmniApp:
                     "task": {"string_value": spec.task},
                     "package": {"string_value": spec.package},
                 },
-                "instance_group": [{"count": model.replica_count, "kind": f"KIND_{spec.device.upper()}"}],
+                "instance_group": [
+                    {"count": model.replica_count, "kind": f"KIND_{spec.device.upper()}"}
+                ],
                 "omni": {
                     "resources": spec.resources.model_dump(),
                     "scaling": spec.scaling.model_dump(),
@@ -295,7 +308,9 @@ class OmniApp:
             },
         )
 
-    async def model_stats(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def model_stats(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         await _respond_json(send, {"model_stats": [_stats(model)]})
 
     async def all_stats(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
@@ -314,29 +329,45 @@ class OmniApp:
         for model in self.models.values():
             if only_ready and model.state is not ModelState.READY:
                 continue
-            entry = {"name": model.name, "version": "1", "state": model.state.value, "reason": model.reason}
+            entry = {
+                "name": model.name,
+                "version": "1",
+                "state": model.state.value,
+                "reason": model.reason,
+            }
             index.append(entry)
         if not only_ready:
             for failure in self.node.failures:
                 index.append(
-                    {"name": failure.package_dir.name, "version": "", "state": "UNAVAILABLE", "reason": failure.error}
+                    {
+                        "name": failure.package_dir.name,
+                        "version": "",
+                        "state": "UNAVAILABLE",
+                        "reason": failure.error,
+                    }
                 )
         await _respond_json(send, index)
 
-    async def repository_load(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def repository_load(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         await model.load()
         if model.state is not ModelState.READY:
             raise HTTPError(400, f"failed to load model '{model.name}': {model.reason}")
         await _respond(send, 200, b"")
 
-    async def repository_unload(self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment) -> None:
+    async def repository_unload(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+    ) -> None:
         await model.unload()
         await _respond(send, 200, b"")
 
     # -- the rest ------------------------------------------------------------------------
 
     async def metrics_page(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
-        await _respond(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+        await _respond(
+            send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def openapi(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         if self._openapi is None:
@@ -346,7 +377,11 @@ class OmniApp:
 
     async def unknown_model(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         path: str = scope["path"]
-        name = path.removeprefix("/ai/run/").removeprefix("/v2/models/").removeprefix("/v2/repository/models/")
+        name = (
+            path.removeprefix("/ai/run/")
+            .removeprefix("/v2/models/")
+            .removeprefix("/v2/repository/models/")
+        )
         known = ", ".join(sorted(self.models)) or "none"
         raise HTTPError(404, f"unknown model '{name}' (served models: {known})")
 
@@ -358,7 +393,9 @@ class OmniApp:
 
     def _no_such_version(self, version: str) -> Callable[..., Awaitable[None]]:
         async def handler(scope: Scope, receive: Receive, send: Send, _: None) -> None:
-            raise HTTPError(404, f"model version {version!r} does not exist; Omni serves version '1'")
+            raise HTTPError(
+                404, f"model version {version!r} does not exist; Omni serves version '1'"
+            )
 
         return handler
 

@@ -10,11 +10,10 @@ import signal
 import socket
 import time
 
-from omni_sdk._protocol import Kind, ShmSegments
-
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.ipc import WorkerChannel, WorkerGone
+from omni_sdk._protocol import Kind, ShmSegments
 
 __all__ = ["LoadFailed", "WorkerProcess", "describe_exit"]
 
@@ -145,7 +144,9 @@ class WorkerProcess:
         try:
             await asyncio.wait_for(self.process.wait(), timeout)
         except TimeoutError:
-            log.warning("%s: worker pid %s did not stop in %.0fs; killing it", self.label, self.pid, timeout)
+            log.warning(
+                "%s: worker pid %s did not stop in %.0fs; killing it", self.label, self.pid, timeout
+            )
             self.kill()
             await self.process.wait()
         if self.channel is not None and self.channel.transport is not None:
@@ -160,4 +161,3 @@ class WorkerProcess:
         """Remove shared-memory segments either side left for the other."""
         self.shm.cleanup()
         self.worker_shm.cleanup()
-

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv with omni-sdk, omni-runtime, the example models and the dev tools.
+# Safe to run again: it reinstalls only when a pyproject.toml or requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "omni setup: creating $VENV with $("$PYTHON" --version)"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+stamp="$VENV/.omni-installed"
+want=$(cat pyproject.toml runtime/pyproject.toml examples/*/pyproject.toml requirements-dev.txt \
+    | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+echo "omni setup: installing packages into $VENV (the first run takes a few minutes)"
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install --upgrade pip
+# The CPU build of torch: pip takes it from this machine's wheel cache, where uv would
+# download a multi-GB CUDA build. Installed first, so nothing later asks for another.
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install "torch==2.13.0"
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install \
+    -e . -e runtime -e examples/embeddings-minilm -r requirements-dev.txt
+"$VENV/bin/python" -c "import omni_runtime, omni_example_minilm, torch" \
+    || { echo "omni setup: the install is incomplete" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "omni setup: done"

@@ -1,0 +1,144 @@
+"""An unmodified tritonclient.http against a real runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.runtime import RunningRuntime
+
+ECHO = "@test/echo"
+
+
+@pytest.fixture()
+def client(runtime: RunningRuntime) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(runtime.host_port)
+
+
+def _echo_inputs(binary: bool) -> list[triton.InferInput]:
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"hi"], dtype=np.object_), binary_data=binary)
+    count = triton.InferInput("count", [1], "INT64")
+    count.set_data_from_numpy(np.array([3], dtype=np.int64), binary_data=binary)
+    values = triton.InferInput("values", [3], "FP32")
+    values.set_data_from_numpy(np.array([1.5, 2.0, 0.5], dtype=np.float32), binary_data=binary)
+    matrix = triton.InferInput("matrix", [2, 3], "FP32")
+    matrix.set_data_from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3), binary_data=binary)
+    words = triton.InferInput("words", [2], "BYTES")
+    words.set_data_from_numpy(np.array(["α", "b"], dtype=np.object_), binary_data=binary)
+    flag = triton.InferInput("flag", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]), binary_data=binary)
+    return [text, count, values, matrix, words, flag]
+
+
+def test_health_and_server_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    metadata = client.get_server_metadata()
+    assert metadata["name"] == "omni"
+    assert "binary_tensor_data" in metadata["extensions"]
+    # One model in the fixture fails to load, so the server as a whole is not ready.
+    assert not client.is_server_ready()
+
+
+def test_model_metadata_config_and_ready(client: triton.InferenceServerClient) -> None:
+    assert client.is_model_ready(ECHO)
+    metadata = client.get_model_metadata(ECHO)
+    assert metadata["name"] == ECHO
+    inputs = {t["name"]: (t["datatype"], t["shape"]) for t in metadata["inputs"]}
+    assert inputs["text"] == ("BYTES", [1])
+    assert inputs["values"] == ("FP32", [-1])
+    assert inputs["matrix"] == ("FP32", [-1, -1])
+    assert inputs["words"] == ("BYTES", [-1])
+    assert inputs["count"] == ("INT64", [1])
+    assert inputs["flag"] == ("BOOL", [1])
+    config = client.get_model_config(ECHO)
+    assert config["name"] == ECHO
+    assert {t["name"] for t in config["input"]} == set(inputs)
+    assert client.get_model_metadata(ECHO, model_version="1")["name"] == ECHO
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_every_datatype(client: triton.InferenceServerClient, binary: bool) -> None:
+    outputs = [
+        triton.InferRequestedOutput(name, binary_data=binary)
+        for name in ("text", "count", "total", "values", "matrix", "words", "flag")
+    ]
+    result = client.infer(ECHO, _echo_inputs(binary), outputs=outputs, request_id="r-1")
+    assert result.as_numpy("text")[0] in (b"hihihi", "hihihi")
+    assert result.as_numpy("count").tolist() == [3]
+    assert result.as_numpy("total").tolist() == [4.0]
+    np.testing.assert_allclose(result.as_numpy("values"), [1.5, 2.0, 0.5])
+    np.testing.assert_allclose(result.as_numpy("matrix"), np.arange(6).reshape(2, 3))
+    words = [w.decode() if isinstance(w, bytes) else w for w in result.as_numpy("words")]
+    assert words == ["α", "b"]
+    assert result.as_numpy("flag").tolist() == [True]
+    assert result.get_response()["id"] == "r-1"
+
+
+def test_default_outputs_are_binary(client: triton.InferenceServerClient) -> None:
+    # Without requested outputs tritonclient asks for binary_data_output.
+    result = client.infer(ECHO, _echo_inputs(True)[:1])
+    assert result.as_numpy("text")[0] == b"hi"
+    assert result.get_output("pid")["parameters"]["binary_data_size"] == 8
+
+
+def test_infer_batching_engine(client: triton.InferenceServerClient) -> None:
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"abc"], dtype=np.object_))
+    result = client.infer("@test/batch", [text])
+    assert result.as_numpy("text")[0] == b"ABC"
+
+
+def test_errors_name_the_model_and_tensor(client: triton.InferenceServerClient) -> None:
+    wrong_type = triton.InferInput("text", [1], "FP32")
+    wrong_type.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    with pytest.raises(
+        InferenceServerException, match="input 'text' has datatype FP32, expected BYTES"
+    ):
+        client.infer(ECHO, [wrong_type])
+    unknown = triton.InferInput("nope", [1], "BYTES")
+    unknown.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="has no input 'nope'"):
+        client.infer(ECHO, [unknown])
+    with pytest.raises(InferenceServerException, match="unknown model 'missing/model'"):
+        client.get_model_metadata("missing/model")
+    with pytest.raises(InferenceServerException, match=r"model '@test/fail' failed: ValueError"):
+        text = triton.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+        client.infer("@test/fail", [text])
+
+
+def test_statistics(client: triton.InferenceServerClient) -> None:
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    before = client.get_inference_statistics(ECHO)["model_stats"][0]["inference_stats"]["success"][
+        "count"
+    ]
+    client.infer(ECHO, [text])
+    stats = client.get_inference_statistics(ECHO)["model_stats"][0]
+    assert stats["name"] == ECHO
+    assert stats["inference_stats"]["success"]["count"] == before + 1
+    everything = client.get_inference_statistics()["model_stats"]
+    assert ECHO in {s["name"] for s in everything}
+
+
+def test_repository_index_unload_and_load(client: triton.InferenceServerClient) -> None:
+    index = {entry["name"]: entry for entry in client.get_model_repository_index()}
+    assert index["@test/echo"]["state"] == "READY"
+    assert index["@test/broken"]["state"] == "UNAVAILABLE"
+    assert "weights.safetensors is missing" in index["@test/broken"]["reason"]
+
+    client.unload_model("@test/batch")
+    assert not client.is_model_ready("@test/batch")
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="unavailable: unloaded"):
+        client.infer("@test/batch", [text])
+    client.load_model("@test/batch")
+    assert client.is_model_ready("@test/batch")
+    assert client.infer("@test/batch", [text]).as_numpy("text")[0] == b"X"
+
+    with pytest.raises(InferenceServerException, match="failed to load model '@test/broken'"):
+        client.load_model("@test/broken")

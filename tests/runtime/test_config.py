@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from omni_runtime.config import ConfigError, load_omni_file
+from omni_runtime.discovery import DiscoveryError, config_files, discover_all, find_packages
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[models."@a/b".resources]\nmemory = "lots"\n',
+            "field 'models.\"@a/b\".resources.memory': expected a size",
+        ),
+        ('[models."@a/b".scaling]\nmax_replicas = 0\n', "scaling.max_replicas"),
+        (
+            '[models."@a/b".resources]\nram = "1GiB"\n',
+            "unknown field 'models.\"@a/b\".resources.ram' "
+            "(allowed here: memory, gpu_memory, cpus)",
+        ),
+        (
+            "[server]\nmax_body = 1\n",
+            "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold)",
+        ),
+        ("[wat]\n", "unknown field 'wat' (allowed here: server, models)"),
+        ("models = [", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_field_and_what_is_allowed(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = _write(tmp_path / "omni.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_omni_file(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_package_file_overrides_repository_file(tmp_path: Path, echo_package: Path) -> None:
+    repository = tmp_path / "repo"
+    package = repository / "echo"
+    package.mkdir(parents=True)
+    for item in echo_package.iterdir():
+        if item.is_file():
+            (package / item.name).write_bytes(item.read_bytes())
+    _write(
+        repository / "omni.toml",
+        '[models."@test/echo".resources]\nmemory = "3GiB"\ncpus = 2\n'
+        '[models."@test/echo".scaling]\nmin_replicas = 2\n',
+    )
+    _write(package / "omni.toml", '[models."@test/echo".resources]\nmemory = "512MiB"\n')
+    packages = find_packages([repository])
+    assert packages == [package]
+    discovery = asyncio.run(discover_all(packages, config_files([repository])))
+    assert discovery.failures == []
+    echo = next(m for m in discovery.models if m.name == "@test/echo")
+    assert echo.resources.memory == 512 << 20  # the package's own file wins
+    assert (
+        echo.resources.cpus == 2
+    )  # the repository's file still applies where the package's is silent
+    assert echo.scaling.min_replicas == 2
+    gate = next(m for m in discovery.models if m.name == "@test/gate")
+    assert gate.scaling.target_ongoing_requests == 1  # the engine's own default
+
+
+def test_find_packages_errors(tmp_path: Path) -> None:
+    with pytest.raises(DiscoveryError, match="does not exist"):
+        find_packages([tmp_path / "missing"])
+    with pytest.raises(DiscoveryError, match="holds no model package"):
+        find_packages([tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("pyproject", "module", "message"),
+    [
+        ('[project]\nname = "p"\n', None, "registers no engine: add [project.entry-points.omni]"),
+        ("[project\n", None, "is not valid TOML"),
+        (
+            '[project]\nname = "p"\n[project.entry-points.omni]\np = "p_mod"\n',
+            "def broken(:\n",
+            "entry point p = 'p_mod' failed to import: SyntaxError",
+        ),
+        (
+            '[project]\nname = "p"\n[project.entry-points.omni]\np = "p_mod"\n',
+            "x = 1\n",
+            "registers no engine",
+        ),
+    ],
+)
+def test_broken_packages_fail_alone(
+    tmp_path: Path, echo_package: Path, pyproject: str, module: str | None, message: str
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write(bad / "pyproject.toml", pyproject)
+    if module is not None:
+        _write(bad / "p_mod.py", module)
+    discovery = asyncio.run(discover_all([bad, echo_package], {}))
+    assert [f.package_dir for f in discovery.failures] == [bad]
+    assert message in discovery.failures[0].error
+    assert str(bad) in discovery.failures[0].error
+    assert "@test/echo" in {m.name for m in discovery.models}
+
+
+def test_the_same_model_in_two_packages(tmp_path: Path, echo_package: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in echo_package.iterdir():
+        if item.is_file():
+            (copy / item.name).write_bytes(item.read_bytes())
+    discovery = asyncio.run(discover_all([echo_package, copy], {}))
+    assert any("is registered by both" in f.error for f in discovery.failures)
