@@ -184,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.drain_timeout),
         server_header=False,
+        proxy_headers=False,  # no proxy in front by default; saves a middleware per request
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -1,0 +1,186 @@
+"""What the process boundary costs: a trivial engine in-process vs served by omni-runtime.
+
+    python bench/overhead.py [--seconds 5]
+
+Rows:
+  in-process call      EngineRunner decode → infer → encode, no HTTP (one Python loop)
+  plain ASGI app       Starlette on uvicorn, the engine in the same process (bench/baseline_app.py)
+  omni-runtime v2      omni-runtime serving the engine in a worker process, KServe v2 JSON
+  omni-runtime ai/run  the same, through /ai/run
+HTTP rows are driven by wrk (Debian package `wrk`), one thread, at concurrency 1 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE / "packages" / "trivial"
+MODEL = "@bench/trivial"
+V2_BODY = json.dumps(
+    {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]}
+)
+AI_BODY = json.dumps({"text": "hello"})
+
+
+def in_process(seconds: float) -> dict[str, float]:
+    sys.path.insert(0, str(PACKAGE))
+    from omni_bench_trivial import Trivial
+
+    from omni_sdk._serving import EngineRunner
+
+    runner = EngineRunner(Trivial())
+    body = V2_BODY.encode()
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter_ns()
+        prepared = runner.prepare_v2(body, 0)
+        runner.respond(prepared, runner.run([prepared])[0])
+        samples.append(time.perf_counter_ns() - start)
+    samples.sort()
+    return {
+        "p50_ms": samples[len(samples) // 2] / 1e6,
+        "p99_ms": samples[int(len(samples) * 0.99)] / 1e6,
+        "rps": len(samples) / seconds,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def wrk(url: str, body: str, connections: int, seconds: float) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(body)}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            "done = function(summary, latency, requests)\n"
+            '  io.write(string.format("OMNI %d %d %d %d %d\\n", summary.requests,'
+            " summary.errors.status + summary.errors.connect + summary.errors.read"
+            " + summary.errors.write + summary.errors.timeout,"
+            " latency:percentile(50), latency:percentile(99), summary.duration))\n"
+            "end\n"
+        )
+    try:
+        subprocess.run(  # warm-up
+            ["wrk", "-t1", f"-c{connections}", "-d1s", "-s", script.name, url],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "-s", script.name, url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        os.unlink(script.name)
+    match = re.search(r"OMNI (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    assert match, out
+    requests, errors, p50_us, p99_us, duration_us = map(int, match.groups())
+    if errors:
+        raise RuntimeError(f"wrk saw {errors} errors against {url}:\n{out}")
+    return {"p50_ms": p50_us / 1000, "p99_ms": p99_us / 1000, "rps": requests / (duration_us / 1e6)}
+
+
+def start(command: list[str], port: int, ready: str | None = None) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent
+    )
+    if ready:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if ready in line:
+                break
+    wait_http(port)
+    return process
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    process.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench/overhead.py needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    rows.append(("in-process call", 1, in_process(args.seconds)))
+
+    port = free_port()
+    baseline = start(
+        [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
+         "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
+        port,
+    )  # fmt: skip
+    try:
+        for c in (1, 8):
+            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+            rows.append(("plain ASGI app", c, wrk(url, V2_BODY, c, args.seconds)))
+    finally:
+        stop(baseline)
+
+    port = free_port()
+    omni = start(
+        [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
+         "--log-level", "warning"],
+        port, ready="omni-runtime: serving",
+    )  # fmt: skip
+    try:
+        for c in (1, 8):
+            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+            rows.append(("omni-runtime v2", c, wrk(url, V2_BODY, c, args.seconds)))
+        for c in (1, 8):
+            url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
+            rows.append(("omni-runtime ai/run", c, wrk(url, AI_BODY, c, args.seconds)))
+    finally:
+        stop(omni)
+
+    base = {c: r for name, c, r in rows if name == "plain ASGI app"}
+    direct = rows[0][2]
+    print(f"{'path':<22}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+          f"{'+p50 vs call':>14}{'req/s vs ASGI':>15}")  # fmt: skip
+    for name, c, r in rows:
+        added = f"{(r['p50_ms'] - direct['p50_ms']):.3f}" if name != "in-process call" else "-"
+        ratio = f"{r['rps'] / base[c]['rps']:.2f}" if name.startswith("omni") else "-"
+        print(f"{name:<22}{c:>5}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['rps']:>9.0f}"
+              f"{added:>14}{ratio:>15}")  # fmt: skip
+    omni_c1 = next(r for name, c, r in rows if name == "omni-runtime v2" and c == 1)
+    plain_c1 = base[1]
+    print(
+        f"\nadded p50 at concurrency 1, omni-runtime v2 over the plain ASGI app: "
+        f"{omni_c1['p50_ms'] - plain_c1['p50_ms']:.3f} ms "
+        f"(cpu count {os.cpu_count()}, median of one {args.seconds:.0f}s run each)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
