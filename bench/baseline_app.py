@@ -16,9 +16,9 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).parent / "packages" / "trivial"))
 
-from omni_bench_trivial import Trivial  # noqa: E402
+from omni_bench_trivial import Trivial
 
-from omni_sdk._serving import EngineRunner  # noqa: E402
+from omni_sdk._serving import EngineRunner
 
 runner = EngineRunner(Trivial())
 

@@ -182,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         lifespan="on",
+        log_config=None,  # uvicorn logs through the runtime's logging set-up
         timeout_graceful_shutdown=int(settings.drain_timeout),
         server_header=False,
         proxy_headers=False,  # no proxy in front by default; saves a middleware per request

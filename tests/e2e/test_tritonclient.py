@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -142,3 +144,20 @@ def test_repository_index_unload_and_load(client: triton.InferenceServerClient) 
 
     with pytest.raises(InferenceServerException, match="failed to load model '@test/broken'"):
         client.load_model("@test/broken")
+
+
+def test_large_tensors_travel_through_shared_memory(
+    client: triton.InferenceServerClient, runtime: RunningRuntime
+) -> None:
+    # 400 KB each way: over the 256 KiB threshold, so both directions use /dev/shm.
+    values = np.random.default_rng(0).random(100_000, dtype=np.float32)
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"big"], dtype=np.object_))
+    tensor = triton.InferInput("values", [values.size], "FP32")
+    tensor.set_data_from_numpy(values)
+    outputs = [triton.InferRequestedOutput("values"), triton.InferRequestedOutput("total")]
+    result = client.infer(ECHO, [text, tensor], outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("values"), values)
+    assert result.as_numpy("total")[0] == pytest.approx(values.sum(dtype=np.float64), rel=1e-4)
+    prefix = f"omni-{runtime.process.pid}-"
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
