@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import Discovery, ModelSpec, PackageFailure
 from omni_runtime.ipc import Response, WorkerGone
+from omni_runtime.isolation import Cgroups, node_memory_bytes
 from omni_runtime.metrics import Metrics
-from omni_runtime.supervisor import LoadFailed, WorkerProcess, describe_exit
+from omni_runtime.supervisor import LoadFailed, WorkerProcess
+from omni_sdk._units import format_size
 
 __all__ = ["ModelBusy", "ModelDeployment", "ModelState", "ModelUnavailable", "Node"]
 
@@ -63,8 +65,15 @@ class ModelStats:
 
 
 class ModelDeployment:
-    def __init__(self, spec: ModelSpec, settings: ServerSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        settings: ServerSettings,
+        metrics: Metrics,
+        cgroups: Cgroups | None = None,
+    ) -> None:
         self.spec = spec
+        self.cgroups = cgroups
         self.name = spec.name
         self.settings = settings
         self.metrics = metrics
@@ -95,6 +104,11 @@ class ModelDeployment:
         if self._wanted and self.state is ModelState.LOADING:
             await self._ready.wait()
             return
+        too_big = _exceeds_node(self.spec)
+        if too_big:
+            self._set_state(ModelState.UNAVAILABLE, too_big)
+            log.error("%s", too_big)
+            return
         self._wanted = True
         self._restarts = 0
         self._set_state(ModelState.LOADING, "loading")
@@ -111,7 +125,7 @@ class ModelDeployment:
             log.error("%s", failures[0])
 
     async def _start_replica(self) -> None:
-        worker = WorkerProcess(self.spec, self.settings)
+        worker = WorkerProcess(self.spec, self.settings, self.cgroups)
         self.metrics.cold_starts.labels(self.name).inc()
         await worker.start()
         self.stats.load_seconds.append(worker.load_seconds)
@@ -132,8 +146,8 @@ class ModelDeployment:
         lived = time.monotonic() - worker.started_at
         self._restarts = 0 if lived > _STABLE_AFTER else self._restarts + 1
         delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, self._restarts - 1))
-        reason = f"model '{self.name}': worker pid {worker.pid} {describe_exit(returncode)}"
-        self.metrics.evictions.labels(self.name, "crash").inc()
+        reason = f"model '{self.name}': worker pid {worker.pid} {worker.exit_reason(returncode)}"
+        self.metrics.evictions.labels(self.name, "oom" if worker.oom_killed else "crash").inc()
         if not self.replicas:
             self._set_state(ModelState.LOADING, f"{reason}; restarting")
         log.warning("%s; restarting in %.1fs", reason, delay)
@@ -222,7 +236,7 @@ class ModelDeployment:
         except WorkerGone:
             returncode = await _returncode_soon(worker)
             raise ModelUnavailable(
-                f"model '{self.name}': worker pid {worker.pid} {describe_exit(returncode)} "
+                f"model '{self.name}': worker pid {worker.pid} {worker.exit_reason(returncode)} "
                 "while serving this request; it is restarting"
             ) from None
         finally:
@@ -249,6 +263,18 @@ class ModelDeployment:
         return min(self.replicas, key=_load_of)
 
 
+def _exceeds_node(spec: ModelSpec) -> str:
+    """Why the model cannot run here at all, or "" if it fits the node's memory."""
+    available = node_memory_bytes()
+    if available and spec.resources.memory > available:
+        return (
+            f"model '{spec.name}' (package {spec.package_dir}) asks for "
+            f"{format_size(spec.resources.memory)} of memory but this node has "
+            f"{format_size(available)}; lower resources.memory in omni.toml"
+        )
+    return ""
+
+
 def _load_of(worker: WorkerProcess) -> int:
     return worker.channel.in_flight if worker.channel else 1 << 30
 
@@ -265,11 +291,21 @@ async def _returncode_soon(worker: WorkerProcess) -> int | None:
 class Node:
     """Every model this runtime serves, and the packages that failed discovery."""
 
-    def __init__(self, discovery: Discovery, settings: ServerSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        settings: ServerSettings,
+        metrics: Metrics,
+        cgroups: Cgroups | None = None,
+        isolation: str = "none",
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.cgroups = cgroups
+        self.isolation = isolation
         self.models = {
-            spec.name: ModelDeployment(spec, settings, metrics) for spec in discovery.models
+            spec.name: ModelDeployment(spec, settings, metrics, cgroups)
+            for spec in discovery.models
         }
         self.failures: list[PackageFailure] = discovery.failures
 
@@ -278,6 +314,8 @@ class Node:
 
     async def unload_all(self) -> None:
         await asyncio.gather(*(m.unload("runtime shutting down") for m in self.models.values()))
+        if self.cgroups is not None:
+            self.cgroups.close()
 
     @property
     def ready(self) -> bool:

@@ -43,6 +43,16 @@ def _cuda() -> str:
     return f"yes ({count.value} device{'s' if count.value != 1 else ''})"
 
 
+def _isolation() -> str:
+    from omni_runtime.isolation import detect_cgroups
+
+    cgroups, description = detect_cgroups()
+    if cgroups is None:
+        return description
+    cgroups.close()
+    return f"{description}: memory, CPU and pid limits per worker"
+
+
 def doctor_report() -> dict[str, Any]:
     version = cgroup_version()
     controllers = _v2_controllers() if version == "v2" else _v1_controllers()
@@ -56,5 +66,5 @@ def doctor_report() -> dict[str, Any]:
         "namespaces": " ".join(namespaces) or "none",
         "shared memory": os.access("/dev/shm", os.W_OK),
         "cuda": _cuda(),
-        "isolation enforced": "not yet: workers run as plain processes (see docs/isolation.md)",
+        "worker isolation": _isolation(),
     }

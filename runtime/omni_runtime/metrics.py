@@ -14,30 +14,21 @@ __all__ = ["Metrics"]
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-_PAGE_SIZE = 4096
 
 
 class _MemoryCollector(Collector):
-    """``omni_model_memory_bytes{model,kind="host"}``: resident memory of each model's workers."""
+    """``omni_model_memory_bytes{model,kind="host"}``: memory charged to each model's workers."""
 
-    def __init__(self, pids: Callable[[], dict[str, list[int]]]) -> None:
-        self._pids = pids
+    def __init__(self, usage: Callable[[], dict[str, int]]) -> None:
+        self._usage = usage
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "omni_model_memory_bytes", "Memory used by a model's workers", labels=["model", "kind"]
         )
-        for model, pids in self._pids().items():
-            family.add_metric([model, "host"], sum(_rss(pid) for pid in pids))
+        for model, used in self._usage().items():
+            family.add_metric([model, "host"], used)
         yield family
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class Metrics:
@@ -69,8 +60,9 @@ class Metrics:
         self._children: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 
-    def watch_memory(self, pids: Callable[[], dict[str, list[int]]]) -> None:
-        self.registry.register(_MemoryCollector(pids))
+    def watch_memory(self, usage: Callable[[], dict[str, int]]) -> None:
+        """``usage()`` maps each model to the host memory its workers use now."""
+        self.registry.register(_MemoryCollector(usage))
 
     def observe(self, model: str, status: int, seconds: float) -> None:
         """Count one answered request; label children are cached for the hot path."""

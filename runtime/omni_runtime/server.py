@@ -63,7 +63,9 @@ class OmniApp:
         self._routes: dict[tuple[str, str], tuple[Any, ModelDeployment | None]] = {}
         self._openapi: bytes | None = None
         self.metrics.watch_memory(
-            lambda: {name: [w.pid for w in m.replicas if w.pid] for name, m in self.models.items()}
+            lambda: {
+                name: sum(w.memory_bytes() for w in m.replicas) for name, m in self.models.items()
+            }
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -258,6 +260,7 @@ class OmniApp:
                     "statistics",
                     "model_configuration",
                 ],
+                "isolation": self.node.isolation,
             },
         )
 

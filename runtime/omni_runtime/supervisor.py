@@ -13,7 +13,9 @@ import time
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.ipc import WorkerChannel, WorkerGone
+from omni_runtime.isolation import CgroupError, Cgroups, WorkerCgroup
 from omni_sdk._protocol import Kind, ShmSegments
+from omni_sdk._units import format_size
 
 __all__ = ["LoadFailed", "WorkerProcess", "describe_exit"]
 
@@ -40,9 +42,14 @@ def describe_exit(returncode: int | None) -> str:
 class WorkerProcess:
     """One replica of one model: ``python -m omni_sdk.worker`` and its socket."""
 
-    def __init__(self, spec: ModelSpec, settings: ServerSettings) -> None:
+    def __init__(
+        self, spec: ModelSpec, settings: ServerSettings, cgroups: Cgroups | None = None
+    ) -> None:
         self.spec = spec
         self.settings = settings
+        self.cgroups = cgroups
+        self.cgroup: WorkerCgroup | None = None
+        self.oom_killed = False
         self.id = next(_worker_ids)
         self.shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-r", settings.shm_threshold)
         self.worker_shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-w")
@@ -77,6 +84,11 @@ class WorkerProcess:
             "--shm-threshold", str(self.settings.shm_threshold),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.cgroups is not None:
+            try:
+                self.cgroup = self.cgroups.create(f"worker-{self.id}", spec.resources)
+            except (CgroupError, OSError) as exc:
+                log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self.started_at = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -94,6 +106,11 @@ class WorkerProcess:
             raise LoadFailed(f"{self.label}: cannot start {spec.python}: {exc}") from exc
         finally:
             child.close()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.add(self.process.pid)
+            except CgroupError as exc:
+                log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self._log_task = asyncio.create_task(self._pump_logs())
         _, self.channel = await loop.create_unix_connection(
             lambda: WorkerChannel(self.label, self.shm), sock=parent
@@ -105,7 +122,7 @@ class WorkerProcess:
             await self._log_task
             tail = " | ".join(list(self.log_tail)[-5:])
             raise LoadFailed(
-                f"{self.label}: worker {describe_exit(returncode)} before it was ready"
+                f"{self.label}: worker {self.exit_reason(returncode)} before it was ready"
                 + (f"; its last output: {tail}" if tail else "")
             ) from None
         if kind == Kind.LOAD_FAILED:
@@ -157,7 +174,35 @@ class WorkerProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
 
+    def exit_reason(self, returncode: int | None) -> str:
+        """How the worker ended, in words: "exceeded its memory limit of 2 GiB", say."""
+        oom = self.oom_killed or (self.cgroup is not None and self.cgroup.oom_killed())
+        if returncode == -signal.SIGKILL and oom:
+            limit = format_size(self.spec.resources.memory)
+            return f"exceeded its memory limit of {limit} and was killed by the kernel"
+        return describe_exit(returncode)
+
+    def memory_bytes(self) -> int:
+        """Memory charged to the worker: its cgroup's usage, else its resident set."""
+        if self.cgroup is not None:
+            used = self.cgroup.memory_bytes()
+            if used:
+                return used
+        return _rss(self.pid) if self.pid else 0
+
     def cleanup(self) -> None:
-        """Remove shared-memory segments either side left for the other."""
+        """Remove shared-memory segments either side left for the other, and the cgroup."""
         self.shm.cleanup()
         self.worker_shm.cleanup()
+        exited = self.process is None or self.process.returncode is not None
+        if self.cgroup is not None and exited:
+            self.oom_killed = self.oom_killed or self.cgroup.oom_killed()
+            self.cgroup.remove()
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,23 @@
+"""Isolation of model workers: cgroups (v1 and v2) and, where allowed, mount namespaces."""
+
+from __future__ import annotations
+
+from omni_runtime.isolation.cgroups import (
+    CgroupError,
+    Cgroups,
+    CgroupsV1,
+    CgroupsV2,
+    WorkerCgroup,
+    detect_cgroups,
+    node_memory_bytes,
+)
+
+__all__ = [
+    "CgroupError",
+    "Cgroups",
+    "CgroupsV1",
+    "CgroupsV2",
+    "WorkerCgroup",
+    "detect_cgroups",
+    "node_memory_bytes",
+]

@@ -1,0 +1,310 @@
+"""A cgroup per worker with the model's memory, CPU and pid limits; v2 and v1 hierarchies.
+
+Worker cgroups live under the runtime's own cgroup, so they also stay inside whatever limit the
+runtime itself runs under:
+
+    v2: <root>/<runtime's cgroup>/omni-<runtime pid>/<worker>
+    v1: <root>/<controller>/<runtime's cgroup in it>/omni-<runtime pid>/<worker>
+
+After a worker dies, ``oom_killed()`` tells whether the kernel's OOM killer ended it, so the
+runtime can say "model X exceeded its memory limit of 2 GiB" rather than "killed by SIGKILL".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from omni_sdk import Resources
+
+__all__ = [
+    "CgroupError",
+    "Cgroups",
+    "CgroupsV1",
+    "CgroupsV2",
+    "WorkerCgroup",
+    "detect_cgroups",
+    "node_memory_bytes",
+]
+
+log = logging.getLogger("omni.isolation")
+DEFAULT_ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
+DEFAULT_PIDS_MAX = 4096
+
+
+class CgroupError(Exception):
+    """A cgroup could not be made or configured; the message names the file."""
+
+
+class WorkerCgroup(Protocol):
+    """The cgroup(s) of one worker."""
+
+    path: Path
+
+    def add(self, pid: int) -> None: ...
+    def oom_killed(self) -> bool: ...
+    def memory_bytes(self) -> int: ...
+    def remove(self) -> None: ...
+
+
+class Cgroups(Protocol):
+    version: str
+
+    @property
+    def controllers(self) -> list[str]: ...
+
+    def create(self, name: str, resources: Resources) -> WorkerCgroup: ...
+    def close(self) -> None: ...
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise CgroupError(f"cannot write {value.strip()!r} to {path}: {exc.strerror}") from exc
+
+
+def _read_int(path: Path, default: int = 0) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def _read_keyed(path: Path, key: str) -> int:
+    """A value from a flat keyed file such as memory.events (``oom_kill 1``)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _remove_dir(path: Path) -> None:
+    """rmdir a cgroup; a plain directory standing in for cgroupfs (tests) is deleted whole."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ENOTEMPTY and not _is_cgroupfs(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif exc.errno != errno.EBUSY:
+            log.warning("could not remove cgroup %s: %s", path, exc.strerror)
+
+
+def _is_cgroupfs(path: Path) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [
+                (line.split()[4], line.split(" - ")[1].split()[0]) for line in f if " - " in line
+            ]
+    except OSError:
+        return False
+    covering = [m for m in mounts if str(path).startswith(m[0])]
+    best = max(covering, key=lambda m: len(m[0]), default=None)
+    return best is not None and best[1] in ("cgroup", "cgroup2")
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove ``omni-<pid>`` cgroups left by runtimes that are gone (killed, say)."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.removeprefix("omni-")
+        if not (entry.name.startswith("omni-") and pid.isdigit() and entry.is_dir()):
+            continue
+        if int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        for worker in entry.iterdir():
+            if worker.is_dir():
+                _remove_dir(worker)
+        _remove_dir(entry)
+
+
+def _own_cgroup(controller: str | None, proc_cgroup: Path = Path("/proc/self/cgroup")) -> str:
+    """This process's cgroup path in the v2 hierarchy (None) or a v1 controller's."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return "/"
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if (controller is None and controllers == "") or (
+            controller is not None and controller in controllers.split(",")
+        ):
+            return path
+    return "/"
+
+
+class _V2Worker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, pid: int) -> None:
+        _write(self.path / "cgroup.procs", str(pid))
+
+    def oom_killed(self) -> bool:
+        return _read_keyed(self.path / "memory.events", "oom_kill") > 0
+
+    def memory_bytes(self) -> int:
+        return _read_int(self.path / "memory.current")
+
+    def remove(self) -> None:
+        _remove_dir(self.path)
+
+
+class CgroupsV2:
+    """The unified hierarchy: one directory per worker, controllers enabled on the way down."""
+
+    version = "v2"
+
+    def __init__(self, root: Path = DEFAULT_ROOT, parent: str | None = None) -> None:
+        self.root = root
+        own = _own_cgroup(None) if parent is None else parent
+        self.base = root / own.lstrip("/") / f"omni-{os.getpid()}"
+        _sweep_stale(self.base.parent)
+        available = (root / "cgroup.controllers").read_text().split()
+        self.controllers: list[str] = [c for c in ("memory", "cpu", "pids") if c in available]
+        enable = " ".join(f"+{c}" for c in self.controllers)
+        self.base.mkdir(parents=True, exist_ok=True)
+        for directory in (self.base.parent, self.base):
+            if enable:
+                _write(directory / "cgroup.subtree_control", enable)
+
+    def create(self, name: str, resources: Resources) -> _V2Worker:
+        path = self.base / name
+        path.mkdir(exist_ok=True)
+        if "memory" in self.controllers:
+            _write(path / "memory.max", str(resources.memory))
+            if (path / "memory.swap.max").exists():
+                _write(path / "memory.swap.max", "0")
+            _write(path / "memory.oom.group", "1")
+        if "cpu" in self.controllers:
+            _write(path / "cpu.max", f"{int(resources.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+        if "pids" in self.controllers:
+            _write(path / "pids.max", str(DEFAULT_PIDS_MAX))
+        return _V2Worker(path)
+
+    def close(self) -> None:
+        _remove_dir(self.base)
+
+
+class _V1Worker:
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = paths
+        self.path = paths.get("memory") or next(iter(paths.values()))
+
+    def add(self, pid: int) -> None:
+        for path in self.paths.values():
+            _write(path / "cgroup.procs", str(pid))
+
+    def oom_killed(self) -> bool:
+        memory = self.paths.get("memory")
+        return memory is not None and _read_keyed(memory / "memory.oom_control", "oom_kill") > 0
+
+    def memory_bytes(self) -> int:
+        memory = self.paths.get("memory")
+        return _read_int(memory / "memory.usage_in_bytes") if memory else 0
+
+    def remove(self) -> None:
+        for path in self.paths.values():
+            _remove_dir(path)
+
+
+class CgroupsV1:
+    """One hierarchy per controller (memory, cpu, pids), a directory per worker in each."""
+
+    version = "v1"
+
+    def __init__(self, root: Path = DEFAULT_ROOT, parents: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.bases: dict[str, Path] = {}
+        for controller in ("memory", "cpu", "pids"):
+            mount = root / controller
+            if not mount.is_dir():
+                continue
+            own = (parents or {}).get(controller) or _own_cgroup(controller)
+            base = mount / own.lstrip("/") / f"omni-{os.getpid()}"
+            _sweep_stale(base.parent)
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CgroupError(f"cannot create {base}: {exc.strerror}") from exc
+            self.bases[controller] = base
+        if not self.bases:
+            raise CgroupError(f"no memory, cpu or pids hierarchy under {root}")
+
+    @property
+    def controllers(self) -> list[str]:
+        return list(self.bases)
+
+    def create(self, name: str, resources: Resources) -> _V1Worker:
+        paths = {}
+        for controller, base in self.bases.items():
+            path = base / name
+            path.mkdir(exist_ok=True)
+            paths[controller] = path
+        if "memory" in paths:
+            memory = paths["memory"]
+            _write(memory / "memory.limit_in_bytes", str(resources.memory))
+            if (memory / "memory.memsw.limit_in_bytes").exists():
+                # Without this the limit only pushes the worker into swap.
+                with contextlib.suppress(CgroupError):
+                    _write(memory / "memory.memsw.limit_in_bytes", str(resources.memory))
+        if "cpu" in paths:
+            _write(paths["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(paths["cpu"] / "cpu.cfs_quota_us", str(int(resources.cpus * CPU_PERIOD_US)))
+        if "pids" in paths:
+            _write(paths["pids"] / "pids.max", str(DEFAULT_PIDS_MAX))
+        return _V1Worker(paths)
+
+    def close(self) -> None:
+        for base in self.bases.values():
+            _remove_dir(base)
+
+
+def node_memory_bytes() -> int:
+    """Memory this runtime can hand out: the machine's, or its own cgroup's limit if lower."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    limits = [
+        DEFAULT_ROOT / _own_cgroup(None).lstrip("/") / "memory.max",
+        DEFAULT_ROOT / "memory" / _own_cgroup("memory").lstrip("/") / "memory.limit_in_bytes",
+    ]
+    for limit in limits:
+        value = _read_int(limit, 0)
+        if 0 < value < total:
+            total = value
+    return total
+
+
+def detect_cgroups(root: Path = DEFAULT_ROOT) -> tuple[Cgroups | None, str]:
+    """The cgroup driver this machine allows, or None and the reason in one sentence."""
+    if os.geteuid() != 0:
+        return None, "not running as root, so workers get no cgroup limits"
+    try:
+        if (root / "cgroup.controllers").is_file():
+            return CgroupsV2(root), "cgroup v2"
+        if (root / "memory").is_dir():
+            return CgroupsV1(root), "cgroup v1"
+    except (CgroupError, OSError) as exc:
+        return None, f"cgroups unusable ({exc}), so workers get no cgroup limits"
+    return None, f"no cgroup hierarchy at {root}, so workers get no cgroup limits"

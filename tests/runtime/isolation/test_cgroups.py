@@ -1,0 +1,115 @@
+"""cgroup v2 code against a directory laid out like cgroupfs; v1 code against the real one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omni_runtime.isolation import CgroupsV1, CgroupsV2
+from omni_sdk import Resources
+
+RESOURCES = Resources(memory="256MiB", cpus=0.5)  # type: ignore[arg-type]
+
+
+def _fake_v2(tmp_path: Path) -> Path:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma\n")
+    (root / "cgroup.subtree_control").write_text("")
+    return root
+
+
+def test_v2_writes_limits_and_enables_controllers(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    cgroups = CgroupsV2(root, parent="/")
+    assert cgroups.controllers == ["memory", "cpu", "pids"]
+    base = root / f"omni-{os.getpid()}"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    assert (base / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+
+    worker = cgroups.create("worker-1", RESOURCES)
+    assert worker.path == base / "worker-1"
+    assert (worker.path / "memory.max").read_text() == str(256 << 20)
+    assert (worker.path / "cpu.max").read_text() == "50000 100000"
+    assert (worker.path / "pids.max").read_text() == "4096"
+    assert (worker.path / "memory.oom.group").read_text() == "1"
+
+    worker.add(12345)
+    assert (worker.path / "cgroup.procs").read_text() == "12345"
+    assert not worker.oom_killed()
+    (worker.path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert worker.oom_killed()
+    (worker.path / "memory.current").write_text("1048576\n")
+    assert worker.memory_bytes() == 1 << 20
+
+    worker.remove()
+    assert not worker.path.exists()
+    cgroups.close()
+    assert not base.exists()
+
+
+def test_v2_uses_only_the_controllers_it_has(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    (root / "cgroup.controllers").write_text("memory\n")
+    cgroups = CgroupsV2(root, parent="/")
+    worker = cgroups.create("w", RESOURCES)
+    assert (worker.path / "memory.max").exists()
+    assert not (worker.path / "cpu.max").exists()
+
+
+def test_v2_nests_under_the_runtime_cgroup(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    (root / "system.slice" / "omni.service").mkdir(parents=True)
+    cgroups = CgroupsV2(root, parent="/system.slice/omni.service")
+    worker = cgroups.create("w", RESOURCES)
+    assert worker.path.parent.parent == root / "system.slice" / "omni.service"
+
+
+real_v1 = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(),
+    reason="needs root and a cgroup v1 memory hierarchy",
+)
+
+
+@real_v1
+def test_v1_limits_a_real_process() -> None:
+    cgroups = CgroupsV1()
+    worker = cgroups.create("test-worker", RESOURCES)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read(); bytearray(400 << 20)"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        memory = worker.paths["memory"]
+        assert int((memory / "memory.limit_in_bytes").read_text()) == 256 << 20
+        if "cpu" in worker.paths:
+            assert (worker.paths["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        worker.add(child.pid)
+        assert str(child.pid) in (memory / "cgroup.procs").read_text().split()
+        assert not worker.oom_killed()
+        assert child.stdin is not None
+        child.stdin.close()  # now it allocates 400 MiB against a 256 MiB limit
+        assert child.wait(60) == -9
+        assert worker.oom_killed()
+    finally:
+        child.kill()
+        child.wait()
+        worker.remove()
+        cgroups.close()
+    assert not memory.exists()
+    assert not any(base.exists() for base in cgroups.bases.values())
+
+
+def test_stale_cgroups_of_dead_runtimes_are_swept(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = root / f"omni-{dead.pid}" / "worker-3"
+    stale.mkdir(parents=True)
+    (stale / "memory.max").write_text("1")
+    CgroupsV2(root, parent="/")
+    assert not (root / f"omni-{dead.pid}").exists()
