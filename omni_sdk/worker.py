@@ -38,6 +38,7 @@ from omni_sdk._protocol import (
     payload,
 )
 from omni_sdk._resources import Resources
+from omni_sdk._sandbox import SandboxSpec, enter_sandbox
 from omni_sdk._serving import EngineRunner, Prepared
 
 log = logging.getLogger("omni.worker")
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", default="{}", help="Resources as JSON")
     parser.add_argument("--shm-prefix", required=True)
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
+    parser.add_argument("--sandbox", help="SandboxSpec as JSON: enter a mount namespace first")
     args = parser.parse_args(argv)
 
     _die_with_parent()
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     started = time.perf_counter()
     try:
+        if args.sandbox:
+            enter_sandbox(SandboxSpec.from_json(args.sandbox))
         resources = Resources.model_validate(json.loads(args.resources))
         engine = load_engine(args.package.resolve(), args.model, args.device, resources)
         runner = EngineRunner(engine, args.model)

@@ -14,7 +14,7 @@ from pathlib import Path
 from omni_runtime.config import ConfigError, ServerSettings
 from omni_runtime.discovery import DiscoveryError, config_files, discover_all, find_packages
 from omni_runtime.doctor import doctor_report
-from omni_runtime.isolation import detect_cgroups
+from omni_runtime.isolation import Isolation
 from omni_sdk import __version__
 
 __all__ = ["main"]
@@ -158,12 +158,10 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     metrics = Metrics()
-    cgroups, isolation = detect_cgroups()
-    if cgroups is None:
-        log.warning("isolation: %s (see `omni-runtime doctor`)", isolation)
-    else:
-        log.info("isolation: %s, controllers %s", isolation, ", ".join(cgroups.controllers))
-    node = Node(discovery, settings, metrics, cgroups, isolation)
+    packages = [spec.package_dir for spec in discovery.models]
+    packages += [failure.package_dir for failure in discovery.failures]
+    isolation = Isolation.detect(sorted(set(packages)))
+    node = Node(discovery, settings, metrics, isolation)
 
     async def load_then_announce() -> None:
         await node.load_all()

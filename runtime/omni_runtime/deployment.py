@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import Discovery, ModelSpec, PackageFailure
 from omni_runtime.ipc import Response, WorkerGone
-from omni_runtime.isolation import Cgroups, node_memory_bytes
+from omni_runtime.isolation import Isolation, node_memory_bytes
 from omni_runtime.metrics import Metrics
 from omni_runtime.supervisor import LoadFailed, WorkerProcess
 from omni_sdk._units import format_size
@@ -70,10 +70,10 @@ class ModelDeployment:
         spec: ModelSpec,
         settings: ServerSettings,
         metrics: Metrics,
-        cgroups: Cgroups | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         self.spec = spec
-        self.cgroups = cgroups
+        self.isolation = isolation
         self.name = spec.name
         self.settings = settings
         self.metrics = metrics
@@ -125,7 +125,7 @@ class ModelDeployment:
             log.error("%s", failures[0])
 
     async def _start_replica(self) -> None:
-        worker = WorkerProcess(self.spec, self.settings, self.cgroups)
+        worker = WorkerProcess(self.spec, self.settings, self.isolation)
         self.metrics.cold_starts.labels(self.name).inc()
         await worker.start()
         self.stats.load_seconds.append(worker.load_seconds)
@@ -296,15 +296,13 @@ class Node:
         discovery: Discovery,
         settings: ServerSettings,
         metrics: Metrics,
-        cgroups: Cgroups | None = None,
-        isolation: str = "none",
+        isolation: Isolation | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.cgroups = cgroups
-        self.isolation = isolation
+        self.isolation = isolation or Isolation()
         self.models = {
-            spec.name: ModelDeployment(spec, settings, metrics, cgroups)
+            spec.name: ModelDeployment(spec, settings, metrics, self.isolation)
             for spec in discovery.models
         }
         self.failures: list[PackageFailure] = discovery.failures
@@ -314,8 +312,7 @@ class Node:
 
     async def unload_all(self) -> None:
         await asyncio.gather(*(m.unload("runtime shutting down") for m in self.models.values()))
-        if self.cgroups is not None:
-            self.cgroups.close()
+        self.isolation.close()
 
     @property
     def ready(self) -> bool:

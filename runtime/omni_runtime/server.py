@@ -260,7 +260,7 @@ class OmniApp:
                     "statistics",
                     "model_configuration",
                 ],
-                "isolation": self.node.isolation,
+                "isolation": self.node.isolation.description,
             },
         )
 

@@ -13,7 +13,7 @@ import time
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.ipc import WorkerChannel, WorkerGone
-from omni_runtime.isolation import CgroupError, Cgroups, WorkerCgroup
+from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_sdk._protocol import Kind, ShmSegments
 from omni_sdk._units import format_size
 
@@ -43,11 +43,11 @@ class WorkerProcess:
     """One replica of one model: ``python -m omni_sdk.worker`` and its socket."""
 
     def __init__(
-        self, spec: ModelSpec, settings: ServerSettings, cgroups: Cgroups | None = None
+        self, spec: ModelSpec, settings: ServerSettings, isolation: Isolation | None = None
     ) -> None:
         self.spec = spec
         self.settings = settings
-        self.cgroups = cgroups
+        self.isolation = isolation or Isolation()
         self.cgroup: WorkerCgroup | None = None
         self.oom_killed = False
         self.id = next(_worker_ids)
@@ -83,10 +83,13 @@ class WorkerProcess:
             "--shm-prefix", self.worker_shm.prefix,
             "--shm-threshold", str(self.settings.shm_threshold),
         ]  # fmt: skip
+        sandbox = self.isolation.sandbox(spec.package_dir, spec.resources.memory)
+        if sandbox:
+            command += ["--sandbox", sandbox]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if self.cgroups is not None:
+        if self.isolation.cgroups is not None:
             try:
-                self.cgroup = self.cgroups.create(f"worker-{self.id}", spec.resources)
+                self.cgroup = self.isolation.cgroups.create(f"worker-{self.id}", spec.resources)
             except (CgroupError, OSError) as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self.started_at = time.monotonic()

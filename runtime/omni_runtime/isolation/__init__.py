@@ -11,8 +11,10 @@ from omni_runtime.isolation.cgroups import (
     detect_cgroups,
     node_memory_bytes,
 )
+from omni_runtime.isolation.plan import Isolation
 
 __all__ = [
+    "Isolation",
     "CgroupError",
     "Cgroups",
     "CgroupsV1",

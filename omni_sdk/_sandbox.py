@@ -1,0 +1,120 @@
+"""The worker's own view of the file system: a mount namespace set up before model code runs.
+
+The runtime passes a ``SandboxSpec`` as JSON; as root the worker then
+
+- unshares its mount namespace and makes every mount private to it,
+- mounts an empty read-only tmpfs over every other model package and the runtime's state,
+- bind-mounts its own package read-only,
+- mounts a private tmpfs on ``/tmp``,
+- bind-mounts a ``/proc/meminfo`` whose MemTotal is the worker's memory limit (as LXCFS does), so
+  psutil and frameworks size themselves to it.
+
+Without the privilege to do so it logs one warning and runs unconfined.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["SandboxSpec", "enter_sandbox", "meminfo_text"]
+
+log = logging.getLogger("omni.sandbox")
+
+CLONE_NEWNS = 0x00020000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+
+@dataclass
+class SandboxSpec:
+    package: str
+    hide: list[str] = field(default_factory=list)
+    memory_limit: int = 0
+    tmp_size: int = 256 << 20
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxSpec:
+        return cls(**json.loads(text))
+
+
+class SandboxError(OSError):
+    pass
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    libc = _libc()
+    result = libc.mount(
+        source.encode() if source else None,
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"mount {fstype or source} on {target}: {os.strerror(err)}")
+
+
+def meminfo_text(limit: int, host: str) -> str:
+    """``/proc/meminfo`` with MemTotal, MemFree and MemAvailable capped at ``limit`` bytes."""
+    lines = []
+    capped = {"MemTotal", "MemFree", "MemAvailable"}
+    for line in host.splitlines():
+        key, _, rest = line.partition(":")
+        if key in capped:
+            value_kb = int(rest.split()[0])
+            line = f"{key}:{min(value_kb, limit // 1024):>15} kB"
+        elif key in ("SwapTotal", "SwapFree"):
+            line = f"{key}:{0:>15} kB"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def enter_sandbox(spec: SandboxSpec) -> bool:
+    """Set up the worker's mount namespace; False (after one warning) if not allowed."""
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        log.warning(
+            "no mount namespace for this worker (%s); it sees the host's files", os.strerror(err)
+        )
+        return False
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    package = spec.package
+    for path in spec.hide:
+        if os.path.isdir(path) and not _contains(path, package):
+            _mount(
+                "omni-hidden", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0555"
+            )
+    _mount(package, package, None, MS_BIND | MS_REC)
+    _mount(None, package, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _mount("omni-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec.tmp_size},mode=1777")
+    if spec.memory_limit:
+        meminfo = Path("/tmp/.omni-meminfo")
+        meminfo.write_text(meminfo_text(spec.memory_limit, Path("/proc/meminfo").read_text()))
+        meminfo.chmod(0o444)
+        _mount(str(meminfo), "/proc/meminfo", None, MS_BIND)
+    os.chdir(package)  # step onto the read-only bind mount
+    return True
+
+
+def _contains(outer: str, inner: str) -> bool:
+    outer_path, inner_path = Path(outer).resolve(), Path(inner).resolve()
+    return inner_path == outer_path or outer_path in inner_path.parents

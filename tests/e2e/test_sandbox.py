@@ -1,0 +1,56 @@
+"""What a worker sees of the file system: its package read-only, a private /tmp, no neighbours."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import FIXTURES
+from tests.e2e.runtime import RunningRuntime, serve
+
+PACKAGES = FIXTURES / "packages"
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with (
+        serve(PACKAGES / "echo-models", PACKAGES / "hog-model") as running,
+        httpx.Client(base_url=running.url, timeout=60) as client,
+    ):
+        yield client
+
+
+def _files(http: httpx.Client, path: Path | str, write: str | None = None) -> httpx.Response:
+    return http.post("/ai/run/@test/files", json={"path": str(path), "write": write})
+
+
+def test_own_package_is_readable_but_not_writable(http: httpx.Client) -> None:
+    own = PACKAGES / "echo-models" / "pyproject.toml"
+    assert "omni-test-echo-models" in _files(http, own).json()["result"]["text"]
+    response = _files(http, PACKAGES / "echo-models" / "new.txt", write="x")
+    assert response.status_code == 500
+    assert "Read-only file system" in response.json()["errors"][0]["message"]
+    assert not (PACKAGES / "echo-models" / "new.txt").exists()
+
+
+def test_other_packages_are_invisible(http: httpx.Client) -> None:
+    response = _files(http, PACKAGES / "hog-model" / "hog_model.py")
+    assert response.status_code == 500
+    assert "No such file or directory" in response.json()["errors"][0]["message"]
+    assert (PACKAGES / "hog-model" / "hog_model.py").exists()  # it is there for everyone else
+
+
+def test_tmp_is_private(http: httpx.Client, tmp_path: Path) -> None:
+    name = f"/tmp/omni-sandbox-test-{os.getpid()}"
+    assert _files(http, name, write="inside").json()["result"]["text"] == "inside"
+    assert not Path(name).exists()
+
+
+def test_meminfo_shows_the_memory_limit(http: httpx.Client) -> None:
+    result = _files(http, PACKAGES / "echo-models" / "omni.toml").json()["result"]
+    assert result["meminfo_total_kb"] == 300 * 1024
