@@ -40,6 +40,9 @@ class ServerSettings(BaseModel):
     load_timeout: Seconds = Field(default=600.0, description="how long a request waits for a load")
     drain_timeout: Seconds = Field(default=30.0, description="how long shutdown waits for requests")
     shm_threshold: Bytes = Field(default=256 << 10, description="payloads this large use /dev/shm")
+    heartbeat_timeout: Seconds = Field(
+        default=60.0, gt=0, description="a worker silent this long while owing an answer is killed"
+    )
 
 
 class ModelOverride(BaseModel):

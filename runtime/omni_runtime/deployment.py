@@ -147,7 +147,8 @@ class ModelDeployment:
         self._restarts = 0 if lived > _STABLE_AFTER else self._restarts + 1
         delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, self._restarts - 1))
         reason = f"model '{self.name}': worker pid {worker.pid} {worker.exit_reason(returncode)}"
-        self.metrics.evictions.labels(self.name, "oom" if worker.oom_killed else "crash").inc()
+        cause = "hung" if worker.hung_after else "oom" if worker.oom_killed else "crash"
+        self.metrics.evictions.labels(self.name, cause).inc()
         if not self.replicas:
             self._set_state(ModelState.LOADING, f"{reason}; restarting")
         log.warning("%s; restarting in %.1fs", reason, delay)
@@ -306,11 +307,38 @@ class Node:
             for spec in discovery.models
         }
         self.failures: list[PackageFailure] = discovery.failures
+        self._watchdog: asyncio.Future[None] | None = None
 
     async def load_all(self) -> None:
+        self._watchdog = asyncio.ensure_future(self._watch_heartbeats())
         await asyncio.gather(*(m.load() for m in self.models.values()))
 
+    async def _watch_heartbeats(self) -> None:
+        """Kill workers that owe an answer and have said nothing for heartbeat_timeout."""
+        timeout = self.settings.heartbeat_timeout
+        interval = max(0.05, min(5.0, timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for model in self.models.values():
+                for worker in model.replicas:
+                    channel = worker.channel
+                    if channel is None or worker.hung_after:
+                        continue
+                    silent = channel.silent_for(now)
+                    if silent > timeout:
+                        worker.hung_after = silent
+                        log.error(
+                            "model '%s': worker pid %s has not answered for %.0fs; killing it",
+                            model.name, worker.pid, silent,
+                        )  # fmt: skip
+                        worker.kill()
+                    else:
+                        channel.ping()
+
     async def unload_all(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await asyncio.gather(*(m.unload("runtime shutting down") for m in self.models.values()))
         self.isolation.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from omni_sdk._protocol import (
@@ -38,6 +39,10 @@ class WorkerChannel(asyncio.Protocol):
         self._next_id = 0
         self._loop = asyncio.get_running_loop()
         self.gone_reason = ""
+        # Since when the worker owes an answer (a response or a PONG) without having said
+        # anything; None while it owes nothing. The runtime's watchdog reads this.
+        self.waiting_since: float | None = None
+        self._ping_outstanding = False
 
     @property
     def in_flight(self) -> int:
@@ -57,12 +62,16 @@ class WorkerChannel(asyncio.Protocol):
                         future.set_result(
                             (status, header_length, bytes(raw[RESPONSE_PREFIX.size :]))
                         )
+                elif kind == Kind.PONG:
+                    self._ping_outstanding = False
                 elif kind in (Kind.HELLO, Kind.LOAD_FAILED) and not self.hello.done():
                     self.hello.set_result((kind, json.loads(body)))
         except (ProtocolError, OSError, ValueError) as exc:
             self.gone_reason = f"{self.label} sent an unreadable message: {exc}"
             if self.transport is not None:
                 self.transport.close()
+        owes = self._pending or self._ping_outstanding
+        self.waiting_since = time.monotonic() if owes else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self.gone_reason or f"{self.label}'s worker exited"
@@ -87,8 +96,22 @@ class WorkerChannel(asyncio.Protocol):
             future.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
             return future
         self._pending[request_id] = future
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
         transport.write(self.shm.frame(kind, request_id, parts))
         return future
+
+    def ping(self) -> None:
+        """Ask an idle worker for a PONG, so a worker hung while idle is noticed too."""
+        if self._ping_outstanding or self._pending:
+            return
+        self._ping_outstanding = True
+        self.waiting_since = time.monotonic()
+        self.send(Kind.PING)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds the worker has owed an answer without saying anything."""
+        return now - self.waiting_since if self.waiting_since is not None else 0.0
 
     def send(self, kind: int) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -50,6 +50,7 @@ class WorkerProcess:
         self.isolation = isolation or Isolation()
         self.cgroup: WorkerCgroup | None = None
         self.oom_killed = False
+        self.hung_after = 0.0  # set when the watchdog kills a worker that stopped answering
         self.id = next(_worker_ids)
         self.shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-r", settings.shm_threshold)
         self.worker_shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-w")
@@ -179,6 +180,11 @@ class WorkerProcess:
 
     def exit_reason(self, returncode: int | None) -> str:
         """How the worker ended, in words: "exceeded its memory limit of 2 GiB", say."""
+        if self.hung_after:
+            return (
+                f"stopped answering for {self.hung_after:.0f}s (server.heartbeat_timeout) "
+                "and was killed"
+            )
         oom = self.oom_killed or (self.cgroup is not None and self.cgroup.oom_killed())
         if returncode == -signal.SIGKILL and oom:
             limit = format_size(self.spec.resources.memory)

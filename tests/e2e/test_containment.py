@@ -84,3 +84,22 @@ def test_kill_9_during_load_costs_the_other_models_nothing(runtime: RunningRunti
     for model, counts in outcomes.items():
         assert set(counts) == {200}, f"{model} saw {dict(counts)}"
         assert counts[200] > 0
+
+
+def test_a_worker_that_stops_answering_is_replaced(tmp_path: Path) -> None:
+    config = tmp_path / "omni.toml"
+    config.write_text('[server]\nheartbeat_timeout = "1s"\n')
+    with (
+        serve(PACKAGES / "echo-models", extra=["--config", str(config)]) as runtime,
+        httpx.Client(base_url=runtime.url, timeout=60) as http,
+    ):
+        mark = len(runtime.lines)
+        response = http.post("/ai/run/@test/slow", json={"seconds": 600})
+        assert response.status_code == 503
+        message = response.json()["errors"][0]["message"]
+        assert "stopped answering for" in message and "heartbeat_timeout" in message
+        runtime.wait_for_line(r"model '@test/slow' ready", start=mark)
+        assert http.post("/ai/run/@test/slow", json={"seconds": 0}).status_code == 200
+        assert http.post("/ai/run/@test/echo", json={"text": "x"}).status_code == 200
+        metrics = http.get("/metrics").text
+        assert 'omni_model_evictions_total{model="@test/slow",reason="hung"} 1.0' in metrics
