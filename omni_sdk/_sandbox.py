@@ -41,6 +41,7 @@ class SandboxSpec:
     hide: list[str] = field(default_factory=list)
     memory_limit: int = 0
     tmp_size: int = 256 << 20
+    keep: list[str] = field(default_factory=list)  # paths inside hidden ones it still needs
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -91,21 +92,26 @@ def enter_sandbox(spec: SandboxSpec) -> bool:
     """Set up the worker's mount namespace; False (after one warning) if not allowed."""
     libc = _libc()
     if libc.unshare(CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        log.warning(
-            "no mount namespace for this worker (%s); it sees the host's files", os.strerror(err)
-        )
+        reason = os.strerror(ctypes.get_errno())
+        log.warning("no mount namespace for this worker (%s); it sees the host's files", reason)
         return False
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     package = spec.package
-    for path in spec.hide:
-        if os.path.isdir(path) and not _contains(path, package):
-            _mount(
-                "omni-hidden", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0555"
-            )
-    _mount(package, package, None, MS_BIND | MS_REC)
-    _mount(None, package, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    _mount("omni-tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec.tmp_size},mode=1777")
+    # Hold what the worker keeps seeing open: once a tmpfs covers a path (the new /tmp, or a
+    # hidden directory), the path leads nowhere, but the open directory still does.
+    keep = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in [package, *spec.keep]}
+    flags = MS_NOSUID | MS_NODEV
+    _mount("omni-tmp", "/tmp", "tmpfs", flags, f"size={spec.tmp_size},mode=1777")
+    hidden = [p for p in spec.hide if os.path.isdir(p) and not _contains(p, package)]
+    for path in hidden:
+        _mount("omni-hidden", path, "tmpfs", flags, "size=64k,mode=0755")
+    for path, handle in keep.items():
+        os.makedirs(path, exist_ok=True)
+        _mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
+        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+        os.close(handle)
+    for path in hidden:
+        _mount(None, path, None, MS_REMOUNT | MS_RDONLY | flags, "size=64k,mode=0755")
     if spec.memory_limit:
         meminfo = Path("/tmp/.omni-meminfo")
         meminfo.write_text(meminfo_text(spec.memory_limit, Path("/proc/meminfo").read_text()))

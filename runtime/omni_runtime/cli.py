@@ -6,15 +6,23 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import socket
 import sys
 import time
 from pathlib import Path
 
-from omni_runtime.config import ConfigError, ServerSettings
-from omni_runtime.discovery import DiscoveryError, config_files, discover_all, find_packages
+from omni_runtime.config import ConfigError, OmniFile, ServerSettings
+from omni_runtime.discovery import (
+    Discovery,
+    DiscoveryError,
+    config_files,
+    discover_all,
+    find_packages,
+)
 from omni_runtime.doctor import doctor_report
 from omni_runtime.isolation import Isolation
+from omni_runtime.isolation.environments import EnvironmentBuilder
 from omni_sdk import __version__
 
 __all__ = ["main"]
@@ -46,10 +54,29 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the engines that packages register")
     models.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for command in (serve, models):
+        command.add_argument(
+            "--state-dir",
+            type=Path,
+            default=_default_state_dir(),
+            help="where package environments are cached (default $OMNI_STATE_DIR or ~/.cache/omni)",
+        )
+        command.add_argument(
+            "--shared-env",
+            action="store_true",
+            help="run every package in the runtime's own environment",
+        )
 
     doctor = commands.add_parser("doctor", help="what isolation this machine supports")
     doctor.add_argument("--json", action="store_true")
     return parser  # fmt: skip
+
+
+def _default_state_dir() -> Path:
+    if "OMNI_STATE_DIR" in os.environ:
+        return Path(os.environ["OMNI_STATE_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "omni"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _discover(paths: list[Path], config: Path | None = None):  # type: ignore[no-untyped-def]
-    packages = find_packages(paths)
-    files = config_files(paths, config)
-    return asyncio.run(discover_all(packages, files)), files
+def _discover(args: argparse.Namespace) -> tuple[Discovery, dict[Path, OmniFile]]:
+    packages = find_packages(args.paths)
+    files = config_files(args.paths, getattr(args, "config", None))
+    builder = None if args.shared_env else EnvironmentBuilder(args.state_dir / "envs")
+    return asyncio.run(discover_all(packages, files, builder)), files
 
 
 def _models(args: argparse.Namespace) -> int:
-    discovery, _ = _discover(args.paths)
+    discovery, _ = _discover(args)
     if args.json:
         print(
             json.dumps(
@@ -121,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
     from omni_runtime.server import OmniApp
 
     started = time.monotonic()
-    discovery, files = _discover(args.paths, args.config)
+    discovery, files = _discover(args)
     settings = ServerSettings()
     for omni_file in files.values():
         if omni_file.server is not None:
@@ -160,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     metrics = Metrics()
     packages = [spec.package_dir for spec in discovery.models]
     packages += [failure.package_dir for failure in discovery.failures]
-    isolation = Isolation.detect(sorted(set(packages)))
+    isolation = Isolation.detect(sorted(set(packages)), state_dir=args.state_dir)
     node = Node(discovery, settings, metrics, isolation)
 
     async def load_then_announce() -> None:

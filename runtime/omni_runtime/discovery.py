@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from omni_runtime.config import CONFIG_NAME, ConfigError, ModelOverride, OmniFile, load_omni_file
+from omni_runtime.isolation.environments import (
+    EnvironmentBuilder,
+    EnvironmentError_,
+    PackageEnvironment,
+)
 from omni_sdk import Resources, Scaling
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
@@ -66,6 +71,7 @@ class PackageFailure:
 class Discovery:
     models: list[ModelSpec] = field(default_factory=list)
     failures: list[PackageFailure] = field(default_factory=list)
+    environments: dict[Path, PackageEnvironment] = field(default_factory=dict)
 
 
 def find_packages(paths: list[Path]) -> list[Path]:
@@ -134,11 +140,33 @@ def _override_for(name: str, package_dir: Path, files: dict[Path, OmniFile]) -> 
 
 
 async def discover_all(
-    packages: list[Path], files: dict[Path, OmniFile], python: str = sys.executable
+    packages: list[Path],
+    files: dict[Path, OmniFile],
+    builder: EnvironmentBuilder | None = None,
 ) -> Discovery:
-    """Describe every package concurrently; failures are collected, not raised."""
-    results = await asyncio.gather(*(_describe_package(p, python) for p in packages))
+    """Build each package's environment, then ask its interpreter what it registers.
+
+    Without a builder every package uses the runtime's own interpreter. Failures are collected
+    per package, never raised.
+    """
     discovery = Discovery()
+    pythons: dict[Path, str] = {}
+    if builder is None:
+        pythons = dict.fromkeys(packages, sys.executable)
+    else:
+        environments = await asyncio.gather(
+            *(builder.ensure(p) for p in packages), return_exceptions=True
+        )
+        for package_dir, environment in zip(packages, environments, strict=True):
+            if isinstance(environment, EnvironmentError_):
+                discovery.failures.append(PackageFailure(package_dir, str(environment)))
+            elif isinstance(environment, BaseException):
+                raise environment
+            else:
+                pythons[package_dir] = str(environment.python)
+                discovery.environments[package_dir] = environment
+    packages = [p for p in packages if p in pythons]
+    results = await asyncio.gather(*(_describe_package(p, pythons[p]) for p in packages))
     seen: dict[str, Path] = {}
     for package_dir, result in zip(packages, results, strict=True):
         if "error" in result:
@@ -169,7 +197,7 @@ async def discover_all(
                     description=engine["description"],
                     package=result["package"],
                     package_dir=package_dir,
-                    python=python,
+                    python=pythons[package_dir],
                     engine_class=engine["class"],
                     inputs=engine["inputs"],
                     outputs=engine["outputs"],

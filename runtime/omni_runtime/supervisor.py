@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
+from pathlib import Path
 
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
@@ -84,7 +86,8 @@ class WorkerProcess:
             "--shm-prefix", self.worker_shm.prefix,
             "--shm-threshold", str(self.settings.shm_threshold),
         ]  # fmt: skip
-        sandbox = self.isolation.sandbox(spec.package_dir, spec.resources.memory)
+        environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
+        sandbox = self.isolation.sandbox(spec.package_dir, spec.resources.memory, environment)
         if sandbox:
             command += ["--sandbox", sandbox]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

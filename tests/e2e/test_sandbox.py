@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.e2e.runtime import RunningRuntime, serve
+from tests.e2e.runtime import serve
 
 PACKAGES = FIXTURES / "packages"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")

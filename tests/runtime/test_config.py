@@ -29,7 +29,8 @@ def _write(path: Path, text: str) -> Path:
         ),
         (
             "[server]\nmax_body = 1\n",
-            "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold)",
+            "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold, "
+            "heartbeat_timeout)",
         ),
         ("[wat]\n", "unknown field 'wat' (allowed here: server, models)"),
         ("models = [", "not valid TOML"),

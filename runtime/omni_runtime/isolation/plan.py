@@ -25,7 +25,7 @@ class Isolation:
     description: str = "none"
 
     @classmethod
-    def detect(cls, hidden: list[Path]) -> Isolation:
+    def detect(cls, packages: list[Path], state_dir: Path | None = None) -> Isolation:
         """Probe the machine; warn once, here, about whatever is missing."""
         cgroups, cgroup_note = detect_cgroups()
         namespaces = os.geteuid() == 0 and os.path.exists("/proc/self/ns/mnt")
@@ -37,16 +37,18 @@ class Isolation:
             log.warning(
                 "isolation: not root, so workers share the runtime's view of the file system"
             )
+        hidden = [*packages, *([state_dir] if state_dir else [])]
         isolation = cls(cgroups, namespaces, tuple(hidden), ", ".join(parts))
         log.info("isolation: %s", isolation.description)
         return isolation
 
-    def sandbox(self, package: Path, memory_limit: int) -> str | None:
+    def sandbox(self, package: Path, memory_limit: int, environment: Path | None) -> str | None:
         """The ``--sandbox`` argument for a worker of ``package``, or None."""
         if not self.namespaces:
             return None
         hide = [str(p) for p in self.hidden if p != package]
-        return SandboxSpec(str(package), hide, memory_limit).to_json()
+        keep = [str(environment)] if environment else []
+        return SandboxSpec(str(package), hide, memory_limit, keep=keep).to_json()
 
     def close(self) -> None:
         if self.cgroups is not None:

@@ -1,0 +1,190 @@
+"""One Python environment per model package, built with uv over a shared base layer.
+
+The base layer is the runtime's own environment: torch, onnxruntime and every other heavy
+framework installed there are shared by every model through a ``.pth`` file, never copied. A
+package's environment holds only what the base layer does not satisfy, so two packages can pin
+conflicting versions of one library side by side: each gets its own copy, found before the
+base layer's.
+
+Environments are cached by a hash of the package's pyproject.toml, the requirements it needs
+beyond the base layer and the base layer itself. An unchanged package starts without any install
+step; a changed one is built beside the old environment and swapped in only when the build
+succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+__all__ = ["EnvironmentBuilder", "EnvironmentError_", "PackageEnvironment"]
+
+log = logging.getLogger("omni.environments")
+BUILDER_VERSION = "1"
+COMPLETE_MARKER = ".omni-env-complete"
+
+
+class EnvironmentError_(Exception):
+    """A package's environment could not be built; the message carries uv's explanation."""
+
+
+@dataclass(frozen=True)
+class PackageEnvironment:
+    package_dir: Path
+    path: Path
+    python: Path
+    installed: tuple[str, ...]  # requirements installed beyond the base layer
+    built: bool  # False when an existing environment was reused
+    seconds: float
+
+
+def _base_distributions() -> dict[str, str]:
+    return {
+        canonicalize_name(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions()
+        if d.metadata["Name"]
+    }
+
+
+def _requirements(package_dir: Path) -> list[Requirement]:
+    pyproject = package_dir / "pyproject.toml"
+    try:
+        data = tomllib.loads(pyproject.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise EnvironmentError_(f"{pyproject}: cannot read it: {exc}") from exc
+    requirements = []
+    for line in data.get("project", {}).get("dependencies", []):
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement as exc:
+            raise EnvironmentError_(f"{pyproject}: bad dependency {line!r}: {exc}") from exc
+        if requirement.marker is None or requirement.marker.evaluate():
+            requirements.append(requirement)
+    return requirements
+
+
+class EnvironmentBuilder:
+    """Builds and caches package environments under ``root``."""
+
+    def __init__(self, root: Path, uv: str | None = None) -> None:
+        self.root = root
+        self.uv = uv or _find_uv()
+        self.base_site = sysconfig.get_paths()["purelib"]
+        self.base = _base_distributions()
+        self._lock = asyncio.Lock()
+
+    def missing(self, package_dir: Path) -> list[str]:
+        """The package's requirements that the base layer does not satisfy."""
+        needed = []
+        for requirement in _requirements(package_dir):
+            version = self.base.get(canonicalize_name(requirement.name))
+            if version is None or not requirement.specifier.contains(version, prereleases=True):
+                needed.append(str(requirement))
+        return sorted(needed)
+
+    def key(self, package_dir: Path, missing: list[str]) -> str:
+        digest = hashlib.sha256()
+        digest.update((package_dir / "pyproject.toml").read_bytes())
+        digest.update(
+            json.dumps([BUILDER_VERSION, sys.executable, self.base_site, missing]).encode()
+        )
+        return digest.hexdigest()[:16]
+
+    async def ensure(self, package_dir: Path) -> PackageEnvironment:
+        """The package's environment: reused if its key is unchanged, else built and swapped in."""
+        started = time.monotonic()
+        missing = self.missing(package_dir)
+        name = canonicalize_name(package_dir.name)
+        path = self.root / f"{name}-{self.key(package_dir, missing)}"
+        python = path / "bin" / "python"
+        if (path / COMPLETE_MARKER).is_file():
+            return PackageEnvironment(
+                package_dir, path, python, tuple(missing), False, time.monotonic() - started
+            )
+        staging = path.with_name(f"{path.name}.building-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        what = ", ".join(missing) if missing else "nothing beyond the base layer"
+        log.info("environment for %s: building (installs %s)", package_dir.name, what)
+        try:
+            await self._run(
+                package_dir, "venv", "--quiet", "--python", sys.executable, str(staging)
+            )
+            site = _site_packages(staging)
+            # Read after the environment's own site-packages: its pins win over the base layer.
+            (site / "_omni_base_layer.pth").write_text(
+                f"import site; site.addsitedir({self.base_site!r})\n"
+            )
+            if missing:
+                excludes = staging / "omni-base-layer.txt"
+                named = {canonicalize_name(Requirement(r).name) for r in missing}
+                excludes.write_text("\n".join(sorted(set(self.base) - named)) + "\n")
+                async with self._lock:  # one resolver at a time keeps the 2-core machine usable
+                    await self._run(
+                        package_dir,
+                        "pip", "install", "--quiet",
+                        "--python", str(staging / "bin" / "python"),
+                        "--excludes", str(excludes),
+                        *missing,
+                    )  # fmt: skip
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"missing": missing}))
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._remove_older(name, keep=path)
+        seconds = time.monotonic() - started
+        log.info("environment for %s: built in %.1fs", package_dir.name, seconds)
+        return PackageEnvironment(package_dir, path, python, tuple(missing), True, seconds)
+
+    async def _run(self, package_dir: Path, *args: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            self.uv, *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(os.environ, UV_NO_PROGRESS="1", VIRTUAL_ENV=""),
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        if process.returncode != 0:
+            text = output.decode(errors="replace").strip()
+            raise EnvironmentError_(
+                f"package {package_dir}: building its environment failed (uv {args[0]}): {text}"
+            )
+
+    def _remove_older(self, name: str, keep: Path) -> None:
+        for other in self.root.glob(f"{name}-*"):
+            if other != keep and other.is_dir() and ".building-" not in other.name:
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def _site_packages(venv: Path) -> Path:
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return venv / "lib" / version / "site-packages"
+
+
+def _find_uv() -> str:
+    try:
+        import uv
+
+        return str(uv.find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            raise EnvironmentError_(
+                "uv is not installed: `pip install uv`, or serve with --shared-env"
+            ) from None
+        return found
