@@ -5,6 +5,7 @@ from __future__ import annotations
 from omni_sdk._engine import Engine, EngineDefinitionError, LoadContext, Signature
 from omni_sdk._plugins import EnginePlugins, PackageError
 from omni_sdk._resources import Resources, Scaling
+from omni_sdk._tensor_engine import ModelLoadError, Tensor, TensorEngine
 from omni_sdk._tensors import InvalidInput, TensorSpec
 from omni_sdk.hookspecs import hookimpl
 
@@ -16,10 +17,13 @@ __all__ = [
     "EnginePlugins",
     "InvalidInput",
     "LoadContext",
+    "ModelLoadError",
     "PackageError",
     "Resources",
     "Scaling",
     "Signature",
+    "Tensor",
+    "TensorEngine",
     "TensorSpec",
     "__version__",
     "hookimpl",

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from omni_sdk._engine import Engine
+from omni_sdk._tensor_engine import TensorEngine
 from omni_sdk._tensors import (
     InvalidInput,
     encode_binary,
@@ -23,7 +24,7 @@ from omni_sdk._tensors import (
     value_to_tensor,
 )
 
-__all__ = ["EngineRunner", "Prepared", "ai_error_body", "AI_ERROR_CODES"]
+__all__ = ["AI_ERROR_CODES", "EngineRunner", "Prepared", "ai_error_body", "runner_for"]
 
 # Workers-AI-style error codes, by HTTP status (docs/http-api.md).
 AI_ERROR_CODES = {400: 5006, 404: 5007, 413: 3006, 429: 3040, 500: 3043, 503: 3042}
@@ -56,10 +57,19 @@ class Prepared:
     error: str = ""
     request_id: str | None = None
     outputs: list[tuple[Any, bool]] | None = None  # (TensorSpec, binary) for v2
+    tensors: dict[str, Any] | None = None  # input arrays, for tensor-native engines
+
+    @property
+    def valid(self) -> bool:
+        return self.request is not None or self.tensors is not None
 
 
 class EngineRunner:
-    """One loaded engine instance and the codecs of both APIs around it."""
+    """One loaded engine instance and the codecs of both APIs around it.
+
+    ``runner_for(engine)`` picks this or, for a ``TensorEngine``, a ``TensorEngineRunner``,
+    which decodes v2 tensors straight into numpy arrays and batches along dimension 0.
+    """
 
     def __init__(self, engine: Engine, model_name: str | None = None) -> None:
         self.engine = engine
@@ -115,6 +125,7 @@ class EngineRunner:
 
     def _decode_inputs(self, inputs: list[Any], view: memoryview, offset: int) -> dict[str, Any]:
         values: dict[str, Any] = {}
+        decode = self._decode_tensor
         for item in inputs:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInput("every entry of 'inputs' needs a 'name'")
@@ -138,7 +149,7 @@ class EngineRunner:
                     )
                 raw = view[offset : offset + size]
                 offset += size
-            values[name] = tensor_to_value(
+            values[name] = decode(
                 spec, item.get("datatype"), item.get("shape"), item.get("data"), raw
             )
         if offset != len(view):
@@ -149,6 +160,11 @@ class EngineRunner:
         if missing:
             raise InvalidInput(f"missing input '{missing[0]}'")
         return values
+
+    def _decode_tensor(
+        self, spec: Any, datatype: Any, shape: Any, data: Any, raw: memoryview | None
+    ) -> Any:
+        return tensor_to_value(spec, datatype, shape, data, raw)
 
     def _requested_outputs(self, header: dict[str, Any]) -> list[tuple[Any, bool]]:
         params = header.get("parameters")
@@ -307,3 +323,12 @@ def describe_validation_error(exc: ValidationError, role: str) -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
+
+
+def runner_for(engine: Engine, model_name: str | None = None) -> EngineRunner:
+    """The runner that serves ``engine``: tensor-native engines get the numpy codecs."""
+    if isinstance(engine, TensorEngine):
+        from omni_sdk._tensor_serving import TensorEngineRunner
+
+        return TensorEngineRunner(engine, model_name)
+    return EngineRunner(engine, model_name)

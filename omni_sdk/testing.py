@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_sdk._engine import Engine, LoadContext
-from omni_sdk._serving import EngineRunner
+from omni_sdk._serving import runner_for
 
 __all__ = ["EngineCallError", "EngineTester"]
 
@@ -44,7 +44,7 @@ class EngineTester:
             logger=logging.getLogger(f"omni.model.{engine.name}"),
         )
         self.engine.load(ctx)
-        self.runner = EngineRunner(self.engine)
+        self.runner = runner_for(self.engine)
 
     def __enter__(self) -> EngineTester:
         return self
@@ -84,6 +84,24 @@ class EngineTester:
             raise EngineCallError(500, "binary outputs: ask for JSON outputs in infer_v2")
         result: dict[str, Any] = json.loads(body)
         return result
+
+    def infer_v2_raw(self, body: bytes, header_length: int = 0) -> tuple[int, int, bytes]:
+        """``POST /v2/models/{model}/infer`` with a raw body (binary tensors allowed):
+        ``(status, Inference-Header-Content-Length, response body)``."""
+        prepared = self.runner.prepare_v2(body, header_length)
+        outcomes = self._call([prepared])
+        status, length, parts = self.runner.respond(prepared, outcomes[0] if outcomes else None)
+        return status, length, b"".join(parts)
+
+    def infer_arrays(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Numpy arrays in, numpy arrays out, through the binary v2 encoding a client uses."""
+        from omni_sdk._tensor_serving import v2_binary_request, v2_binary_response
+
+        body, header_length = v2_binary_request(inputs)
+        status, length, raw = self.infer_v2_raw(body, header_length)
+        if status != 200:
+            raise EngineCallError(status, json.loads(raw)["error"])
+        return v2_binary_response(raw, length)
 
     def _call(self, prepared: list[Any]) -> list[Any]:
         if self.runner.is_async:

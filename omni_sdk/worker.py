@@ -39,7 +39,7 @@ from omni_sdk._protocol import (
 )
 from omni_sdk._resources import Resources
 from omni_sdk._sandbox import SandboxSpec, enter_sandbox
-from omni_sdk._serving import EngineRunner, Prepared
+from omni_sdk._serving import EngineRunner, Prepared, runner_for
 
 log = logging.getLogger("omni.worker")
 _PR_SET_PDEATHSIG = 1
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             enter_sandbox(SandboxSpec.from_json(args.sandbox))
         resources = Resources.model_validate(json.loads(args.resources))
         engine = load_engine(args.package.resolve(), args.model, args.device, resources)
-        runner = EngineRunner(engine, args.model)
+        runner = runner_for(engine, args.model)
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("model %r failed to load:\n%s", args.model, traceback.format_exc())

@@ -12,7 +12,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.omni-installed"
-want=$(cat pyproject.toml runtime/pyproject.toml examples/*/pyproject.toml requirements-dev.txt \
+want=$(cat pyproject.toml runtime/pyproject.toml cstub/pyproject.toml cstub/setup.py \
+    engines/*/pyproject.toml examples/*/pyproject.toml requirements-dev.txt \
     | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
@@ -23,9 +24,15 @@ echo "omni setup: installing packages into $VENV (the first run takes a few minu
 # The CPU build of torch: pip takes it from this machine's wheel cache, where uv would
 # download a multi-GB CUDA build. Installed first, so nothing later asks for another.
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "torch==2.13.0"
+# The base layer every model environment shares: Omni itself, the engines and their frameworks
+# (onnxruntime-gpu runs on the CPU where no GPU is usable), the CUDA hooks (compiled here), and
+# the examples, so their requirements are already satisfied when the runtime builds their envs.
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install \
-    -e . -e runtime -e examples/embeddings-minilm -r requirements-dev.txt
-"$VENV/bin/python" -c "import omni_runtime, omni_example_minilm, torch" \
+    -e . -e runtime -e cstub -e engines/torch -e engines/onnx -e engines/triton \
+    -e examples/embeddings-minilm -e examples/embeddings-minilm-torch \
+    -e examples/embeddings-minilm-onnx -r requirements-dev.txt
+"$VENV/bin/python" -c "import omni_runtime, omni_cstub, omni_engine_torch, omni_engine_onnx, \
+omni_engine_triton, omni_example_minilm, onnxruntime, torch" \
     || { echo "omni setup: the install is incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "omni setup: done"
