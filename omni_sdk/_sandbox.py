@@ -18,6 +18,8 @@ import ctypes
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,20 +98,31 @@ def enter_sandbox(spec: SandboxSpec) -> bool:
         log.warning("no mount namespace for this worker (%s); it sees the host's files", reason)
         return False
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    package = spec.package
-    # Hold what the worker keeps seeing open: once a tmpfs covers a path (the new /tmp, or a
-    # hidden directory), the path leads nowhere, but the open directory still does.
-    keep = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in [package, *spec.keep]}
     flags = MS_NOSUID | MS_NODEV
-    _mount("omni-tmp", "/tmp", "tmpfs", flags, f"size={spec.tmp_size},mode=1777")
+    package = spec.package
     hidden = [p for p in spec.hide if os.path.isdir(p) and not _contains(p, package)]
+    # What lives under /tmp and the worker still needs once its private /tmp covers it: the
+    # interpreter, the base layer and editable sources (a checkout in /tmp, say), less whatever
+    # is to be hidden anyway.
+    under_tmp = _outermost(
+        p
+        for p in [sys.prefix, sys.base_prefix, *sys.path]
+        if p
+        and _contains("/tmp", p)
+        and os.path.isdir(p)
+        and not any(_contains(h, p) for h in hidden)
+    )
+    # Hold them open: once a tmpfs covers a path, the path leads nowhere, the open directory
+    # still does.
+    handles = {p: _open_dir(p) for p in [*under_tmp, *spec.keep, package]}
+    _mount("omni-tmp", "/tmp", "tmpfs", flags, f"size={spec.tmp_size},mode=1777")
+    for path in under_tmp:
+        _bind_read_only(handles.pop(path), path)
+    hidden = [p for p in hidden if os.path.isdir(p)]  # under /tmp and not kept: gone already
     for path in hidden:
         _mount("omni-hidden", path, "tmpfs", flags, "size=64k,mode=0755")
-    for path, handle in keep.items():
-        os.makedirs(path, exist_ok=True)
-        _mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
-        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
-        os.close(handle)
+    for path, handle in handles.items():  # its environment, then its own package
+        _bind_read_only(handle, path)
     for path in hidden:
         _mount(None, path, None, MS_REMOUNT | MS_RDONLY | flags, "size=64k,mode=0755")
     if spec.memory_limit:
@@ -119,6 +132,27 @@ def enter_sandbox(spec: SandboxSpec) -> bool:
         _mount(str(meminfo), "/proc/meminfo", None, MS_BIND)
     os.chdir(package)  # step onto the read-only bind mount
     return True
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_PATH | os.O_DIRECTORY)
+
+
+def _bind_read_only(handle: int, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    _mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
+    _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.close(handle)
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """The given directories minus those inside another one of them."""
+    unique = sorted({str(Path(p).resolve()) for p in paths}, key=len)
+    kept: list[str] = []
+    for path in unique:
+        if not any(_contains(outer, path) for outer in kept):
+            kept.append(path)
+    return kept
 
 
 def _contains(outer: str, inner: str) -> bool:
