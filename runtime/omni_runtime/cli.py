@@ -22,7 +22,7 @@ from omni_runtime.discovery import (
 )
 from omni_runtime.doctor import doctor_report
 from omni_runtime.isolation import Isolation
-from omni_runtime.isolation.environments import EnvironmentBuilder
+from omni_runtime.isolation.environments import EnvironmentBuilder, TerminalProgress
 from omni_sdk import __version__
 
 __all__ = ["main"]
@@ -101,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 def _discover(args: argparse.Namespace) -> tuple[Discovery, dict[Path, OmniFile]]:
     packages = find_packages(args.paths)
     files = config_files(args.paths, getattr(args, "config", None))
-    builder = None if args.shared_env else EnvironmentBuilder(args.state_dir / "envs")
+    if args.shared_env:
+        return asyncio.run(discover_all(packages, files)), files
+    if sys.stderr.isatty():
+        with TerminalProgress() as progress:
+            builder = EnvironmentBuilder(args.state_dir / "envs", progress=progress)
+            return asyncio.run(discover_all(packages, files, builder)), files
+    builder = EnvironmentBuilder(args.state_dir / "envs")
     return asyncio.run(discover_all(packages, files, builder)), files
 
 

@@ -17,9 +17,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def http(state_dir: Path) -> Iterator[httpx.Client]:
+    extra = ["--state-dir", str(state_dir)]
     with (
-        serve(PACKAGES / "echo-models", PACKAGES / "hog-model") as running,
+        serve(PACKAGES / "echo-models", PACKAGES / "hog-model", extra=extra) as running,
         httpx.Client(base_url=running.url, timeout=60) as client,
     ):
         yield client
@@ -54,3 +60,16 @@ def test_tmp_is_private(http: httpx.Client, tmp_path: Path) -> None:
 def test_meminfo_shows_the_memory_limit(http: httpx.Client) -> None:
     result = _files(http, PACKAGES / "echo-models" / "omni.toml").json()["result"]
     assert result["meminfo_total_kb"] == 300 * 1024
+
+
+def test_the_runtime_state_is_invisible(http: httpx.Client, state_dir: Path) -> None:
+    secret = state_dir / "secret.txt"
+    secret.write_text("runtime only")
+    response = _files(http, secret)
+    assert response.status_code == 500
+    assert "No such file or directory" in response.json()["errors"][0]["message"]
+    environments = sorted((state_dir / "envs").iterdir())
+    assert [e.name.rsplit("-", 1)[0] for e in environments] == ["echo-models", "hog-model"]
+    other = next(e for e in environments if e.name.startswith("hog-model"))
+    response = _files(http, other / "pyvenv.cfg")  # another model's environment
+    assert response.status_code == 500

@@ -27,11 +27,19 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-__all__ = ["EnvironmentBuilder", "EnvironmentError_", "PackageEnvironment"]
+__all__ = [
+    "BuildProgress",
+    "EnvironmentBuilder",
+    "EnvironmentError_",
+    "LoggedProgress",
+    "PackageEnvironment",
+    "TerminalProgress",
+]
 
 log = logging.getLogger("omni.environments")
 BUILDER_VERSION = "1"
@@ -77,11 +85,62 @@ def _requirements(package_dir: Path) -> list[Requirement]:
     return requirements
 
 
+class BuildProgress(Protocol):
+    """Told when a package's environment starts and finishes building."""
+
+    def started(self, package: str, installs: str) -> None: ...
+    def finished(self, package: str, seconds: float, ok: bool) -> None: ...
+
+
+class LoggedProgress:
+    """Progress as log lines: what a log file or a pipe gets."""
+
+    def started(self, package: str, installs: str) -> None:
+        log.info("environment for %s: building (installs %s)", package, installs)
+
+    def finished(self, package: str, seconds: float, ok: bool) -> None:
+        outcome = "built" if ok else "failed"
+        log.info("environment for %s: %s in %.1fs", package, outcome, seconds)
+
+
+class TerminalProgress:
+    """Progress as a live rich display, one spinner per environment being built."""
+
+    def __init__(self) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> TerminalProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def started(self, package: str, installs: str) -> None:
+        self._tasks[package] = self._progress.add_task(
+            f"environment for {package}: installing {installs}", total=1
+        )
+
+    def finished(self, package: str, seconds: float, ok: bool) -> None:
+        outcome = "[green]built[/]" if ok else "[red]failed[/]"
+        self._progress.update(
+            self._tasks[package], description=f"environment for {package}: {outcome}", completed=1
+        )
+
+
 class EnvironmentBuilder:
     """Builds and caches package environments under ``root``."""
 
-    def __init__(self, root: Path, uv: str | None = None) -> None:
+    def __init__(
+        self, root: Path, uv: str | None = None, progress: BuildProgress | None = None
+    ) -> None:
         self.root = root
+        self.progress = progress or LoggedProgress()
         self.uv = uv or _find_uv()
         self.base_site = sysconfig.get_paths()["purelib"]
         self.base = _base_distributions()
@@ -119,7 +178,7 @@ class EnvironmentBuilder:
         shutil.rmtree(staging, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         what = ", ".join(missing) if missing else "nothing beyond the base layer"
-        log.info("environment for %s: building (installs %s)", package_dir.name, what)
+        self.progress.started(package_dir.name, what)
         try:
             await self._run(
                 package_dir, "venv", "--quiet", "--python", sys.executable, str(staging)
@@ -145,10 +204,11 @@ class EnvironmentBuilder:
             staging.rename(path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            self.progress.finished(package_dir.name, time.monotonic() - started, ok=False)
             raise
         self._remove_older(name, keep=path)
         seconds = time.monotonic() - started
-        log.info("environment for %s: built in %.1fs", package_dir.name, seconds)
+        self.progress.finished(package_dir.name, seconds, ok=True)
         return PackageEnvironment(package_dir, path, python, tuple(missing), True, seconds)
 
     async def _run(self, package_dir: Path, *args: str) -> None:
