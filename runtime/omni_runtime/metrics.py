@@ -17,17 +17,18 @@ _LATENCY_BUCKETS = (
 
 
 class _MemoryCollector(Collector):
-    """``omni_model_memory_bytes{model,kind="host"}``: memory charged to each model's workers."""
+    """``omni_model_memory_bytes{model,kind}``: host and GPU memory held by each model's workers."""
 
-    def __init__(self, usage: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, usage: Callable[[], dict[str, tuple[int, int]]]) -> None:
         self._usage = usage
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "omni_model_memory_bytes", "Memory used by a model's workers", labels=["model", "kind"]
         )
-        for model, used in self._usage().items():
-            family.add_metric([model, "host"], used)
+        for model, (host, gpu) in self._usage().items():
+            family.add_metric([model, "host"], host)
+            family.add_metric([model, "gpu"], gpu)
         yield family
 
 
@@ -60,8 +61,8 @@ class Metrics:
         self._children: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 
-    def watch_memory(self, usage: Callable[[], dict[str, int]]) -> None:
-        """``usage()`` maps each model to the host memory its workers use now."""
+    def watch_memory(self, usage: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """``usage()`` maps each model to the (host, GPU) memory its workers use now."""
         self.registry.register(_MemoryCollector(usage))
 
     def observe(self, model: str, status: int, seconds: float) -> None:

@@ -64,7 +64,11 @@ class OmniApp:
         self._openapi: bytes | None = None
         self.metrics.watch_memory(
             lambda: {
-                name: sum(w.memory_bytes() for w in m.replicas) for name, m in self.models.items()
+                name: (
+                    sum(w.memory_bytes() for w in m.replicas),
+                    sum(w.gpu_memory_bytes() for w in m.replicas),
+                )
+                for name, m in self.models.items()
             }
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -91,6 +92,7 @@ class WorkerProcess:
         if sandbox:
             command += ["--sandbox", sandbox]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.update(self._cuda_hooks_env())
         if self.isolation.cgroups is not None:
             try:
                 self.cgroup = self.isolation.cgroups.create(f"worker-{self.id}", spec.resources)
@@ -181,6 +183,31 @@ class WorkerProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
 
+    def _cuda_hooks_env(self) -> dict[str, str]:
+        """On a GPU, libomnicuda preloaded into this worker alone, with its quota and mode."""
+        if not self.spec.device.startswith("cuda"):
+            return {}
+        try:
+            import omni_cstub
+        except ImportError:
+            log.warning("%s: omni-cstub is missing, so GPU memory is not limited", self.label)
+            return {}
+        quota = self.spec.resources.gpu_memory or None
+        if os.environ.get("OMNI_CUDA_MODE") == "device":
+            return omni_cstub.preload_env(quota, mode="device")
+        return omni_cstub.preload_env(quota, mode="managed")
+
+    def gpu_memory_bytes(self) -> int:
+        """GPU memory the worker holds through libomnicuda (its shared region), else 0."""
+        if self.pid is None or not self.spec.device.startswith("cuda"):
+            return 0
+        try:
+            import omni_cstub
+
+            return int(omni_cstub.read_usage(omni_cstub.region_path(self.pid)).used)
+        except (ImportError, OSError, ValueError):
+            return 0
+
     def exit_reason(self, returncode: int | None) -> str:
         """How the worker ended, in words: "exceeded its memory limit of 2 GiB", say."""
         if self.hung_after:
@@ -207,6 +234,11 @@ class WorkerProcess:
         self.shm.cleanup()
         self.worker_shm.cleanup()
         exited = self.process is None or self.process.returncode is not None
+        if exited and self.pid is not None and self.spec.device.startswith("cuda"):
+            with contextlib.suppress(ImportError, OSError):
+                import omni_cstub
+
+                omni_cstub.region_path(self.pid).unlink()  # its GPU accounting region
         if self.cgroup is not None and exited:
             self.oom_killed = self.oom_killed or self.cgroup.oom_killed()
             self.cgroup.remove()

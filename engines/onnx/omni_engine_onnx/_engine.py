@@ -128,11 +128,21 @@ class OnnxEngine(TensorEngine):
         return ["CPUExecutionProvider"]
 
     def cuda_provider_options(self, ctx: LoadContext) -> dict[str, str]:
-        """CUDA provider options. Hook point for the cstub external allocator: omni-cstub will
-        add ``gpu_external_alloc``, ``gpu_external_free`` and ``gpu_external_empty_cache``
-        (addresses of libomnicuda's functions) here, so the session allocates through it."""
+        """CUDA provider options: the device, and libomnicuda as the external allocator
+        (``gpu_external_alloc/free/empty_cache``), so the session allocates through the hooks."""
         index = ctx.device.partition(":")[2] or "0"
-        return {"device_id": index}
+        options = {"device_id": index}
+        try:
+            import omni_cstub
+        except ImportError:
+            ctx.logger.warning(
+                "model '%s': omni-cstub is not installed, so its GPU memory is not limited",
+                ctx.model_name,
+            )
+            return options
+        addresses = omni_cstub.Hooks().ort_allocator_addresses()
+        options.update({name: str(address) for name, address in addresses.items()})
+        return options
 
     def session_options(self, ctx: LoadContext) -> Any:
         import onnxruntime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -15,13 +16,25 @@ from omni_sdk import LoadContext, ModelLoadError, TensorEngine
 __all__ = ["TorchEngine", "install_cuda_allocator"]
 
 
-def install_cuda_allocator(ctx: LoadContext) -> None:
-    """Hook point for the cstub allocator on CUDA (DESIGN.md, "CUDA allocation hooks").
+def install_cuda_allocator(ctx: LoadContext) -> Any:
+    """A ``torch.cuda.MemPool`` over libomnicuda's allocator, or None without omni-cstub.
 
-    omni-cstub will install its ``torch.cuda.MemPool`` built on ``CUDAPluggableAllocator``
-    over ``libomnicuda`` here, before the model's first CUDA allocation. Until then, torch's
-    own caching allocator serves the model.
+    Allocations made while the pool is in use (``torch.cuda.use_mem_pool``) go through the
+    hooks: managed memory, the model's ``gpu_memory`` quota, usage the runtime can read. Torch
+    keeps caching inside the pool. The worker is also started with libomnicuda in LD_PRELOAD,
+    which catches whatever allocates outside the pool.
     """
+    try:
+        import omni_cstub
+    except ImportError:
+        ctx.logger.warning(
+            "model '%s': omni-cstub is not installed, so its GPU memory is not limited",
+            ctx.model_name,
+        )
+        return None
+    path, alloc, free = omni_cstub.Hooks().torch_allocator_paths()
+    allocator = torch.cuda.memory.CUDAPluggableAllocator(path, alloc, free)
+    return torch.cuda.MemPool(allocator.allocator())  # type: ignore[no-untyped-call]
 
 
 class TorchEngine(TensorEngine):
@@ -62,9 +75,9 @@ class TorchEngine(TensorEngine):
         self.label = f"model '{ctx.model_name}'"
         self.device = torch.device(ctx.device)
         torch.set_num_threads(max(1, int(ctx.resources.cpus)))
-        if self.device.type == "cuda":
-            install_cuda_allocator(ctx)
-        self.module = self._load_module(ctx)
+        self.pool = install_cuda_allocator(ctx) if self.device.type == "cuda" else None
+        with self._allocating():
+            self.module = self._load_module(ctx)
         self.input_names = [t.name for t in self.inputs]
         self.output_names = [t.name for t in self.outputs]
         ctx.logger.info("%s: loaded on %s", self.label, self.device)
@@ -129,9 +142,14 @@ class TorchEngine(TensorEngine):
             for name in self.input_names
             if name in inputs
         ]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._allocating():
             result = self.module(*args)
         return self._outputs(result)
+
+    def _allocating(self) -> contextlib.AbstractContextManager[Any]:
+        """CUDA allocations in this scope come from the libomnicuda pool, when there is one."""
+        pool = getattr(self, "pool", None)
+        return torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext()
 
     def _outputs(self, result: Any) -> dict[str, NDArray[Any]]:
         if isinstance(result, torch.Tensor):

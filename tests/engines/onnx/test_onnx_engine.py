@@ -87,3 +87,23 @@ def test_missing_and_corrupt_graphs_name_the_file(tmp_path: Path) -> None:
     corrupt.write_bytes(b"\x08\x01garbage")
     with pytest.raises(ModelLoadError, match=f"onnxruntime cannot load {corrupt}"):
         describe(_engine(corrupt))
+
+
+def test_cuda_provider_options_hand_onnxruntime_the_cstub_allocator() -> None:
+    import logging
+
+    import omni_cstub
+    from omni_engine_onnx import OnnxEngine
+    from omni_sdk import LoadContext
+
+    class Probe(OnnxEngine):
+        name = "probe"
+        model_file = "unused.onnx"
+
+    options = Probe().cuda_provider_options(
+        LoadContext(model_name="probe", device="cuda:1", logger=logging.getLogger("test"))
+    )
+    assert options["device_id"] == "1"
+    addresses = omni_cstub.Hooks().ort_allocator_addresses()
+    for name in ("gpu_external_alloc", "gpu_external_free", "gpu_external_empty_cache"):
+        assert options[name] == str(addresses[name]) != "0"
