@@ -140,14 +140,18 @@ def write_shm(name: str, parts: list[bytes] | tuple[bytes, ...], size: int) -> N
         os.close(fd)
 
 
-def read_shm(body: bytes) -> memoryview:
-    """Map the segment a ``FLAG_SHM`` body names, unlink it, and return its payload."""
+def read_shm(body: bytes, prefix: str) -> memoryview:
+    """Map the segment a ``FLAG_SHM`` body names, unlink it, and return its payload.
+
+    Only names under the sender's own ``prefix`` are accepted: a peer may not make this side
+    read, or unlink, anybody else's file in /dev/shm.
+    """
     (size,) = SHM_REF.unpack_from(body)
-    name = body[SHM_REF.size :].decode()
-    if "/" in name or name.startswith("."):
+    name = body[SHM_REF.size :].decode(errors="replace")
+    if not name.startswith(prefix + "-") or "/" in name:
         raise ProtocolError(f"refusing shared-memory segment name {name!r}")
     path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         os.unlink(path)
         if size == 0:
@@ -158,6 +162,9 @@ def read_shm(body: bytes) -> memoryview:
     return memoryview(mapped)
 
 
-def payload(flags: int, body: bytes) -> bytes | memoryview:
-    """The logical payload of a frame, following a shared-memory reference when flagged."""
-    return read_shm(body) if flags & FLAG_SHM else body
+def payload(flags: int, body: bytes, prefix: str) -> bytes | memoryview:
+    """The logical payload of a frame, following a shared-memory reference when flagged.
+
+    ``prefix`` is the segment prefix the sender was given (``ShmSegments.prefix``).
+    """
+    return read_shm(body, prefix) if flags & FLAG_SHM else body

@@ -90,7 +90,7 @@ class EngineRunner:
     def prepare_json(self, body: bytes | memoryview) -> Prepared:
         try:
             data = json.loads(bytes(body) if isinstance(body, memoryview) else body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             return self._bad(False, f"{self._label}: the body is not valid JSON: {exc}")
         if not isinstance(data, dict):
             return self._bad(False, f"{self._label}: the body must be a JSON object")
@@ -108,7 +108,7 @@ class EngineRunner:
         end = header_length or len(view)
         try:
             header = json.loads(bytes(view[:end]))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             return self._bad(True, f"{self._label}: the inference header is not valid JSON: {exc}")
         if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
             return self._bad(True, f"{self._label}: the request needs an 'inputs' list")

@@ -222,7 +222,7 @@ def tensor_to_value(
     if spec.element == "json":
         try:
             return json.loads(items[0]) if isinstance(items[0], str) else items[0]
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidInput(f"input '{name}': expected JSON text, {exc}") from None
     if spec.rank == 0:
         return items[0]

@@ -72,10 +72,13 @@ def load_engine(package: Path, model: str, device: str, resources: Resources) ->
 class WorkerLoop:
     """Serves a synchronous engine: read what has arrived, answer it all, write once."""
 
-    def __init__(self, sock: socket.socket, runner: EngineRunner, shm: ShmSegments) -> None:
+    def __init__(
+        self, sock: socket.socket, runner: EngineRunner, shm: ShmSegments, peer_prefix: str
+    ) -> None:
         self.sock = sock
         self.runner = runner
         self.shm = shm
+        self.peer_prefix = peer_prefix
         self.reader = FrameReader()
         self.stopping = False
 
@@ -88,7 +91,9 @@ class WorkerLoop:
                     return  # the runtime went away
                 pending.extend(self.reader.feed(data))
             self._fill_batch(pending)
-            batch, control, pending, self.stopping = split_frames(self.runner, pending)
+            batch, control, pending, self.stopping = split_frames(
+                self.runner, pending, self.peer_prefix
+            )
             if batch:
                 prepared = [p for _, p in batch]
                 control.append(answer(self.runner, self.shm, batch, self.runner.run(prepared)))
@@ -114,9 +119,16 @@ class WorkerLoop:
 class AsyncWorker(asyncio.Protocol):
     """Serves an ``async def`` engine: every batch that arrives runs as its own task."""
 
-    def __init__(self, runner: EngineRunner, shm: ShmSegments, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        runner: EngineRunner,
+        shm: ShmSegments,
+        peer_prefix: str,
+        done: asyncio.Future[None],
+    ) -> None:
         self.runner = runner
         self.shm = shm
+        self.peer_prefix = peer_prefix
         self.done = done
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
@@ -130,7 +142,9 @@ class AsyncWorker(asyncio.Protocol):
         assert self.transport is not None
         frames = list(self.reader.feed(data))
         while frames and not self.stopping:
-            batch, control, frames, self.stopping = split_frames(self.runner, frames)
+            batch, control, frames, self.stopping = split_frames(
+                self.runner, frames, self.peer_prefix
+            )
             if control:
                 self.transport.write(b"".join(control))
             if batch:
@@ -162,18 +176,17 @@ Frame = tuple[int, int, int, bytes]
 
 
 def split_frames(
-    runner: EngineRunner, frames: list[Frame]
+    runner: EngineRunner, frames: list[Frame], peer_prefix: str
 ) -> tuple[list[tuple[int, Prepared]], list[bytes], list[Frame], bool]:
-    """Decode requests; answer pings. Returns (requests, replies, frames left, stopping)."""
+    """Decode requests; answer pings. Returns (requests, replies, frames left, stopping).
+
+    A request that cannot even be decoded fails alone, with an error naming the model.
+    """
     batch: list[tuple[int, Prepared]] = []
     control: list[bytes] = []
     for index, (kind, flags, request_id, body) in enumerate(frames):
-        if kind == Kind.INFER_V2:
-            data = memoryview(payload(flags, body))
-            (header_length,) = V2_PREFIX.unpack_from(data)
-            batch.append((request_id, runner.prepare_v2(data[V2_PREFIX.size :], header_length)))
-        elif kind == Kind.RUN_JSON:
-            batch.append((request_id, runner.prepare_json(payload(flags, body))))
+        if kind in (Kind.INFER_V2, Kind.RUN_JSON):
+            batch.append((request_id, _prepare(runner, kind, flags, body, peer_prefix)))
         elif kind == Kind.PING:
             control.append(encode_frame(Kind.PONG, request_id))
         elif kind == Kind.SHUTDOWN:
@@ -181,6 +194,22 @@ def split_frames(
         if runner.batch_size > 1 and len(batch) >= runner.batch_size:
             return batch, control, frames[index + 1 :], False
     return batch, control, [], False
+
+
+def _prepare(
+    runner: EngineRunner, kind: int, flags: int, body: bytes, peer_prefix: str
+) -> Prepared:
+    v2 = kind == Kind.INFER_V2
+    try:
+        data = payload(flags, body, peer_prefix)
+        if not v2:
+            return runner.prepare_json(data)
+        (header_length,) = V2_PREFIX.unpack_from(data)
+        return runner.prepare_v2(memoryview(data)[V2_PREFIX.size :], header_length)
+    except Exception as exc:  # whatever a request does, it costs only that request
+        log.exception("could not decode a request")
+        message = f"model '{runner.model_name}' could not read the request: {type(exc).__name__}"
+        return Prepared(v2=v2, status=500, error=message)
 
 
 def answer(
@@ -196,11 +225,13 @@ def answer(
     return b"".join(frames)
 
 
-async def serve_async(sock: socket.socket, runner: EngineRunner, shm: ShmSegments) -> None:
+async def serve_async(
+    sock: socket.socket, runner: EngineRunner, shm: ShmSegments, peer_prefix: str
+) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     transport, _ = await loop.create_unix_connection(
-        lambda: AsyncWorker(runner, shm, done), sock=sock
+        lambda: AsyncWorker(runner, shm, peer_prefix, done), sock=sock
     )
     try:
         await done
@@ -215,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resources", default="{}", help="Resources as JSON")
-    parser.add_argument("--shm-prefix", required=True)
+    parser.add_argument("--shm-prefix", required=True, help="names of the segments it writes")
+    parser.add_argument("--runtime-shm-prefix", required=True, help="the runtime's segments")
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
     parser.add_argument("--sandbox", help="SandboxSpec as JSON: enter a mount namespace first")
     args = parser.parse_args(argv)
@@ -252,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     shm = ShmSegments(args.shm_prefix, args.shm_threshold)
     try:
         if runner.is_async:
-            asyncio.run(serve_async(sock, runner, shm))
+            asyncio.run(serve_async(sock, runner, shm, args.runtime_shm_prefix))
         else:
-            WorkerLoop(sock, runner, shm).serve()
+            WorkerLoop(sock, runner, shm, args.runtime_shm_prefix).serve()
     finally:
         engine.unload()
     return 0

@@ -33,7 +33,9 @@ void omni_region_open(void) {
     pid_t pid = getpid();
     char path[PATH_MAX];
     region_path_for(pid, path, sizeof path);
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* A fresh file of our own: never follow a link someone planted at this predictable name. */
+    unlink(path);
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
         omni_log("cannot create the usage region %s (%m); the runtime will not see this "
                  "process's GPU memory", path);

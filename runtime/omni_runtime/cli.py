@@ -157,8 +157,12 @@ def _serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     discovery, files = _discover(args)
     settings = ServerSettings()
-    for omni_file in files.values():
-        if omni_file.server is not None:
+    packages = {spec.package_dir for spec in discovery.models}
+    packages |= {failure.package_dir for failure in discovery.failures}
+    for path, omni_file in files.items():
+        if omni_file.server is not None and path.parent in packages:
+            log.warning("%s: [server] applies only in the repository's omni.toml; ignored", path)
+        elif omni_file.server is not None:
             settings = settings.model_copy(
                 update={k: getattr(omni_file.server, k) for k in omni_file.server.model_fields_set}
             )
@@ -192,9 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     metrics = Metrics()
-    packages = [spec.package_dir for spec in discovery.models]
-    packages += [failure.package_dir for failure in discovery.failures]
-    isolation = Isolation.detect(sorted(set(packages)), state_dir=args.state_dir)
+    isolation = Isolation.detect(sorted(packages), state_dir=args.state_dir)
     node = Node(discovery, settings, metrics, isolation)
 
     async def load_then_announce() -> None:
@@ -225,7 +227,10 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=False,  # no proxy in front by default; saves a middleware per request
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        return 130
     return 0
 
 

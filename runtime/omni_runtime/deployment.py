@@ -6,7 +6,7 @@ import asyncio
 import enum
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import Discovery, ModelSpec, PackageFailure
@@ -52,7 +52,6 @@ class ModelStats:
     fail_count: int = 0
     fail_ns: int = 0
     last_inference_ms: int = 0
-    load_seconds: list[float] = field(default_factory=list)
 
     def record(self, ok: bool, elapsed_ns: int) -> None:
         if ok:
@@ -88,6 +87,7 @@ class ModelDeployment:
         self._wanted = False  # True between load() and unload()
         self._restarts = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lifecycle = asyncio.Lock()
         self._queue_limit = spec.scaling.max_queue_size
         self._target = spec.scaling.target_ongoing_requests
 
@@ -99,10 +99,11 @@ class ModelDeployment:
 
     async def load(self) -> None:
         """Start the replicas; on failure the model is UNAVAILABLE with the reason."""
+        async with self._lifecycle:  # one load or unload at a time
+            await self._load()
+
+    async def _load(self) -> None:
         if self._wanted and self.state is ModelState.READY:
-            return
-        if self._wanted and self.state is ModelState.LOADING:
-            await self._ready.wait()
             return
         too_big = _exceeds_node(self.spec)
         if too_big:
@@ -128,7 +129,6 @@ class ModelDeployment:
         worker = WorkerProcess(self.spec, self.settings, self.isolation)
         self.metrics.cold_starts.labels(self.name).inc()
         await worker.start()
-        self.stats.load_seconds.append(worker.load_seconds)
         self.metrics.load_seconds.labels(self.name).observe(worker.load_seconds)
         if not self._wanted:  # unloaded while it was starting
             await worker.stop(timeout=5)
@@ -177,6 +177,10 @@ class ModelDeployment:
 
     async def unload(self, reason: str = "unloaded") -> None:
         """Stop taking requests, let those in flight finish, then stop the workers."""
+        async with self._lifecycle:
+            await self._unload(reason)
+
+    async def _unload(self, reason: str) -> None:
         self._wanted = False
         self._set_state(ModelState.UNLOADING, reason)
         try:
@@ -264,6 +268,24 @@ class ModelDeployment:
         return min(self.replicas, key=_load_of)
 
 
+def _check_heartbeat(
+    model: ModelDeployment, worker: WorkerProcess, now: float, timeout: float
+) -> None:
+    channel = worker.channel
+    if channel is None or worker.hung_after:
+        return
+    silent = channel.silent_for(now)
+    if silent > timeout:
+        worker.hung_after = silent
+        log.error(
+            "model '%s': worker pid %s has not answered for %.0fs; killing it",
+            model.name, worker.pid, silent,
+        )  # fmt: skip
+        worker.kill()
+    else:
+        channel.ping()
+
+
 def _exceeds_node(spec: ModelSpec) -> str:
     """Why the model cannot run here at all, or "" if it fits the node's memory."""
     available = node_memory_bytes()
@@ -321,20 +343,11 @@ class Node:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for model in self.models.values():
-                for worker in model.replicas:
-                    channel = worker.channel
-                    if channel is None or worker.hung_after:
-                        continue
-                    silent = channel.silent_for(now)
-                    if silent > timeout:
-                        worker.hung_after = silent
-                        log.error(
-                            "model '%s': worker pid %s has not answered for %.0fs; killing it",
-                            model.name, worker.pid, silent,
-                        )  # fmt: skip
-                        worker.kill()
-                    else:
-                        channel.ping()
+                for worker in list(model.replicas):
+                    try:
+                        _check_heartbeat(model, worker, now, timeout)
+                    except Exception:  # one odd worker must not end the watch for all
+                        log.exception("heartbeat check of model '%s' failed", model.name)
 
     async def unload_all(self) -> None:
         if self._watchdog is not None:

@@ -133,9 +133,20 @@ async def _describe_package(package_dir: Path, python: str) -> dict[str, Any]:
     return result
 
 
-def _override_for(name: str, package_dir: Path, files: dict[Path, OmniFile]) -> list[ModelOverride]:
-    # Least specific first: repository roots and explicit files, then the package's own.
-    ordered = sorted(files.items(), key=lambda item: item[0].parent == package_dir)
+def _override_for(
+    name: str, package_dir: Path, files: dict[Path, OmniFile], packages: list[Path]
+) -> list[ModelOverride]:
+    """The overrides that apply to one model, least specific first.
+
+    Repository-root and explicit files apply to every package; a package's own omni.toml only
+    to that package's engines, never to a neighbour's.
+    """
+    applicable = [
+        (path, f)
+        for path, f in files.items()
+        if path.parent == package_dir or path.parent not in packages
+    ]
+    ordered = sorted(applicable, key=lambda item: item[0].parent == package_dir)
     return [f.models[name] for _, f in ordered if name in f.models]
 
 
@@ -150,6 +161,7 @@ async def discover_all(
     per package, never raised.
     """
     discovery = Discovery()
+    every_package = list(packages)
     pythons: dict[Path, str] = {}
     if builder is None:
         pythons = dict.fromkeys(packages, sys.executable)
@@ -187,7 +199,7 @@ async def discover_all(
             resources = Resources.model_validate(engine["resources"])
             scaling = Scaling.model_validate(engine["scaling"])
             device = "cpu"
-            for override in _override_for(name, package_dir, files):
+            for override in _override_for(name, package_dir, files, every_package):
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device
             discovery.models.append(

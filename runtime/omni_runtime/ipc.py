@@ -26,9 +26,10 @@ class WorkerGone(Exception):
 
 
 class WorkerChannel(asyncio.Protocol):
-    def __init__(self, label: str, shm: ShmSegments) -> None:
+    def __init__(self, label: str, shm: ShmSegments, peer_prefix: str) -> None:
         self.label = label
         self.shm = shm
+        self.peer_prefix = peer_prefix  # the only segment names the worker may send
         self.transport: asyncio.Transport | None = None
         self.hello: asyncio.Future[tuple[int, dict[str, Any]]] = (
             asyncio.get_running_loop().create_future()
@@ -56,8 +57,8 @@ class WorkerChannel(asyncio.Protocol):
             for kind, flags, request_id, body in self._reader.feed(data):
                 if kind == Kind.RESPONSE:
                     future = self._pending.pop(request_id, None)
+                    raw = payload(flags, body, self.peer_prefix)  # unlinks a segment either way
                     if future is not None and not future.done():
-                        raw = payload(flags, body)
                         status, header_length = RESPONSE_PREFIX.unpack_from(raw)
                         future.set_result(
                             (status, header_length, bytes(raw[RESPONSE_PREFIX.size :]))

@@ -45,6 +45,10 @@ class BodyTooLarge(HTTPError):
     pass
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived whole."""
+
+
 class OmniApp:
     """ASGI application over a ``Node`` of model deployments."""
 
@@ -107,9 +111,14 @@ class OmniApp:
         try:
             await handler(scope, receive, send, model)
         except HTTPError as exc:
-            ai = path.startswith("/ai/")
-            body = ai_error_body(exc.status, str(exc)) if ai else v2_error_body(str(exc))
+            body = _error(path.startswith("/ai/"), exc.status, str(exc))
             await _respond(send, exc.status, body, extra=exc.headers)
+        except ClientGone:
+            pass  # nobody is left to answer
+        except Exception:  # a bug here must cost one request, never the server
+            log.exception("%s %s failed", method, path)
+            message = f"internal error handling {method} {path}; see the runtime's log"
+            await _respond(send, 500, _error(path.startswith("/ai/"), 500, message))
 
     def _resolve(self, method: str, path: str) -> tuple[Any, ModelDeployment | None]:
         route: tuple[Any, ModelDeployment | None] | None = None
@@ -118,9 +127,14 @@ class OmniApp:
             route = (getattr(self, fixed), None)
         elif path.startswith("/v2/models/"):
             route = self._resolve_model(method, path[len("/v2/models/") :])
-        elif path.startswith("/ai/run/") and method == "POST":
+        elif path.startswith("/ai/run/"):
             model = self.models.get(path[len("/ai/run/") :])
-            route = (self.ai_run, model) if model else (self.unknown_model, None)
+            if model is None:
+                route = (self.unknown_model, None)
+            else:
+                route = (
+                    (self.ai_run, model) if method == "POST" else (self.method_not_allowed, None)
+                )
         elif path.startswith("/v2/repository/models/") and method == "POST":
             rest = path[len("/v2/repository/models/") :]
             for action in ("load", "unload"):
@@ -150,8 +164,6 @@ class OmniApp:
                 return (self._no_such_version(version), None)
             handler = _MODEL_ROUTES.get((method, suffix))
             return (getattr(self, handler), model) if handler else (self.method_not_allowed, None)
-        if rest == "stats" and method == "GET":
-            return (self.all_stats, None)
         return (self.unknown_model, None)
 
     # -- inference -----------------------------------------------------------------------
@@ -220,6 +232,8 @@ class OmniApp:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise self._too_large(model)
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
         body: bytes = message.get("body", b"")
         if not message.get("more_body"):
             if len(body) > self.max_body:
@@ -229,6 +243,8 @@ class OmniApp:
         size = len(body)
         while message.get("more_body"):
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -329,7 +345,7 @@ class OmniApp:
         body = await receive()
         try:
             request = json.loads(body.get("body") or b"{}")
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise HTTPError(400, f"repository index: the body is not valid JSON: {exc}") from None
         only_ready = isinstance(request, dict) and bool(request.get("ready"))
         index: list[dict[str, Any]] = []
@@ -427,13 +443,14 @@ _MODEL_ROUTES = {
 
 
 def _error(ai: bool, status: int, message: str) -> bytes:
+    """An error body in the envelope of the route's family: Workers AI or KServe v2."""
     return ai_error_body(status, message) if ai else v2_error_body(message)
 
 
 def _reject_if_busy(body: bytes) -> bool:
     try:
         options = json.loads(body).get("options")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
         return False  # the worker reports the malformed body
     return isinstance(options, dict) and options.get("rejectIfBusy") is True
 

@@ -24,6 +24,7 @@ __all__ = ["LoadFailed", "WorkerProcess", "describe_exit"]
 
 log = logging.getLogger("omni.supervisor")
 _worker_ids = iter(range(1, 1 << 62))
+_LOG_LINE_LIMIT = 16 << 10
 
 
 class LoadFailed(Exception):
@@ -85,6 +86,7 @@ class WorkerProcess:
             "--device", spec.device,
             "--resources", spec.resources.model_dump_json(),
             "--shm-prefix", self.worker_shm.prefix,
+            "--runtime-shm-prefix", self.shm.prefix,
             "--shm-threshold", str(self.settings.shm_threshold),
         ]  # fmt: skip
         environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
@@ -112,6 +114,7 @@ class WorkerProcess:
             )
         except OSError as exc:
             parent.close()
+            self.cleanup()
             raise LoadFailed(f"{self.label}: cannot start {spec.python}: {exc}") from exc
         finally:
             child.close()
@@ -122,17 +125,23 @@ class WorkerProcess:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self._log_task = asyncio.create_task(self._pump_logs())
         _, self.channel = await loop.create_unix_connection(
-            lambda: WorkerChannel(self.label, self.shm), sock=parent
+            lambda: WorkerChannel(self.label, self.shm, self.worker_shm.prefix), sock=parent
         )
+        timeout = self.settings.load_timeout
         try:
-            kind, hello = await self.channel.hello
+            kind, hello = await asyncio.wait_for(asyncio.shield(self.channel.hello), timeout)
         except WorkerGone:
-            returncode = await self.process.wait()
-            await self._log_task
+            returncode = await self.wait()
             tail = " | ".join(list(self.log_tail)[-5:])
             raise LoadFailed(
                 f"{self.label}: worker {self.exit_reason(returncode)} before it was ready"
                 + (f"; its last output: {tail}" if tail else "")
+            ) from None
+        except TimeoutError:
+            self.kill()
+            await self.wait()
+            raise LoadFailed(
+                f"{self.label}: not ready after {timeout:.0f}s (server.load_timeout); killed it"
             ) from None
         if kind == Kind.LOAD_FAILED:
             await self.stop(timeout=5)
@@ -144,19 +153,30 @@ class WorkerProcess:
         )  # fmt: skip
 
     async def _pump_logs(self) -> None:
+        """Relay the worker's output to the log, line by line, whatever it writes."""
         assert self.process is not None and self.process.stdout is not None
         model_log = logging.getLogger("omni.model")
-        async for raw in self.process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                self.log_tail.append(line)
-                model_log.info("[%s] %s", self.spec.name, line)
+        stream = self.process.stdout
+        pending = b""
+        while chunk := await stream.read(1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > _LOG_LINE_LIMIT:  # a line without end: cut it rather than hoard it
+                lines.append(pending)
+                pending = b""
+            for raw in lines:
+                line = raw[:_LOG_LINE_LIMIT].decode(errors="replace").rstrip()
+                if line:
+                    self.log_tail.append(line)
+                    model_log.info("[%s] %s", self.spec.name, line)
+        if pending.strip():
+            self.log_tail.append(pending.decode(errors="replace").rstrip())
+            model_log.info("[%s] %s", self.spec.name, self.log_tail[-1])
 
     async def wait(self) -> int:
         assert self.process is not None
         returncode = await self.process.wait()
         if self._log_task is not None:
-            await self._log_task
+            await asyncio.gather(self._log_task, return_exceptions=True)
         self.cleanup()
         return returncode
 
@@ -180,8 +200,13 @@ class WorkerProcess:
         self.cleanup()
 
     def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+        """SIGKILL the worker and everything it started (its session and its cgroup)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # it leads its own session
+        if self.cgroup is not None:
+            self.cgroup.kill()
 
     def _cuda_hooks_env(self) -> dict[str, str]:
         """On a GPU, libomnicuda preloaded into this worker alone, with its quota and mode."""
@@ -234,6 +259,8 @@ class WorkerProcess:
         self.shm.cleanup()
         self.worker_shm.cleanup()
         exited = self.process is None or self.process.returncode is not None
+        if exited and self.pid is not None:
+            self.kill()  # whatever it started and left behind
         if exited and self.pid is not None and self.spec.device.startswith("cuda"):
             with contextlib.suppress(ImportError, OSError):
                 import omni_cstub

@@ -182,3 +182,24 @@ def test_openapi_documents_every_model(http: httpx.Client) -> None:
     assert schema["required"] == ["text"]
     assert "count" in schema["properties"]
     assert "/v2/models/@test/echo/infer" in spec["paths"]
+
+
+def test_hostile_bodies_cost_one_request(http: httpx.Client) -> None:
+    pid = http.post("/ai/run/@test/echo", json={"text": "x"}).json()["result"]["pid"]
+    deep = b"[" * 200_000
+    response = http.post("/ai/run/@test/echo", content=deep)
+    assert response.status_code == 400
+    assert "not valid JSON" in str(_errors(response)[0]["message"])
+    response = http.post("/v2/models/@test/echo/infer", content=deep)
+    assert response.status_code == 400
+    busy = b'{"options": {"rejectIfBusy": true}, "x": ' + b"[" * 200_000
+    assert http.post("/ai/run/@test/echo", content=busy).status_code == 400
+    assert http.post("/v2/repository/index", content=b"\xc3\x28").status_code == 400
+    assert http.get("/ai/run/@test/echo").status_code == 405
+    # The same worker answers: none of that reached past its request.
+    assert http.post("/ai/run/@test/echo", json={"text": "x"}).json()["result"]["pid"] == pid
+
+
+def test_long_log_lines_do_not_stall_a_worker(http: httpx.Client) -> None:
+    for _ in range(3):  # 300 KB of output without a newline between prints' ends
+        assert http.post("/ai/run/@test/echo", json={"text": "shout"}).status_code == 200

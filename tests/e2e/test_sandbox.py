@@ -69,7 +69,7 @@ def test_the_runtime_state_is_invisible(http: httpx.Client, state_dir: Path) -> 
     assert response.status_code == 500
     assert "No such file or directory" in response.json()["errors"][0]["message"]
     environments = sorted((state_dir / "envs").iterdir())
-    assert [e.name.rsplit("-", 1)[0] for e in environments] == ["echo-models", "hog-model"]
+    assert [e.name.rsplit("-", 2)[0] for e in environments] == ["echo-models", "hog-model"]
     other = next(e for e in environments if e.name.startswith("hog-model"))
     response = _files(http, other / "pyvenv.cfg")  # another model's environment
     assert response.status_code == 500

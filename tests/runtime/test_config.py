@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,18 @@ def test_the_same_model_in_two_packages(tmp_path: Path, echo_package: Path) -> N
             (copy / item.name).write_bytes(item.read_bytes())
     discovery = asyncio.run(discover_all([echo_package, copy], {}))
     assert any("is registered by both" in f.error for f in discovery.failures)
+
+
+def test_a_package_file_never_touches_a_neighbours_models(
+    tmp_path: Path, echo_package: Path
+) -> None:
+    repository = tmp_path / "repo"
+    mine, neighbour = repository / "mine", repository / "neighbour"
+    shutil.copytree(echo_package, mine)
+    shutil.copytree(echo_package.parent / "hog-model", neighbour)
+    (mine / "omni.toml").unlink(missing_ok=True)
+    _write(neighbour / "omni.toml", '[models."@test/echo".resources]\nmemory = "64MiB"\n')
+    packages = find_packages([repository])
+    discovery = asyncio.run(discover_all(packages, config_files([repository])))
+    echo = next(m for m in discovery.models if m.name == "@test/echo")
+    assert echo.resources.memory == 2 << 30  # the engine's default, not the neighbour's file

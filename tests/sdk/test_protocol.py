@@ -41,7 +41,7 @@ def test_large_payloads_travel_through_shared_memory() -> None:
     assert len(frame) < 100
     [(_, flags, _, body)] = FrameReader().feed(frame)
     assert flags & FLAG_SHM
-    assert bytes(payload(flags, body)) == big
+    assert bytes(payload(flags, body, segments.prefix)) == big
     # The receiver unlinked the segment as it mapped it.
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"omni-test-{os.getpid()}")]
 
@@ -55,6 +55,7 @@ def test_cleanup_removes_unread_segments() -> None:
 
 
 def test_segment_names_cannot_escape_shm() -> None:
-    body = (3).to_bytes(8, "little") + b"../etc/passwd"
-    with pytest.raises(ProtocolError, match="refusing"):
-        payload(FLAG_SHM, body)
+    for name in (b"../etc/passwd", b"omni-123-9-w-1", b"omni-123-1-w/../x"):
+        body = (3).to_bytes(8, "little") + name
+        with pytest.raises(ProtocolError, match="refusing"):
+            payload(FLAG_SHM, body, "omni-123-1-w")

@@ -17,6 +17,8 @@ import errno
 import logging
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -48,6 +50,7 @@ class WorkerCgroup(Protocol):
     path: Path
 
     def add(self, pid: int) -> None: ...
+    def kill(self) -> None: ...
     def oom_killed(self) -> bool: ...
     def memory_bytes(self) -> int: ...
     def remove(self) -> None: ...
@@ -91,15 +94,32 @@ def _read_keyed(path: Path, key: str) -> int:
 
 def _remove_dir(path: Path) -> None:
     """rmdir a cgroup; a plain directory standing in for cgroupfs (tests) is deleted whole."""
+    for _ in range(100):  # processes just killed take a moment to leave
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY and not _is_cgroupfs(path):
+                shutil.rmtree(path, ignore_errors=True)
+                return
+            if exc.errno != errno.EBUSY:
+                log.warning("could not remove cgroup %s: %s", path, exc.strerror)
+                return
+            time.sleep(0.005)
+    log.warning("could not remove cgroup %s: processes are still in it", path)
+
+
+def _kill_members(path: Path) -> None:
+    """SIGKILL every process in a cgroup (v1, or v2 without cgroup.kill)."""
     try:
-        path.rmdir()
-    except FileNotFoundError:
+        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
         return
-    except OSError as exc:
-        if exc.errno == errno.ENOTEMPTY and not _is_cgroupfs(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif exc.errno != errno.EBUSY:
-            log.warning("could not remove cgroup %s: %s", path, exc.strerror)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _is_cgroupfs(path: Path) -> bool:
@@ -155,6 +175,13 @@ class _V2Worker:
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 
+    def kill(self) -> None:
+        if (self.path / "cgroup.kill").exists() and _is_cgroupfs(self.path):
+            with contextlib.suppress(CgroupError):
+                _write(self.path / "cgroup.kill", "1")
+        else:
+            _kill_members(self.path)
+
     def oom_killed(self) -> bool:
         return _read_keyed(self.path / "memory.events", "oom_kill") > 0
 
@@ -173,11 +200,18 @@ class CgroupsV2:
     def __init__(self, root: Path = DEFAULT_ROOT, parent: str | None = None) -> None:
         self.root = root
         own = _own_cgroup(None) if parent is None else parent
-        self.base = root / own.lstrip("/") / f"omni-{os.getpid()}"
-        _sweep_stale(self.base.parent)
-        available = (root / "cgroup.controllers").read_text().split()
+        own_dir = root / own.lstrip("/")
+        self.base = own_dir / f"omni-{os.getpid()}"
+        _sweep_stale(own_dir)
+        available = (own_dir / "cgroup.controllers").read_text().split()
         self.controllers: list[str] = [c for c in ("memory", "cpu", "pids") if c in available]
         enable = " ".join(f"+{c}" for c in self.controllers)
+        if parent is None and own != "/":
+            # The kernel enables controllers for children only in a cgroup without processes of
+            # its own (the root excepted), so the runtime first steps into a leaf of its own.
+            leaf = own_dir / "omni-runtime"
+            leaf.mkdir(exist_ok=True)
+            _write(leaf / "cgroup.procs", str(os.getpid()))
         self.base.mkdir(parents=True, exist_ok=True)
         for directory in (self.base.parent, self.base):
             if enable:
@@ -209,6 +243,9 @@ class _V1Worker:
     def add(self, pid: int) -> None:
         for path in self.paths.values():
             _write(path / "cgroup.procs", str(pid))
+
+    def kill(self) -> None:
+        _kill_members(self.path)
 
     def oom_killed(self) -> bool:
         memory = self.paths.get("memory")

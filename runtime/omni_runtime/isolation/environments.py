@@ -167,7 +167,9 @@ class EnvironmentBuilder:
         """The package's environment: reused if its key is unchanged, else built and swapped in."""
         started = time.monotonic()
         missing = self.missing(package_dir)
-        name = canonicalize_name(package_dir.name)
+        # Two packages may share a directory name; the path's hash keeps their envs apart.
+        where = hashlib.sha256(str(package_dir.resolve()).encode()).hexdigest()[:8]
+        name = f"{canonicalize_name(package_dir.name)}-{where}"
         path = self.root / f"{name}-{self.key(package_dir, missing)}"
         python = path / "bin" / "python"
         if (path / COMPLETE_MARKER).is_file():

@@ -63,7 +63,9 @@ def test_v2_uses_only_the_controllers_it_has(tmp_path: Path) -> None:
 
 def test_v2_nests_under_the_runtime_cgroup(tmp_path: Path) -> None:
     root = _fake_v2(tmp_path)
-    (root / "system.slice" / "omni.service").mkdir(parents=True)
+    service = root / "system.slice" / "omni.service"
+    service.mkdir(parents=True)
+    (service / "cgroup.controllers").write_text("cpu memory pids\n")  # as cgroupfs shows it
     cgroups = CgroupsV2(root, parent="/system.slice/omni.service")
     worker = cgroups.create("w", RESOURCES)
     assert worker.path.parent.parent == root / "system.slice" / "omni.service"
