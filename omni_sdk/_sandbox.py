@@ -1,36 +1,50 @@
-"""The worker's own view of the file system: a mount namespace set up before model code runs.
+"""The worker's own view of the system: namespaces set up before any model code runs.
 
 The runtime passes a ``SandboxSpec`` as JSON; as root the worker then
 
-- unshares its mount namespace and makes every mount private to it,
+- unshares its mount and pid namespaces (it forks: the child is pid 1 of its own namespace and
+  mounts a /proc of it, so no other process, the runtime's included, is visible), and makes
+  every mount private to it,
 - mounts an empty read-only tmpfs over every other model package and the runtime's state,
 - bind-mounts its own package read-only,
 - mounts a private tmpfs on ``/tmp``,
 - bind-mounts a ``/proc/meminfo`` whose MemTotal is the worker's memory limit (as LXCFS does), so
   psutil and frameworks size themselves to it.
 
-Without the privilege to do so it logs one warning and runs unconfined.
+and finally drops every capability but CAP_IPC_LOCK, with no_new_privs set, so it can neither
+undo those mounts nor gain privileges back. Without the privilege to do all this it logs one
+warning and runs unconfined.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["SandboxSpec", "enter_sandbox", "meminfo_text"]
 
 log = logging.getLogger("omni.sandbox")
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+CAP_IPC_LOCK = 14
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -91,12 +105,23 @@ def meminfo_text(limit: int, host: str) -> str:
 
 
 def enter_sandbox(spec: SandboxSpec) -> bool:
-    """Set up the worker's mount namespace; False (after one warning) if not allowed."""
+    """Move the worker into its own mount and pid namespaces; False if not allowed.
+
+    The calling process forks: the child, pid 1 of the new pid namespace, returns and becomes
+    the worker; the parent stays outside, waits, and ends exactly as the child did (the same
+    exit status, or the same signal), so the runtime sees one process die one way.
+    """
     libc = _libc()
-    if libc.unshare(CLONE_NEWNS) != 0:
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0:
         reason = os.strerror(ctypes.get_errno())
         log.warning("no mount namespace for this worker (%s); it sees the host's files", reason)
         return False
+    child = os.fork()
+    if child:
+        _mirror(child)
+    # The worker. The host's /proc is still mounted: it gives this process's pid out there.
+    os.environ["OMNI_WORKER_PID"] = os.readlink("/proc/self")
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     flags = MS_NOSUID | MS_NODEV
     package = spec.package
@@ -125,13 +150,66 @@ def enter_sandbox(spec: SandboxSpec) -> bool:
         _bind_read_only(handle, path)
     for path in hidden:
         _mount(None, path, None, MS_REMOUNT | MS_RDONLY | flags, "size=64k,mode=0755")
+    host_meminfo = Path("/proc/meminfo").read_text()
+    # A /proc of its own pid namespace: no other process, the runtime's included, is visible.
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if spec.memory_limit:
         meminfo = Path("/tmp/.omni-meminfo")
-        meminfo.write_text(meminfo_text(spec.memory_limit, Path("/proc/meminfo").read_text()))
+        meminfo.write_text(meminfo_text(spec.memory_limit, host_meminfo))
         meminfo.chmod(0o444)
         _mount(str(meminfo), "/proc/meminfo", None, MS_BIND)
     os.chdir(package)  # step onto the read-only bind mount
+    _drop_privileges(libc)
     return True
+
+
+def _mirror(child: int) -> NoReturn:
+    """The launcher's life: hold nothing, wait for the worker, end as it ended."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the runtime stops workers with SHUTDOWN or SIGKILL
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the socket is the worker's alone
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        ended_by = signal.Signals(os.WTERMSIG(status))
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(ended_by, signal.SIG_DFL)
+        os.kill(os.getpid(), ended_by)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def _drop_privileges(libc: ctypes.CDLL) -> None:
+    """Root without capabilities: no mounts, no unmounting its covers, no ptrace, no new ones.
+
+    CAP_IPC_LOCK stays: CUDA pins host memory for transfers.
+    """
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    for cap in range(64):
+        if cap != CAP_IPC_LOCK:
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last known cap
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = 1 << CAP_IPC_LOCK
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"capset: {os.strerror(err)}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 def _open_dir(path: str) -> int:

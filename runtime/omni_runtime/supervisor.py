@@ -56,6 +56,8 @@ class WorkerProcess:
         self.oom_killed = False
         self.hung_after = 0.0  # set when the watchdog kills a worker that stopped answering
         self.id = next(_worker_ids)
+        # Named by the runtime: inside its pid namespace every worker is pid 1.
+        self.gpu_region = Path("/dev/shm") / f"omni-gpu-{os.getpid()}-{self.id}"
         self.shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-r", settings.shm_threshold)
         self.worker_shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-w")
         self.process: asyncio.subprocess.Process | None = None
@@ -218,9 +220,10 @@ class WorkerProcess:
             log.warning("%s: omni-cstub is missing, so GPU memory is not limited", self.label)
             return {}
         quota = self.spec.resources.gpu_memory or None
+        region = self.gpu_region.name
         if os.environ.get("OMNI_CUDA_MODE") == "device":
-            return omni_cstub.preload_env(quota, mode="device")
-        return omni_cstub.preload_env(quota, mode="managed")
+            return omni_cstub.preload_env(quota, mode="device", shm_name=region)
+        return omni_cstub.preload_env(quota, mode="managed", shm_name=region)
 
     def gpu_memory_bytes(self) -> int:
         """GPU memory the worker holds through libomnicuda (its shared region), else 0."""
@@ -229,7 +232,7 @@ class WorkerProcess:
         try:
             import omni_cstub
 
-            return int(omni_cstub.read_usage(omni_cstub.region_path(self.pid)).used)
+            return int(omni_cstub.read_usage(self.gpu_region).used)
         except (ImportError, OSError, ValueError):
             return 0
 
@@ -262,10 +265,8 @@ class WorkerProcess:
         if exited and self.pid is not None:
             self.kill()  # whatever it started and left behind
         if exited and self.pid is not None and self.spec.device.startswith("cuda"):
-            with contextlib.suppress(ImportError, OSError):
-                import omni_cstub
-
-                omni_cstub.region_path(self.pid).unlink()  # its GPU accounting region
+            with contextlib.suppress(OSError):
+                self.gpu_region.unlink()
         if self.cgroup is not None and exited:
             self.oom_killed = self.oom_killed or self.cgroup.oom_killed()
             self.cgroup.remove()

@@ -72,7 +72,7 @@ def test_kill_9_during_load_costs_the_other_models_nothing(runtime: RunningRunti
             pid = http.post("/ai/run/@test/hog", json={"mib": 1}).json()["result"]["pid"]
             mark = len(runtime.lines)
             os.kill(pid, signal.SIGKILL)
-            runtime.wait_for_line(rf"worker pid {pid} was killed by SIGKILL", start=mark)
+            runtime.wait_for_line(r"'@test/hog': worker pid \d+ was killed by SIGKILL", start=mark)
             runtime.wait_for_line(r"model '@test/hog' ready", start=mark)
             after = http.post("/ai/run/@test/hog", json={"mib": 1})
             assert after.status_code == 200

@@ -73,3 +73,18 @@ def test_the_runtime_state_is_invisible(http: httpx.Client, state_dir: Path) -> 
     other = next(e for e in environments if e.name.startswith("hog-model"))
     response = _files(http, other / "pyvenv.cfg")  # another model's environment
     assert response.status_code == 500
+
+
+def test_no_other_process_is_visible_and_no_privilege_is_left(
+    http: httpx.Client, state_dir: Path
+) -> None:
+    secret = state_dir / "secret.txt"
+    secret.write_text("runtime only")
+    # The runtime's view of the file system is not reachable through its /proc entry.
+    response = _files(http, f"/proc/{os.getppid()}/root{secret}")
+    assert response.status_code == 500
+    response = _files(http, f"/proc/1/root{secret}")
+    assert response.status_code == 500
+    variables = http.post("/ai/run/@test/env", json={}).json()["result"]["variables"]
+    assert variables["NSpid"].split()[-1] == "1"  # pid 1 of a namespace of its own
+    assert int(variables["CapEff"], 16) == 1 << 14  # CAP_IPC_LOCK alone
