@@ -155,6 +155,39 @@ class EnvironmentBuilder:
                 needed.append(str(requirement))
         return sorted(needed)
 
+    def conflicts(self, site: Path) -> list[str]:
+        """Dependencies of what the env installed that the base layer's versions do not meet.
+
+        uv resolves an environment's own requirements with the base layer's packages left out,
+        so it never sees that one of them needs another version of a base-layer library; this
+        check does, and says which.
+        """
+        own = {
+            canonicalize_name(d.metadata["Name"]): d
+            for d in importlib.metadata.distributions(path=[str(site)])
+            if d.metadata["Name"]
+        }
+        problems = []
+        for name, dist in sorted(own.items()):
+            for line in dist.requires or ():
+                requirement = Requirement(line)
+                if requirement.marker is not None and not requirement.marker.evaluate(
+                    {"extra": ""}
+                ):
+                    continue
+                needed = canonicalize_name(requirement.name)
+                if needed in own:
+                    continue
+                version = self.base.get(needed)
+                if version is not None and not requirement.specifier.contains(
+                    version, prereleases=True
+                ):
+                    problems.append(
+                        f"{name} {dist.version} needs {requirement}, but the base layer has "
+                        f"{needed} {version}"
+                    )
+        return problems
+
     def key(self, package_dir: Path, missing: list[str]) -> str:
         digest = hashlib.sha256()
         digest.update((package_dir / "pyproject.toml").read_bytes())
@@ -202,6 +235,14 @@ class EnvironmentBuilder:
                         "--excludes", str(excludes),
                         *missing,
                     )  # fmt: skip
+                conflicts = self.conflicts(site)
+                if conflicts:
+                    raise EnvironmentError_(
+                        f"package {package_dir}: its environment would not work: "
+                        + "; ".join(conflicts)
+                        + ". Add the library, with a version that fits, to the package's own "
+                        "dependencies to give it a copy of its own"
+                    )
             (staging / COMPLETE_MARKER).write_text(json.dumps({"missing": missing}))
             staging.rename(path)
         except BaseException:

@@ -68,3 +68,16 @@ def test_an_unresolvable_requirement_fails_with_the_resolvers_message(tmp_path: 
     assert str(package) in message
     assert "six==0.0.1" in message
     assert not list((tmp_path / "envs").glob("unresolvable*"))  # nothing half-built is left
+
+
+def test_an_indirect_conflict_with_the_base_layer_is_named(tmp_path: Path) -> None:
+    package = _copy(FIXTURES / "conflicts-indirect" / "old-requests", tmp_path)
+    builder = EnvironmentBuilder(tmp_path / "envs")
+    if builder.base.get("idna", "0").split(".")[0] < "3":
+        pytest.skip("the base layer's idna fits requests 2.25 anyway")
+    with pytest.raises(EnvironmentError_) as info:
+        asyncio.run(builder.ensure(package))
+    message = str(info.value)
+    assert "requests 2.25.1 needs idna" in message
+    assert "but the base layer has idna 3." in message
+    assert "to the package's own dependencies" in message
