@@ -28,7 +28,7 @@ from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import discover_all
 from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.environments import EnvironmentBuilder
-from omni_runtime.supervisor import WorkerProcess
+from omni_runtime.workers import WorkerProcess
 from omni_sdk._protocol import Kind
 
 REPO = Path(__file__).resolve().parents[1]

@@ -54,6 +54,7 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 6  # runtime → worker: finish what is in flight, then exit
     PING = 7
     PONG = 8
+    PREFETCH = 9  # runtime → worker: b"device" or b"host", where its GPU memory should live
 
 
 class ProtocolError(Exception):

@@ -29,10 +29,20 @@ class Scaling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_replicas: int = Field(default=0, ge=0)
-    max_replicas: int = Field(default=4, ge=1)
-    idle_timeout: Seconds = Field(default=300.0, description="e.g. '5m'")
-    target_ongoing_requests: int = Field(default=2, ge=1)
+    min_replicas: int = Field(default=0, ge=0, description="replicas kept even when idle")
+    max_replicas: int = Field(default=4, ge=1, description="replicas at most, however busy")
+    idle_timeout: Seconds = Field(
+        default=300.0, gt=0, description="a model without requests this long scales down, e.g. '5m'"
+    )
+    target_ongoing_requests: int = Field(
+        default=2, ge=1, description="requests in flight or queued per replica to aim for"
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="requests one replica is handed at once; default: 1 for a sync engine, "
+        "max_batch_size for a batching one, 4 × target_ongoing_requests for an async one",
+    )
     max_queue_size: int = Field(
         default=128, ge=1, description="requests waiting per model before 429s"
     )

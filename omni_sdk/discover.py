@@ -7,6 +7,7 @@ model code. It prints one JSON object: ``{"package": ..., "engines": [...]}``, o
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         "resources": engine.resources.model_dump(),
         "scaling": engine.scaling.model_dump(),
         "max_batch_size": engine.max_batch_size,
+        "async": inspect.iscoroutinefunction(
+            engine.infer_batch if engine.max_batch_size > 1 else engine.infer
+        ),
     }
 
 

@@ -43,6 +43,7 @@ from omni_sdk._serving import EngineRunner, Prepared, runner_for
 
 log = logging.getLogger("omni.worker")
 _PR_SET_PDEATHSIG = 1
+_cuda_device = 0  # the GPU this worker's model runs on ("cuda:N" → N)
 
 
 def _die_with_parent() -> None:
@@ -51,7 +52,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def load_engine(package: Path, model: str, device: str, resources: Resources) -> Engine:
+def load_engine(
+    package: Path,
+    model: str,
+    device: str,
+    resources: Resources,
+    timings: dict[str, float] | None = None,
+) -> Engine:
+    """Import the package, find the engine and load it; ``timings`` gets import and load seconds."""
+    started = time.monotonic()
     plugins = EnginePlugins()
     plugins.load_package(package)
     engines = {engine.name: engine for engine in plugins.engines()}
@@ -65,7 +74,11 @@ def load_engine(package: Path, model: str, device: str, resources: Resources) ->
         resources=resources,
         logger=logging.getLogger(f"omni.model.{model}"),
     )
+    imported = time.monotonic()
     engine.load(ctx)
+    if timings is not None:
+        timings["import"] = imported - started
+        timings["load"] = time.monotonic() - imported
     return engine
 
 
@@ -189,11 +202,31 @@ def split_frames(
             batch.append((request_id, _prepare(runner, kind, flags, body, peer_prefix)))
         elif kind == Kind.PING:
             control.append(encode_frame(Kind.PONG, request_id))
+        elif kind == Kind.PREFETCH:
+            prefetch(runner.model_name, body)
         elif kind == Kind.SHUTDOWN:
             return batch, control, frames[index + 1 :], True
         if runner.batch_size > 1 and len(batch) >= runner.batch_size:
             return batch, control, frames[index + 1 :], False
     return batch, control, [], False
+
+
+def prefetch(model: str, where: bytes) -> None:
+    """Move this worker's GPU memory to the device or the host, where libomnicuda is loaded."""
+    if "libomnicuda" not in os.environ.get("LD_PRELOAD", ""):
+        return  # a CPU worker, or one without the hooks: nothing to move
+    try:
+        import omni_cstub
+
+        hooks = omni_cstub.Hooks()
+        if where == b"device":
+            hooks.prefetch_to_device(_cuda_device)
+        else:
+            hooks.prefetch_to_host()
+    except Exception as exc:  # a failed prefetch costs speed, never a request
+        log.warning(
+            "model %r: prefetch to %s failed: %s", model, where.decode(errors="replace"), exc
+        )
 
 
 def _prepare(
@@ -251,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
     parser.add_argument("--sandbox", help="SandboxSpec as JSON: enter a mount namespace first")
     args = parser.parse_args(argv)
-
+    main_started = time.monotonic()  # the runtime compares it with when it spawned us
+    global _cuda_device
+    _cuda_device = int(args.device.partition(":")[2] or 0) if args.device.startswith("cuda") else 0
     _die_with_parent()
     logging.basicConfig(
         level=os.environ.get("OMNI_LOG_LEVEL", "INFO").upper(),
@@ -260,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = socket.socket(fileno=args.fd)
     started = time.perf_counter()
+    timings: dict[str, float] = {"main": main_started}
     try:
         if args.sandbox:
             enter_sandbox(SandboxSpec.from_json(args.sandbox))
         resources = Resources.model_validate(json.loads(args.resources))
-        engine = load_engine(args.package.resolve(), args.model, args.device, resources)
+        timings["sandbox"] = time.monotonic() - main_started
+        engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
         runner = runner_for(engine, args.model)
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -277,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(),
         "model": args.model,
         "load_seconds": time.perf_counter() - started,
+        "timings": timings,
     }
     sock.sendall(encode_frame(Kind.HELLO, 0, json.dumps(hello).encode()))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the runtime drains us with SHUTDOWN

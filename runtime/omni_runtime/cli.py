@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from omni_runtime.config import ConfigError, OmniFile, ServerSettings
+from omni_runtime.config import ConfigError, OmniFile, SchedulerSettings, ServerSettings
 from omni_runtime.discovery import (
     Discovery,
     DiscoveryError,
@@ -150,22 +150,36 @@ def _models(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from omni_runtime.deployment import Node
     from omni_runtime.metrics import Metrics
+    from omni_runtime.scheduler import Controller, host_budget
+    from omni_runtime.scheduler.checks import check_models, detect_gpus
     from omni_runtime.server import OmniApp
 
     started = time.monotonic()
     discovery, files = _discover(args)
     settings = ServerSettings()
+    scheduler = SchedulerSettings()
+    scheduler_source = "the defaults"
     packages = {spec.package_dir for spec in discovery.models}
     packages |= {failure.package_dir for failure in discovery.failures}
     for path, omni_file in files.items():
-        if omni_file.server is not None and path.parent in packages:
-            log.warning("%s: [server] applies only in the repository's omni.toml; ignored", path)
-        elif omni_file.server is not None:
+        for table in ("server", "scheduler"):
+            if getattr(omni_file, table) is not None and path.parent in packages:
+                log.warning(
+                    "%s: [%s] applies only in the repository's omni.toml; ignored", path, table
+                )
+        if path.parent in packages:
+            continue
+        if omni_file.server is not None:
             settings = settings.model_copy(
                 update={k: getattr(omni_file.server, k) for k in omni_file.server.model_fields_set}
             )
+        if omni_file.scheduler is not None:
+            fields = omni_file.scheduler.model_fields_set
+            scheduler = SchedulerSettings.model_validate(
+                scheduler.model_dump() | {k: getattr(omni_file.scheduler, k) for k in fields}
+            )
+            scheduler_source = str(path)
     if args.max_body_size:
         try:
             settings = settings.model_copy(
@@ -175,6 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             raise ConfigError(f"--max-body-size: {exc}") from None
+    gpus = detect_gpus()
+    check_models(discovery.models, scheduler, host_budget(scheduler), scheduler_source, gpus)
     for failure in discovery.failures:
         log.error("%s", failure.error)
     if not discovery.models:
@@ -197,10 +213,10 @@ def _serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{port}"
     metrics = Metrics()
     isolation = Isolation.detect(sorted(packages), state_dir=args.state_dir)
-    node = Node(discovery, settings, metrics, isolation)
+    node = Controller(discovery, settings, metrics, isolation, scheduler, gpus)
 
     async def load_then_announce() -> None:
-        await node.load_all()
+        await node.start()
         states = [m.state.value for m in node.models.values()]
         ready = states.count("READY")
         print(
@@ -216,19 +232,30 @@ def _serve(args: argparse.Namespace) -> int:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    app = OmniApp(node, on_startup=startup, on_shutdown=node.unload_all)
+    app = OmniApp(node, on_startup=startup, on_shutdown=node.stop)
     config = uvicorn.Config(
         app,
         log_level=args.log_level,
         access_log=False,
         lifespan="on",
         log_config=None,  # uvicorn logs through the runtime's logging set-up
-        timeout_graceful_shutdown=int(settings.drain_timeout),
+        # The controller answers what is left at drain_timeout with 503s; uvicorn's own
+        # deadline comes later, so it never cuts a request off with a bare 500.
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
         server_header=False,
         proxy_headers=False,  # no proxy in front by default; saves a middleware per request
     )
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            drain = asyncio.create_task(node.drain())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                drain.cancel()
+
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         return 130
     return 0

@@ -9,6 +9,9 @@
     [models."@cf/baai/bge-small-en-v1.5".scaling]
     max_replicas = 2
 
+    [scheduler]
+    host_memory = "48GiB"
+
 A file beside a model package (in its directory) wins over one at the repository root (the
 directory given to ``serve`` that holds the packages), which wins over the engine's defaults.
 """
@@ -19,12 +22,19 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omni_sdk import Resources, Scaling
 from omni_sdk._resources import Bytes, Seconds
 
-__all__ = ["ConfigError", "ModelOverride", "OmniFile", "ServerSettings", "load_omni_file"]
+__all__ = [
+    "ConfigError",
+    "ModelOverride",
+    "OmniFile",
+    "SchedulerSettings",
+    "ServerSettings",
+    "load_omni_file",
+]
 
 CONFIG_NAME = "omni.toml"
 
@@ -37,12 +47,52 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_size: Bytes = Field(default=64 << 20, description="larger bodies get 413")
-    load_timeout: Seconds = Field(default=600.0, description="how long a request waits for a load")
-    drain_timeout: Seconds = Field(default=30.0, description="how long shutdown waits for requests")
+    load_timeout: Seconds = Field(
+        default=600.0,
+        gt=0,
+        description="how long a request may wait in its model's queue (for a replica to start, "
+        "for memory, or for room on a replica) before a 503",
+    )
+    drain_timeout: Seconds = Field(
+        default=30.0,
+        gt=0,
+        description="how long stopping a replica (or the runtime) waits for requests",
+    )
     shm_threshold: Bytes = Field(default=256 << 10, description="payloads this large use /dev/shm")
     heartbeat_timeout: Seconds = Field(
         default=60.0, gt=0, description="a worker silent this long while owing an answer is killed"
     )
+
+
+class SchedulerSettings(BaseModel):
+    """``[scheduler]``: the node's memory budgets and the autoscaler's windows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host_memory: Bytes | None = Field(
+        default=None,
+        gt=0,
+        description="budget for all replicas on this node; default: the node's memory "
+        "(its cgroup limit, else MemTotal) minus 1 GiB for the runtime",
+    )
+    gpu_overcommit: float = Field(
+        default=4.0,
+        gt=0,
+        description="a GPU's replicas may be promised this multiple of its memory",
+    )
+    stable_window: Seconds = Field(default=60.0, gt=0, description="autoscaling averages over this")
+    panic_window: Seconds = Field(
+        default=6.0, gt=0, description="...and reacts within this when demand doubles"
+    )
+
+    @model_validator(mode="after")
+    def _windows(self) -> SchedulerSettings:
+        if self.panic_window > self.stable_window:
+            raise ValueError(
+                f"panic_window ({self.panic_window:g}s) must not be longer than "
+                f"stable_window ({self.stable_window:g}s)"
+            )
+        return self
 
 
 class ModelOverride(BaseModel):
@@ -69,6 +119,7 @@ class OmniFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: ServerSettings | None = None
+    scheduler: SchedulerSettings | None = None
     models: dict[str, ModelOverride] = Field(default_factory=dict)
 
 
@@ -107,6 +158,8 @@ def _allowed_fields(parent: tuple[Any, ...]) -> list[str]:
             continue
         if model is OmniFile and part == "server":
             model = ServerSettings
+        elif model is OmniFile and part == "scheduler":
+            model = SchedulerSettings
         elif model is OmniFile:
             model = ModelOverride
         elif model is ModelOverride and part == "resources":

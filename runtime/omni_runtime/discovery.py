@@ -43,6 +43,16 @@ class ModelSpec:
     scaling: Scaling
     max_batch_size: int = 0
     device: str = "cpu"
+    is_async: bool = False
+    # Where each overridden setting came from ("scaling.min_replicas" -> the omni.toml's path),
+    # so a contradiction can name the file.
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, setting: str) -> str:
+        """The omni.toml that set ``setting`` (e.g. "scaling.min_replicas"), or the engine."""
+        return (
+            self.sources.get(setting) or f"engine {self.engine_class} (package {self.package_dir})"
+        )
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -135,8 +145,8 @@ async def _describe_package(package_dir: Path, python: str) -> dict[str, Any]:
 
 def _override_for(
     name: str, package_dir: Path, files: dict[Path, OmniFile], packages: list[Path]
-) -> list[ModelOverride]:
-    """The overrides that apply to one model, least specific first.
+) -> list[tuple[Path, ModelOverride]]:
+    """The overrides that apply to one model, with their files, least specific first.
 
     Repository-root and explicit files apply to every package; a package's own omni.toml only
     to that package's engines, never to a neighbour's.
@@ -147,7 +157,7 @@ def _override_for(
         if path.parent == package_dir or path.parent not in packages
     ]
     ordered = sorted(applicable, key=lambda item: item[0].parent == package_dir)
-    return [f.models[name] for _, f in ordered if name in f.models]
+    return [(path, f.models[name]) for path, f in ordered if name in f.models]
 
 
 async def discover_all(
@@ -199,9 +209,14 @@ async def discover_all(
             resources = Resources.model_validate(engine["resources"])
             scaling = Scaling.model_validate(engine["scaling"])
             device = "cpu"
-            for override in _override_for(name, package_dir, files, every_package):
+            sources: dict[str, str] = {}
+            for path, override in _override_for(name, package_dir, files, every_package):
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device
+                for section in ("resources", "scaling"):
+                    value = getattr(override, section)
+                    for key in value.model_fields_set if value is not None else ():
+                        sources[f"{section}.{key}"] = str(path)
             discovery.models.append(
                 ModelSpec(
                     name=name,
@@ -219,6 +234,8 @@ async def discover_all(
                     scaling=scaling,
                     max_batch_size=engine["max_batch_size"],
                     device=device,
+                    is_async=bool(engine.get("async", False)),
+                    sources=sources,
                 )
             )
     return discovery

@@ -3,33 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "ModelGauges"]
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
 
-class _MemoryCollector(Collector):
-    """``omni_model_memory_bytes{model,kind}``: host and GPU memory held by each model's workers."""
+@dataclass(frozen=True)
+class ModelGauges:
+    """A model's state at scrape time."""
 
-    def __init__(self, usage: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        self._usage = usage
+    replicas: int  # ready replicas (0 when scaled to zero)
+    queued: int  # requests waiting in the runtime for a replica
+    host_bytes: int  # memory its workers use
+    gpu_bytes: int
+
+
+class _ModelCollector(Collector):
+    """Gauges read when scraped: replicas, queue depth and memory of each model."""
+
+    def __init__(self, gauges: Callable[[], dict[str, ModelGauges]]) -> None:
+        self._gauges = gauges
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
+        replicas = GaugeMetricFamily(
+            "omni_model_replicas", "Ready replicas (0 when scaled to zero)", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            "omni_model_queue_depth",
+            "Requests waiting in the runtime for a replica",
+            labels=["model"],
+        )
+        memory = GaugeMetricFamily(
             "omni_model_memory_bytes", "Memory used by a model's workers", labels=["model", "kind"]
         )
-        for model, (host, gpu) in self._usage().items():
-            family.add_metric([model, "host"], host)
-            family.add_metric([model, "gpu"], gpu)
-        yield family
+        for model, g in self._gauges().items():
+            replicas.add_metric([model], g.replicas)
+            queued.add_metric([model], g.queued)
+            memory.add_metric([model, "host"], g.host_bytes)
+            memory.add_metric([model, "gpu"], g.gpu_bytes)
+        yield replicas
+        yield queued
+        yield memory
 
 
 class Metrics:
@@ -46,14 +69,21 @@ class Metrics:
             "omni_request_duration_seconds", "Time from request to response", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.replicas = Gauge("omni_model_replicas", "Ready replicas", ["model"], registry=r)
         self.cold_starts = Counter(
             "omni_model_cold_starts", "Worker processes started", ["model"], registry=r
         )
         self.evictions = Counter(
-            "omni_model_evictions", "Replicas stopped other than on request", ["model", "reason"],
-            registry=r,
+            "omni_model_evictions",
+            "Replicas stopped, not by an operator (idle, scale_down, memory, crash, oom, hung)",
+            ["model", "reason"], registry=r,
         )  # fmt: skip
+        self.cold_start = Histogram(
+            "omni_cold_start_seconds",
+            "Phases of a replica's cold start: env, spawn, import, load, first_response",
+            ["model", "phase"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         self.load_seconds = Histogram(
             "omni_model_load_duration_seconds", "Spawn to ready, per worker", ["model"],
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
@@ -61,9 +91,9 @@ class Metrics:
         self._children: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 
-    def watch_memory(self, usage: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        """``usage()`` maps each model to the (host, GPU) memory its workers use now."""
-        self.registry.register(_MemoryCollector(usage))
+    def watch_models(self, gauges: Callable[[], dict[str, ModelGauges]]) -> None:
+        """``gauges()`` gives each model's replicas, queue depth and memory at scrape time."""
+        self.registry.register(_ModelCollector(gauges))
 
     def observe(self, model: str, status: int, seconds: float) -> None:
         """Count one answered request; label children are cached for the hot path."""

@@ -14,8 +14,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omni_runtime.deployment import ModelBusy, ModelDeployment, ModelState, ModelUnavailable, Node
+from omni_runtime.metrics import ModelGauges
 from omni_runtime.openapi import build_openapi
+from omni_runtime.scheduler import (
+    Controller,
+    ModelBusy,
+    ModelState,
+    ModelUnavailable,
+    ServedModel,
+)
 from omni_sdk import __version__
 from omni_sdk._protocol import V2_PREFIX, Kind
 from omni_sdk._serving import ai_error_body, v2_error_body
@@ -50,11 +57,11 @@ class ClientGone(Exception):
 
 
 class OmniApp:
-    """ASGI application over a ``Node`` of model deployments."""
+    """ASGI application over the ``Controller`` of every served model."""
 
     def __init__(
         self,
-        node: Node,
+        node: Controller,
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -64,13 +71,15 @@ class OmniApp:
         self.max_body = node.settings.max_body_size
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
-        self._routes: dict[tuple[str, str], tuple[Any, ModelDeployment | None]] = {}
+        self._routes: dict[tuple[str, str], tuple[Any, ServedModel | None]] = {}
         self._openapi: bytes | None = None
-        self.metrics.watch_memory(
+        self.metrics.watch_models(
             lambda: {
-                name: (
-                    sum(w.memory_bytes() for w in m.replicas),
-                    sum(w.gpu_memory_bytes() for w in m.replicas),
+                name: ModelGauges(
+                    replicas=m.ready_replicas,
+                    queued=len(m.queue),
+                    host_bytes=sum(r.worker.memory_bytes() for r in m.replicas),
+                    gpu_bytes=sum(r.worker.gpu_memory_bytes() for r in m.replicas),
                 )
                 for name, m in self.models.items()
             }
@@ -120,8 +129,8 @@ class OmniApp:
             message = f"internal error handling {method} {path}; see the runtime's log"
             await _respond(send, 500, _error(path.startswith("/ai/"), 500, message))
 
-    def _resolve(self, method: str, path: str) -> tuple[Any, ModelDeployment | None]:
-        route: tuple[Any, ModelDeployment | None] | None = None
+    def _resolve(self, method: str, path: str) -> tuple[Any, ServedModel | None]:
+        route: tuple[Any, ServedModel | None] | None = None
         fixed = _FIXED_ROUTES.get((method, path))
         if fixed is not None:
             route = (getattr(self, fixed), None)
@@ -148,7 +157,7 @@ class OmniApp:
             self._routes[(method, path)] = route
         return route
 
-    def _resolve_model(self, method: str, rest: str) -> tuple[Any, ModelDeployment | None]:
+    def _resolve_model(self, method: str, rest: str) -> tuple[Any, ServedModel | None]:
         for suffix in _MODEL_SUFFIXES:
             if suffix and not rest.endswith(suffix):
                 continue
@@ -169,7 +178,7 @@ class OmniApp:
     # -- inference -----------------------------------------------------------------------
 
     async def v2_infer(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
         started = time.perf_counter()
         header_length = 0
@@ -192,9 +201,7 @@ class OmniApp:
             send, model, Kind.INFER_V2, [V2_PREFIX.pack(header_length), body], started, False
         )
 
-    async def ai_run(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
-    ) -> None:
+    async def ai_run(self, scope: Scope, receive: Receive, send: Send, model: ServedModel) -> None:
         started = time.perf_counter()
         body = await self._read_body(scope, receive, model)
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
@@ -203,7 +210,7 @@ class OmniApp:
     async def _forward(
         self,
         send: Send,
-        model: ModelDeployment,
+        model: ServedModel,
         kind: int,
         parts: list[bytes],
         started: float,
@@ -227,7 +234,7 @@ class OmniApp:
         else:
             await _respond(send, status, body, JSON, extra)
 
-    async def _read_body(self, scope: Scope, receive: Receive, model: ModelDeployment) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive, model: ServedModel) -> bytes:
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise self._too_large(model)
@@ -252,7 +259,7 @@ class OmniApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _too_large(self, model: ModelDeployment) -> HTTPError:
+    def _too_large(self, model: ServedModel) -> HTTPError:
         self.metrics.observe(model.name, 413, 0.0)
         return BodyTooLarge(
             413,
@@ -285,7 +292,7 @@ class OmniApp:
         )
 
     async def model_metadata(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
         spec = model.spec
         await _respond_json(
@@ -300,12 +307,12 @@ class OmniApp:
         )
 
     async def model_ready(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
         await _respond(send, 200 if model.state is ModelState.READY else 400, b"")
 
     async def model_config(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
         spec = model.spec
         await _respond_json(
@@ -322,7 +329,10 @@ class OmniApp:
                     "package": {"string_value": spec.package},
                 },
                 "instance_group": [
-                    {"count": model.replica_count, "kind": f"KIND_{spec.device.upper()}"}
+                    {
+                        "count": spec.scaling.max_replicas,
+                        "kind": "KIND_GPU" if spec.device.startswith("cuda") else "KIND_CPU",
+                    }
                 ],
                 "omni": {
                     "resources": spec.resources.model_dump(),
@@ -332,7 +342,7 @@ class OmniApp:
         )
 
     async def model_stats(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
         await _respond_json(send, {"model_stats": [_stats(model)]})
 
@@ -357,6 +367,7 @@ class OmniApp:
                 "version": "1",
                 "state": model.state.value,
                 "reason": model.reason,
+                "replicas": model.ready_replicas,
             }
             index.append(entry)
         if not only_ready:
@@ -372,17 +383,17 @@ class OmniApp:
         await _respond_json(send, index)
 
     async def repository_load(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
-        await model.load()
+        await self.node.load(model)
         if model.state is not ModelState.READY:
             raise HTTPError(400, f"failed to load model '{model.name}': {model.reason}")
         await _respond(send, 200, b"")
 
     async def repository_unload(
-        self, scope: Scope, receive: Receive, send: Send, model: ModelDeployment
+        self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
-        await model.unload()
+        await self.node.unload(model)
         await _respond(send, 200, b"")
 
     # -- the rest ------------------------------------------------------------------------
@@ -467,7 +478,7 @@ def _config_tensor(t: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def _stats(model: ModelDeployment) -> dict[str, Any]:
+def _stats(model: ServedModel) -> dict[str, Any]:
     s = model.stats
     return {
         "name": model.name,
@@ -478,7 +489,7 @@ def _stats(model: ModelDeployment) -> dict[str, Any]:
         "inference_stats": {
             "success": {"count": s.success_count, "ns": s.success_ns},
             "fail": {"count": s.fail_count, "ns": s.fail_ns},
-            "queue": {"count": 0, "ns": 0},
+            "queue": {"count": s.queue_count, "ns": s.queue_ns},
             "compute_input": {"count": 0, "ns": 0},
             "compute_infer": {"count": 0, "ns": 0},
             "compute_output": {"count": 0, "ns": 0},

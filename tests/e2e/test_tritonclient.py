@@ -40,8 +40,8 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     metadata = client.get_server_metadata()
     assert metadata["name"] == "omni"
     assert "binary_tensor_data" in metadata["extensions"]
-    # One model in the fixture fails to load, so the server as a whole is not ready.
-    assert not client.is_server_ready()
+    # Every model serves on demand, including the broken one until a request finds it broken.
+    assert client.is_server_ready()
 
 
 def test_model_metadata_config_and_ready(client: triton.InferenceServerClient) -> None:
@@ -129,13 +129,18 @@ def test_statistics(client: triton.InferenceServerClient) -> None:
 def test_repository_index_unload_and_load(client: triton.InferenceServerClient) -> None:
     index = {entry["name"]: entry for entry in client.get_model_repository_index()}
     assert index["@test/echo"]["state"] == "READY"
+    # The broken model starts on its first request, which finds it broken.
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="weights.safetensors is missing"):
+        client.infer("@test/broken", [text])
+    index = {entry["name"]: entry for entry in client.get_model_repository_index()}
     assert index["@test/broken"]["state"] == "UNAVAILABLE"
     assert "weights.safetensors is missing" in index["@test/broken"]["reason"]
+    assert not client.is_server_ready()
 
     client.unload_model("@test/batch")
     assert not client.is_model_ready("@test/batch")
-    text = triton.InferInput("text", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="unavailable: unloaded"):
         client.infer("@test/batch", [text])
     client.load_model("@test/batch")

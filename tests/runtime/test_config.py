@@ -33,7 +33,7 @@ def _write(path: Path, text: str) -> Path:
             "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold, "
             "heartbeat_timeout)",
         ),
-        ("[wat]\n", "unknown field 'wat' (allowed here: server, models)"),
+        ("[wat]\n", "unknown field 'wat' (allowed here: server, scheduler, models)"),
         ("models = [", "not valid TOML"),
     ],
 )

@@ -114,6 +114,6 @@ class WorkerChannel(asyncio.Protocol):
         """Seconds the worker has owed an answer without saying anything."""
         return now - self.waiting_since if self.waiting_since is not None else 0.0
 
-    def send(self, kind: int) -> None:
+    def send(self, kind: int, body: bytes = b"") -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.shm.frame(kind, 0, ()))
+            self.transport.write(self.shm.frame(kind, 0, (body,) if body else ()))

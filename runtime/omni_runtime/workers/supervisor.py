@@ -11,16 +11,18 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
-from omni_runtime.ipc import WorkerChannel, WorkerGone
 from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
+from omni_runtime.workers.channel import WorkerChannel, WorkerGone
 from omni_sdk._protocol import Kind, ShmSegments
 from omni_sdk._units import format_size
 
-__all__ = ["LoadFailed", "WorkerProcess", "describe_exit"]
+__all__ = ["LoadFailed", "StartTimings", "WorkerProcess", "describe_exit"]
 
 log = logging.getLogger("omni.supervisor")
 _worker_ids = iter(range(1, 1 << 62))
@@ -29,6 +31,30 @@ _LOG_LINE_LIMIT = 16 << 10
 
 class LoadFailed(Exception):
     """A worker did not become ready; the message says why, naming the model."""
+
+
+@dataclass(frozen=True)
+class StartTimings:
+    """Where a worker's start went, in seconds: the phases of a cold start."""
+
+    spawn: float = 0.0  # exec, interpreter start, omni_sdk import, sandbox
+    import_: float = 0.0  # the model package and its plugins
+    load: float = 0.0  # Engine.load
+    total: float = 0.0  # spawn to HELLO, as the runtime saw it
+
+    @classmethod
+    def from_hello(cls, hello: dict[str, Any], spawned_at: float, total: float) -> StartTimings:
+        timings = hello.get("timings") or {}
+        try:
+            main = float(timings.get("main", spawned_at))
+            return cls(
+                spawn=max(0.0, main - spawned_at) + float(timings.get("sandbox", 0.0)),
+                import_=float(timings.get("import", 0.0)),
+                load=float(timings.get("load", hello.get("load_seconds", 0.0))),
+                total=total,
+            )
+        except (TypeError, ValueError):  # an older worker: only the total is known
+            return cls(total=total)
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -64,6 +90,7 @@ class WorkerProcess:
         self.channel: WorkerChannel | None = None
         self.started_at = 0.0
         self.load_seconds = 0.0
+        self.timings = StartTimings()
         self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._log_task: asyncio.Task[None] | None = None
 
@@ -149,10 +176,7 @@ class WorkerProcess:
             await self.stop(timeout=5)
             raise LoadFailed(str(hello.get("error", f"{self.label} failed to load")))
         self.load_seconds = time.monotonic() - self.started_at
-        log.info(
-            "%s ready: worker pid %s, started in %.2fs (engine load %.2fs)",
-            self.label, self.pid, self.load_seconds, hello.get("load_seconds", 0.0),
-        )  # fmt: skip
+        self.timings = StartTimings.from_hello(hello, self.started_at, self.load_seconds)
 
     async def _pump_logs(self) -> None:
         """Relay the worker's output to the log, line by line, whatever it writes."""
@@ -200,6 +224,11 @@ class WorkerProcess:
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.close()
         self.cleanup()
+
+    def prefetch(self, where: str) -> None:
+        """Ask the worker to move its GPU memory to ``"device"`` or ``"host"`` (CUDA only)."""
+        if self.channel is not None and self.spec.device.startswith("cuda"):
+            self.channel.send(Kind.PREFETCH, where.encode())
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started (its session and its cgroup)."""

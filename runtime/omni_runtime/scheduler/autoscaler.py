@@ -1,0 +1,131 @@
+"""How many replicas a model wants: Knative's KPA over a clock, with no asyncio and no processes.
+
+Every tick the controller (or the simulator) reports a model's ongoing requests, in flight and
+queued. The autoscaler keeps a time-weighted average of that over two windows:
+
+- the **stable window** (60 s): replicas = ceil(average / target_ongoing_requests);
+- the **panic window** (6 s): when it asks for at least twice the replicas running, the model
+  enters panic mode for a stable window: it scales up at once to what the panic window asks
+  for and does not scale down until the panic is over.
+
+A model with no request for ``idle_timeout`` falls to ``min_replicas`` (zero: scale to zero);
+one with requests waiting and no replica gets one at once, whatever the averages say.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from omni_sdk import Scaling
+
+__all__ = ["Autoscaler", "ScaleTarget"]
+
+PANIC_THRESHOLD = 2.0  # panic when the panic window asks for this multiple of the replicas
+
+
+@dataclass(frozen=True)
+class ScaleTarget:
+    """The replicas a model wants now, and why, in words a user will read in the log."""
+
+    replicas: int
+    reason: str
+    panic: bool = False
+
+
+class Autoscaler:
+    """One model's demand over time, and the replica count it asks for."""
+
+    def __init__(self, scaling: Scaling, stable_window: float, panic_window: float) -> None:
+        self.scaling = scaling
+        self.stable_window = stable_window
+        self.panic_window = min(panic_window, stable_window)
+        # (time, value, seconds it held): a step function of ongoing requests
+        self._samples: deque[tuple[float, float, float]] = deque()
+        self._last_time: float | None = None
+        self._last_value = 0.0
+        self._panic_until = -math.inf
+        self._panic_replicas = 0
+        self.last_request: float | None = None
+
+    def observe(self, now: float, ongoing: float, requested: bool = False) -> None:
+        """Record that ``ongoing`` requests were in flight or queued at ``now``.
+
+        ``requested`` says a request arrived since the last observation (it may already be
+        done, and still counts as activity for ``idle_timeout``).
+        """
+        if requested or ongoing > 0:
+            self.last_request = now
+        if self._last_time is not None and now > self._last_time:
+            # The previous value held from the previous observation until now.
+            self._samples.append((self._last_time, self._last_value, now - self._last_time))
+        self._last_time = now
+        self._last_value = float(ongoing)
+        horizon = now - self.stable_window
+        while self._samples and self._samples[0][0] + self._samples[0][2] <= horizon:
+            self._samples.popleft()
+
+    def average(self, now: float, window: float) -> float:
+        """Time-weighted mean of ongoing requests over the last ``window`` seconds."""
+        start = now - window
+        total = weight = 0.0
+        for time, value, held in reversed(self._samples):
+            end = time + held
+            if end <= start:
+                break
+            span = end - max(time, start)
+            total += value * span
+            weight += span
+        if weight == 0.0:
+            return self._last_value
+        return total / weight
+
+    def target(self, now: float, current: int) -> ScaleTarget:
+        """The replicas wanted at ``now`` with ``current`` replicas running or starting."""
+        s = self.scaling
+        stable = self.average(now, self.stable_window)
+        panic = self.average(now, self.panic_window)
+        per = s.target_ongoing_requests
+        stable_want = math.ceil(stable / per - 1e-9)
+        panic_want = math.ceil(panic / per - 1e-9)
+        if (current > 0 and panic_want >= PANIC_THRESHOLD * current) or (
+            current == 0 and panic_want > 0
+        ):
+            if now >= self._panic_until:
+                self._panic_replicas = 0
+            self._panic_until = now + self.stable_window
+        if now < self._panic_until:
+            self._panic_replicas = max(self._panic_replicas, panic_want, current)
+            want = self._panic_replicas
+            reason = (
+                f"burst: {panic:.1f} ongoing requests over the last {self.panic_window:g}s, "
+                f"target {per} per replica"
+            )
+            panicking = True
+        else:
+            want = stable_want
+            reason = (
+                f"{stable:.1f} ongoing requests over the last {self.stable_window:g}s, "
+                f"target {per} per replica"
+            )
+            panicking = False
+        idle = self.last_request is None or now - self.last_request >= s.idle_timeout
+        if self._last_value > 0:
+            want = max(want, 1)  # requests are waiting right now
+        elif idle:
+            want = 0
+            reason = (
+                "never requested"
+                if self.last_request is None
+                else f"no requests for {now - self.last_request:.0f}s "
+                f"(idle_timeout {s.idle_timeout:g}s)"
+            )
+        else:
+            want = max(want, 1)  # recently used: keep one until idle_timeout
+        if want < s.min_replicas:
+            want, reason = s.min_replicas, f"min_replicas is {s.min_replicas}"
+        if want > s.max_replicas:
+            want = s.max_replicas
+            reason += f" (capped at max_replicas {s.max_replicas})"
+        return ScaleTarget(want, reason, panicking)

@@ -1,0 +1,322 @@
+"""A served model in the runtime: its replicas, its queue, and how a request reaches a replica.
+
+A request takes a free slot on the least busy ready replica (ties go to the oldest, so surplus
+replicas fall idle and can be stopped), or waits in the model's queue until a slot is handed to
+it: when a replica finishes a request or a new one becomes ready. Replicas are started and
+stopped only by the ``Controller``; this module never decides how many there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from omni_runtime.config import ServerSettings
+from omni_runtime.discovery import ModelSpec
+from omni_runtime.metrics import Metrics
+from omni_runtime.scheduler.policy import ReplicaState, ReplicaView
+from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
+from omni_runtime.workers import Response, WorkerGone, WorkerProcess
+
+__all__ = ["ModelState", "ModelStats", "Replica", "ServedModel", "replica_capacity"]
+
+log = logging.getLogger("omni.scheduler")
+
+
+class ModelState(enum.StrEnum):
+    """A model as the v2 repository index shows it."""
+
+    READY = "READY"  # serves: now, or on demand after a start (scaled to zero)
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # unloaded by an operator, or its replica failed to load
+
+
+@dataclass
+class ModelStats:
+    """Counters for ``/v2/models/{name}/stats`` (Triton's statistics extension)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+
+    def record(self, ok: bool, elapsed_ns: int) -> None:
+        if ok:
+            self.success_count += 1
+            self.success_ns += elapsed_ns
+        else:
+            self.fail_count += 1
+            self.fail_ns += elapsed_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+def replica_capacity(spec: ModelSpec) -> int:
+    """Requests one replica is handed at once (``scaling.max_ongoing_requests``)."""
+    if spec.scaling.max_ongoing_requests:
+        return spec.scaling.max_ongoing_requests
+    if spec.max_batch_size > 1:
+        return spec.max_batch_size
+    if spec.is_async:
+        return 4 * spec.scaling.target_ongoing_requests
+    return 1  # a sync engine answers one request at a time
+
+
+class Replica:
+    """One worker process of a model, and what the scheduler knows of it."""
+
+    def __init__(self, id: int, worker: WorkerProcess, capacity: int) -> None:
+        self.id = id
+        self.worker = worker
+        self.capacity = capacity
+        self.state = ReplicaState.STARTING
+        self.in_flight = 0
+        self.served = 0
+        self.idle_since = time.monotonic()
+        self.host_bytes = 0  # its reservation while starting; its measured peak once ready
+        self.gpu_bytes = 0
+        self.on_host = False  # its GPU memory was prefetched to the host while idle
+        self.stop_reason: str | None = None  # set when it is stopped on purpose
+        self.ready_at = 0.0
+        self.gone = asyncio.Event()  # set once it has left its model's replica list
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def view(self) -> ReplicaView:
+        return ReplicaView(
+            id=self.id,
+            state=self.state,
+            in_flight=self.in_flight,
+            host_bytes=self.host_bytes,
+            gpu_bytes=self.gpu_bytes,
+            device=self.worker.spec.device,
+        )
+
+
+class ServedModel:
+    """The runtime's side of one model: replicas, queue, admission, statistics."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        settings: ServerSettings,
+        metrics: Metrics,
+        wake: Callable[[], None],
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.settings = settings
+        self.metrics = metrics
+        self._wake = wake  # asks the controller to reconsider now
+        self.queue: RequestQueue[Replica] = RequestQueue(spec.scaling.max_queue_size)
+        self.replicas: list[Replica] = []
+        self.capacity = replica_capacity(spec)
+        self.in_flight = 0
+        self.arrived = 0  # since the controller last looked
+        self.stats = ModelStats()
+        self.wanted = True  # False once an operator unloads it
+        self.unloading = False
+        self.failure = ""  # why its last start failed; it waits for an explicit load
+        self.blocked = ""  # why a replica it needs does not fit, while that lasts
+        self.closing = False  # the runtime is shutting down
+        self.not_before = 0.0
+        self.restarts = 0
+        self.load_seconds = 0.0  # how long its last start took
+        self.expected_host = spec.resources.memory  # declared, until a replica measured it
+        self.expected_gpu = spec.resources.gpu_memory
+        self.lifecycle = asyncio.Lock()  # one operator load or unload at a time
+        self.changed = asyncio.Event()  # set whenever a replica becomes ready or a start fails
+
+    # -- what the API shows --------------------------------------------------------------
+
+    @property
+    def state(self) -> ModelState:
+        if self.unloading:
+            return ModelState.UNLOADING
+        if not self.wanted or self.failure:
+            return ModelState.UNAVAILABLE
+        return ModelState.READY
+
+    @property
+    def ready_replicas(self) -> int:
+        return sum(1 for r in self.replicas if r.state is ReplicaState.READY)
+
+    @property
+    def reason(self) -> str:
+        if self.unloading:
+            return "unloading: waiting for requests in flight"
+        if not self.wanted:
+            return "unloaded"
+        if self.failure:
+            return self.failure
+        ready = self.ready_replicas
+        starting = sum(1 for r in self.replicas if r.state is ReplicaState.STARTING)
+        parts = []
+        if ready:
+            parts.append(f"{ready} replica{'s' if ready > 1 else ''} ready")
+        if starting:
+            parts.append(f"{starting} starting")
+        if self.blocked:
+            parts.append(f"waiting for memory: {self.blocked}")
+        if not parts:
+            return "scaled to zero: starts on the next request"
+        return "; ".join(parts)
+
+    def unavailable(self) -> ModelUnavailable:
+        if self.closing:
+            return ModelUnavailable(f"model '{self.name}' is unavailable: the runtime is stopping")
+        return ModelUnavailable(f"model '{self.name}' is unavailable: {self.reason}", 5)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def call(
+        self,
+        kind: int,
+        parts: list[bytes],
+        reject_if_busy: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> Response:
+        """Send one request to a replica with room, waiting in the queue for one if needed."""
+        if self.unloading or not self.wanted or self.failure or self.closing:
+            raise self.unavailable()
+        self.arrived += 1
+        replica = None if self.queue else self._free_replica()
+        if reject_if_busy and (replica is None or self._busy()):
+            raise ModelBusy(f"model '{self.name}' is busy and the request asked not to wait")
+        if replica is None:
+            replica = await self._wait(priority)
+        else:
+            self._reserve(replica)
+        return await self._send(replica, kind, parts)
+
+    def _busy(self) -> bool:
+        """At or over its autoscaling target: rejectIfBusy requests are refused."""
+        target = self.spec.scaling.target_ongoing_requests
+        return self.in_flight + len(self.queue) >= target * self.ready_replicas
+
+    def _free_replica(self) -> Replica | None:
+        best = None
+        for replica in self.replicas:
+            if replica.state is ReplicaState.READY and replica.in_flight < replica.capacity:
+                if not replica.in_flight:
+                    return replica  # the oldest idle one
+                if best is None or replica.in_flight < best.in_flight:
+                    best = replica
+        return best
+
+    async def _wait(self, priority: Priority) -> Replica:
+        if len(self.queue) >= self.queue.limit:
+            raise ModelBusy(
+                f"model '{self.name}' has {len(self.queue)} requests queued, its limit "
+                "(scaling.max_queue_size); try again shortly"
+            )
+        future = self.queue.push(priority)
+        self._wake()
+        timeout = self.settings.load_timeout
+        waited = time.monotonic()
+        handle = asyncio.get_running_loop().call_later(timeout, self._expire, future, timeout)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._release(future.result())  # the slot was handed over as we left
+            raise
+        finally:
+            handle.cancel()
+            self.stats.queue_count += 1
+            self.stats.queue_ns += int((time.monotonic() - waited) * 1e9)
+
+    def _expire(self, future: asyncio.Future[Replica], timeout: float) -> None:
+        if future.done():
+            return
+        why = f"waiting for memory: {self.blocked}" if self.blocked else self.reason
+        future.set_exception(
+            ModelUnavailable(
+                f"model '{self.name}' had no replica free for this request within "
+                f"{timeout:.0f}s (server.load_timeout); {why}",
+                5,
+            )
+        )
+
+    def _reserve(self, replica: Replica) -> None:
+        replica.in_flight += 1
+        self.in_flight += 1
+        replica.idle.clear()
+
+    def _release(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        self.in_flight -= 1
+        if not replica.in_flight:
+            replica.idle_since = time.monotonic()
+            replica.idle.set()
+        self.hand_over(replica)
+
+    def hand_over(self, replica: Replica) -> None:
+        """Give the replica's free slots to requests waiting in the queue."""
+        while (
+            self.queue
+            and replica.state is ReplicaState.READY
+            and replica.in_flight < replica.capacity
+        ):
+            waiter = self.queue.pop()
+            if waiter is None:
+                return
+            self._reserve(replica)
+            waiter.set_result(replica)
+
+    async def _send(self, replica: Replica, kind: int, parts: list[bytes]) -> Response:
+        worker = replica.worker
+        channel = worker.channel
+        try:
+            if channel is None:
+                raise WorkerGone(f"model '{self.name}': replica {replica.id} is not connected")
+            if replica.on_host:
+                replica.on_host = False
+                worker.prefetch("device")  # ahead of the request on the same socket
+            first = not replica.served
+            sent = time.monotonic()
+            response = await channel.request(kind, parts)
+            replica.served += 1
+            if first:
+                self._first_response(replica, time.monotonic() - sent)
+            return response
+        except WorkerGone:
+            returncode = await _returncode_soon(worker)
+            raise ModelUnavailable(
+                f"model '{self.name}': worker pid {worker.pid} {worker.exit_reason(returncode)} "
+                "while serving this request; it is restarting"
+            ) from None
+        finally:
+            self._release(replica)
+
+    def _first_response(self, replica: Replica, seconds: float) -> None:
+        self.metrics.cold_start.labels(self.name, "first_response").observe(seconds)
+        t = replica.worker.timings
+        log.info(
+            "model '%s': cold start of replica %d took %.3fs (spawn %.3fs, import %.3fs, "
+            "load %.3fs, first response %.3fs)",
+            self.name, replica.id, t.total + seconds, t.spawn, t.import_, t.load, seconds,
+        )  # fmt: skip
+
+    def fail_waiting(self, error: Exception) -> None:
+        self.queue.fail_all(error)
+
+    def touch(self) -> None:
+        """Count as a request: the autoscaler wants a replica for ``idle_timeout``."""
+        self.arrived += 1
+        self._wake()
+
+
+async def _returncode_soon(worker: WorkerProcess) -> int | None:
+    if worker.process is None:
+        return None
+    try:
+        return await asyncio.wait_for(asyncio.shield(worker.process.wait()), 2.0)
+    except TimeoutError:
+        return None

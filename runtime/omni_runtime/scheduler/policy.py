@@ -1,0 +1,294 @@
+"""The scheduler's decisions: plain data in, plain data out.
+
+``SchedulerPolicy.decide(now, node, models)`` looks at a view of the node (its memory budgets)
+and of every model (its replicas, their memory and load, its queue) and returns what to do:
+start a replica here, stop that one, or nothing fits. It holds no processes and no event loop,
+so the controller applies its decisions to real workers, the simulator replays a trace through
+it, and tests drive it with a fake clock.
+
+Placement: a replica reserves its model's expected footprint (what it measured last time, else
+its declared limit) on the host and, on a GPU, on its device. A GPU's budget is its memory
+times ``gpu_overcommit``. When a replica does not fit, idle replicas of other models are
+evicted cheapest first, cost being load time times expected reuse (requests over the stable
+window); a replica with requests in flight, or one a model needs for ``min_replicas``, is
+never evicted. If nothing can be freed, the model is blocked and its requests wait.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
+from omni_sdk import Scaling
+from omni_sdk._units import format_size
+
+__all__ = [
+    "Blocked",
+    "Decision",
+    "ModelView",
+    "NodeView",
+    "ReplicaState",
+    "ReplicaView",
+    "SchedulerPolicy",
+    "StartReplica",
+    "StopReplica",
+    "eviction_cost",
+]
+
+
+class ReplicaState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class ReplicaView:
+    """One replica as the policy sees it."""
+
+    id: int
+    state: ReplicaState
+    in_flight: int = 0
+    host_bytes: int = 0  # reserved while starting, measured once ready
+    gpu_bytes: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class ModelView:
+    """One model as the policy sees it."""
+
+    name: str
+    scaling: Scaling
+    host_bytes: int  # what a new replica reserves: the footprint measured last time, else the limit
+    gpu_bytes: int = 0
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    queued: int = 0
+    in_flight: int = 0
+    arrived: int = 0  # requests that arrived since the last decision
+    load_seconds: float = 1.0  # how long a start took last time (the cost of a cold start)
+    recent_requests: float = 0.0  # requests over the stable window: its expected reuse
+    serving: bool = True  # False when unloaded by an operator or failed to load
+    not_before: float = 0.0  # no new replica before this (backoff after crashes)
+    replicas: list[ReplicaView] = field(default_factory=list)
+
+    @property
+    def active(self) -> list[ReplicaView]:
+        """Replicas that count towards its size: starting or ready."""
+        return [r for r in self.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)]
+
+
+@dataclass
+class NodeView:
+    """The node's budgets: host memory for all replicas, each GPU's memory times overcommit."""
+
+    host_memory: int
+    gpu_budgets: dict[str, int] = field(default_factory=dict)  # "cuda:0" -> bytes
+
+
+@dataclass(frozen=True)
+class StartReplica:
+    model: str
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopReplica:
+    model: str
+    replica: int
+    reason: str
+    cause: str  # the metric label: "idle", "scale_down" or "memory"
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The model needs a replica and none fits, even after every possible eviction."""
+
+    model: str
+    reason: str
+
+
+Decision = StartReplica | StopReplica | Blocked
+
+
+def eviction_cost(model: ModelView) -> float:
+    """What evicting one of its replicas costs: its load time times its expected reuse."""
+    return model.load_seconds * (1.0 + model.recent_requests)
+
+
+def gpu_key(device: str) -> str:
+    """``"cuda"`` and ``"cuda:0"`` are the same GPU."""
+    return "cuda:0" if device == "cuda" else device
+
+
+class SchedulerPolicy:
+    """Autoscaling, placement and eviction for every model on one node."""
+
+    def __init__(self, stable_window: float = 60.0, panic_window: float = 6.0) -> None:
+        self.stable_window = stable_window
+        self.panic_window = panic_window
+        self.autoscalers: dict[str, Autoscaler] = {}
+        self.targets: dict[str, ScaleTarget] = {}
+
+    def autoscaler(self, model: ModelView) -> Autoscaler:
+        scaler = self.autoscalers.get(model.name)
+        if scaler is None or scaler.scaling != model.scaling:
+            scaler = Autoscaler(model.scaling, self.stable_window, self.panic_window)
+            if model.name in self.autoscalers:
+                scaler.last_request = self.autoscalers[model.name].last_request
+            self.autoscalers[model.name] = scaler
+        return scaler
+
+    def observe(self, now: float, models: list[ModelView]) -> None:
+        """Record each model's ongoing requests at ``now`` (call once per tick)."""
+        for model in models:
+            self.autoscaler(model).observe(now, model.queued + model.in_flight, model.arrived > 0)
+
+    def decide(self, now: float, node: NodeView, models: list[ModelView]) -> list[Decision]:
+        """What to start and stop now. Call ``observe`` first."""
+        decisions: list[Decision] = []
+        by_name = {m.name: m for m in models}
+        host_used = sum(r.host_bytes for m in models for r in m.replicas if _holds(r))
+        gpu_used: dict[str, int] = {}
+        for m in models:
+            for r in m.replicas:
+                if _holds(r) and r.device.startswith("cuda"):
+                    gpu_used[gpu_key(r.device)] = gpu_used.get(gpu_key(r.device), 0) + r.gpu_bytes
+        stopping: set[tuple[str, int]] = set()
+
+        # Scale down first: what it frees may make room for a start below.
+        for model in models:
+            target = self._target(now, model)
+            surplus = len(model.active) - target.replicas
+            if surplus <= 0:
+                continue
+            idle = [r for r in model.active if r.state is ReplicaState.READY and not r.in_flight]
+            cause = "idle" if target.replicas <= model.scaling.min_replicas else "scale_down"
+            for replica in sorted(idle, key=lambda r: -r.id)[:surplus]:  # newest first
+                decisions.append(
+                    StopReplica(model.name, replica.id, f"scale down: {target.reason}", cause)
+                )
+                stopping.add((model.name, replica.id))
+                host_used -= replica.host_bytes
+                if replica.device.startswith("cuda"):
+                    gpu_used[gpu_key(replica.device)] -= replica.gpu_bytes
+
+        # Then scale up, the busiest models first, evicting idle replicas where memory is short.
+        wanting = [
+            (m, self.targets[m.name])
+            for m in models
+            if m.serving and now >= m.not_before and self.targets[m.name].replicas > len(m.active)
+        ]
+        wanting.sort(key=lambda item: -(item[0].queued + item[0].in_flight))
+        for model, target in wanting:
+            for _ in range(target.replicas - len(model.active)):
+                shortfall = self._shortfall(node, model, host_used, gpu_used)
+                if shortfall:
+                    victims = self._victims(model, by_name, stopping, node, host_used, gpu_used)
+                    if victims is None:
+                        decisions.append(Blocked(model.name, shortfall))
+                        break
+                    for victim_model, victim in victims:
+                        decisions.append(
+                            StopReplica(
+                                victim_model.name,
+                                victim.id,
+                                f"evicted to make room for '{model.name}' ({shortfall})",
+                                "memory",
+                            )
+                        )
+                        stopping.add((victim_model.name, victim.id))
+                        host_used -= victim.host_bytes
+                        if victim.device.startswith("cuda"):
+                            gpu_used[gpu_key(victim.device)] -= victim.gpu_bytes
+                decisions.append(StartReplica(model.name, model.device, target.reason))
+                host_used += model.host_bytes
+                if model.device.startswith("cuda"):
+                    key = gpu_key(model.device)
+                    gpu_used[key] = gpu_used.get(key, 0) + model.gpu_bytes
+        return decisions
+
+    def _target(self, now: float, model: ModelView) -> ScaleTarget:
+        if not model.serving:
+            target = ScaleTarget(0, "not serving")
+        else:
+            target = self.autoscaler(model).target(now, len(model.active))
+        self.targets[model.name] = target
+        return target
+
+    def _shortfall(
+        self, node: NodeView, model: ModelView, host_used: int, gpu_used: dict[str, int]
+    ) -> str:
+        """Why one more replica of ``model`` does not fit now, or "" when it does."""
+        if host_used + model.host_bytes > node.host_memory:
+            return (
+                f"a replica needs {format_size(model.host_bytes)} of host memory and "
+                f"{format_size(max(0, node.host_memory - host_used))} of "
+                f"{format_size(node.host_memory)} (scheduler.host_memory) is free"
+            )
+        if model.device.startswith("cuda") and model.gpu_bytes:
+            key = gpu_key(model.device)
+            budget = node.gpu_budgets.get(key)
+            if budget is not None and gpu_used.get(key, 0) + model.gpu_bytes > budget:
+                return (
+                    f"a replica needs {format_size(model.gpu_bytes)} on {key} and "
+                    f"{format_size(max(0, budget - gpu_used.get(key, 0)))} of its "
+                    f"{format_size(budget)} budget (memory × scheduler.gpu_overcommit) is free"
+                )
+        return ""
+
+    def _victims(
+        self,
+        model: ModelView,
+        by_name: dict[str, ModelView],
+        stopping: set[tuple[str, int]],
+        node: NodeView,
+        host_used: int,
+        gpu_used: dict[str, int],
+    ) -> list[tuple[ModelView, ReplicaView]] | None:
+        """The cheapest idle replicas whose eviction makes room, or None if none would."""
+        candidates: list[tuple[float, ModelView, ReplicaView]] = []
+        for other in by_name.values():
+            if other.name == model.name or other.queued:
+                continue
+            keep = other.scaling.min_replicas if other.serving else 0
+            removable = len(other.active) - keep
+            idle = [
+                r
+                for r in other.active
+                if r.state is ReplicaState.READY
+                and not r.in_flight
+                and (other.name, r.id) not in stopping
+            ]
+            for replica in sorted(idle, key=lambda r: -r.id)[: max(0, removable)]:
+                candidates.append((eviction_cost(other), other, replica))
+        candidates.sort(key=lambda c: (c[0], -c[2].host_bytes))
+        chosen: list[tuple[ModelView, ReplicaView]] = []
+        gpu_used = dict(gpu_used)
+        for _, other, replica in candidates:
+            if not self._shortfall(node, model, host_used, gpu_used):
+                break
+            frees_gpu = (
+                model.device.startswith("cuda")
+                and gpu_key(replica.device) == gpu_key(model.device)
+                and replica.gpu_bytes > 0
+            )
+            host_short = host_used + model.host_bytes > node.host_memory
+            if not host_short and not frees_gpu:
+                continue  # evicting it would not help
+            chosen.append((other, replica))
+            host_used -= replica.host_bytes
+            if replica.device.startswith("cuda"):
+                gpu_used[gpu_key(replica.device)] -= replica.gpu_bytes
+        if self._shortfall(node, model, host_used, gpu_used):
+            return None
+        return chosen
+
+
+def _holds(replica: ReplicaView) -> bool:
+    """Whether the replica holds (or has reserved) memory."""
+    return replica.state in (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
