@@ -107,11 +107,16 @@ class WorkerLoop:
             batch, control, pending, self.stopping = split_frames(
                 self.runner, pending, self.peer_prefix
             )
-            if batch:
-                prepared = [p for _, p in batch]
-                control.append(answer(self.runner, self.shm, batch, self.runner.run(prepared)))
             if control:
                 self.sock.sendall(b"".join(control))
+            if batch and self.runner.batch_size > 1:
+                prepared = [p for _, p in batch]
+                self.sock.sendall(answer(self.runner, self.shm, batch, self.runner.run(prepared)))
+            else:
+                for item in batch:  # each answer leaves as soon as it is ready
+                    self.sock.sendall(
+                        answer(self.runner, self.shm, [item], self.runner.run([item[1]]))
+                    )
 
     def _fill_batch(self, pending: list[Frame]) -> None:
         """Wait up to the engine's batch_timeout for a batch to fill."""

@@ -132,7 +132,7 @@ def test_repository_index_unload_and_load(client: triton.InferenceServerClient) 
     # The broken model starts on its first request, which finds it broken.
     text = triton.InferInput("text", [1], "BYTES")
     text.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
-    with pytest.raises(InferenceServerException, match="weights.safetensors is missing"):
+    with pytest.raises(InferenceServerException, match=r"weights\.safetensors is missing"):
         client.infer("@test/broken", [text])
     index = {entry["name"]: entry for entry in client.get_model_repository_index()}
     assert index["@test/broken"]["state"] == "UNAVAILABLE"

@@ -9,7 +9,7 @@ queued. The autoscaler keeps a time-weighted average of that over two windows:
   for and does not scale down until the panic is over.
 
 A model with no request for ``idle_timeout`` falls to ``min_replicas`` (zero: scale to zero);
-one with requests waiting and no replica gets one at once, whatever the averages say.
+one with requests waiting and no replica gets, at once, enough replicas for what is waiting.
 """
 
 from __future__ import annotations
@@ -89,6 +89,11 @@ class Autoscaler:
         per = s.target_ongoing_requests
         stable_want = math.ceil(stable / per - 1e-9)
         panic_want = math.ceil(panic / per - 1e-9)
+        if current == 0:
+            # From zero, what is waiting now is the only signal there is (Knative's
+            # activator does the same): start enough replicas for it at once.
+            panic = max(panic, self._last_value)
+            panic_want = max(panic_want, math.ceil(self._last_value / per - 1e-9))
         if (current > 0 and panic_want >= PANIC_THRESHOLD * current) or (
             current == 0 and panic_want > 0
         ):
@@ -111,10 +116,12 @@ class Autoscaler:
             )
             panicking = False
         idle = self.last_request is None or now - self.last_request >= s.idle_timeout
-        if self._last_value > 0:
-            want = max(want, 1)  # requests are waiting right now
+        if self._last_value > 0 and want < 1:  # requests are waiting right now
+            want = 1
+            reason = f"{self._last_value:g} requests waiting or in flight now"
         elif idle:
             want = 0
+            self._panic_until, self._panic_replicas = -math.inf, 0  # a burst long gone
             reason = (
                 "never requested"
                 if self.last_request is None

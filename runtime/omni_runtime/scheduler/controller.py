@@ -277,7 +277,7 @@ class Controller:
         replica.stop_reason = reason
         worker = replica.worker
         if replica.state is ReplicaState.STARTING:
-            worker.kill()  # its start fails, and _start removes it
+            worker.abort()  # its start fails, and _start removes it
             await replica.gone.wait()
             return
         replica.state = ReplicaState.DRAINING

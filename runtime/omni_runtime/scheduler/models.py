@@ -25,6 +25,9 @@ from omni_runtime.workers import Response, WorkerGone, WorkerProcess
 __all__ = ["ModelState", "ModelStats", "Replica", "ServedModel", "replica_capacity"]
 
 log = logging.getLogger("omni.scheduler")
+_ACTIVE = (ReplicaState.STARTING, ReplicaState.READY)
+PIPELINE_WINDOW = 0.002  # seconds of work a sync replica may hold beyond the running request
+PIPELINE_MAX = 8
 
 
 class ModelState(enum.StrEnum):
@@ -68,6 +71,11 @@ def replica_capacity(spec: ModelSpec) -> int:
     return 1  # a sync engine answers one request at a time
 
 
+def pipelines(spec: ModelSpec) -> bool:
+    """Whether a fast sync replica may hold one request behind the one it runs."""
+    return not (spec.scaling.max_ongoing_requests or spec.max_batch_size > 1 or spec.is_async)
+
+
 class Replica:
     """One worker process of a model, and what the scheduler knows of it."""
 
@@ -78,6 +86,7 @@ class Replica:
         self.state = ReplicaState.STARTING
         self.in_flight = 0
         self.served = 0
+        self.last_done = 0.0  # when it last answered
         self.idle_since = time.monotonic()
         self.host_bytes = 0  # its reservation while starting; its measured peak once ready
         self.gpu_bytes = 0
@@ -117,6 +126,14 @@ class ServedModel:
         self.queue: RequestQueue[Replica] = RequestQueue(spec.scaling.max_queue_size)
         self.replicas: list[Replica] = []
         self.capacity = replica_capacity(spec)
+        # A sync engine runs one request at a time. When its requests are fast, the round
+        # trip to the runtime between two of them costs more than the engine itself, so a
+        # replica is handed as many requests as it finishes within PIPELINE_WINDOW (at most
+        # PIPELINE_MAX): none waits behind the others longer than that. An engine slower
+        # than PIPELINE_WINDOW gets strictly one at a time, so a new replica takes over the
+        # whole backlog.
+        self._pipelines = pipelines(spec)
+        self.service_seconds = 1.0  # running mean of one request's engine time; "slow" at first
         self.in_flight = 0
         self.arrived = 0  # since the controller last looked
         self.stats = ModelStats()
@@ -217,7 +234,8 @@ class ServedModel:
                 "(scaling.max_queue_size); try again shortly"
             )
         future = self.queue.push(priority)
-        self._wake()
+        if not any(r.state in _ACTIVE for r in self.replicas):
+            self._wake()  # a cold start: no need to wait for the next tick
         timeout = self.settings.load_timeout
         waited = time.monotonic()
         handle = asyncio.get_running_loop().call_later(timeout, self._expire, future, timeout)
@@ -282,11 +300,26 @@ class ServedModel:
             first = not replica.served
             sent = time.monotonic()
             response = await channel.request(kind, parts)
+            done = time.monotonic()
             replica.served += 1
             if first:
-                self._first_response(replica, time.monotonic() - sent)
+                self._first_response(replica, done - sent)
+            elif self._pipelines:
+                # Its service began when it was sent or when the one before it finished.
+                took = done - max(sent, replica.last_done)
+                self.service_seconds += 0.2 * (took - self.service_seconds)
+                fits = int(PIPELINE_WINDOW / max(self.service_seconds, 1e-6))
+                replica.capacity = max(1, min(PIPELINE_MAX, fits))
+            replica.last_done = done
             return response
         except WorkerGone:
+            if self.closing:
+                raise self.unavailable() from None
+            if replica.stop_reason is not None:
+                raise ModelUnavailable(
+                    f"model '{self.name}': replica {replica.id} was stopped while serving this "
+                    f"request ({replica.stop_reason})"
+                ) from None
             returncode = await _returncode_soon(worker)
             raise ModelUnavailable(
                 f"model '{self.name}': worker pid {worker.pid} {worker.exit_reason(returncode)} "

@@ -91,6 +91,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.load_seconds = 0.0
         self.timings = StartTimings()
+        self.aborted = False
         self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._log_task: asyncio.Task[None] | None = None
 
@@ -147,6 +148,8 @@ class WorkerProcess:
             raise LoadFailed(f"{self.label}: cannot start {spec.python}: {exc}") from exc
         finally:
             child.close()
+        if self.aborted:  # stopped while it was being spawned
+            self.kill()
         if self.cgroup is not None:
             try:
                 self.cgroup.add(self.process.pid)
@@ -229,6 +232,11 @@ class WorkerProcess:
         """Ask the worker to move its GPU memory to ``"device"`` or ``"host"`` (CUDA only)."""
         if self.channel is not None and self.spec.device.startswith("cuda"):
             self.channel.send(Kind.PREFETCH, where.encode())
+
+    def abort(self) -> None:
+        """Stop a worker that may still be starting: its ``start`` fails with ``LoadFailed``."""
+        self.aborted = True
+        self.kill()
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started (its session and its cgroup)."""

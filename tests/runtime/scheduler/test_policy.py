@@ -1,0 +1,160 @@
+"""Placement and eviction by memory, against a fake clock and a made-up node."""
+
+from __future__ import annotations
+
+from omni_runtime.scheduler import (
+    Blocked,
+    ModelView,
+    NodeView,
+    ReplicaState,
+    ReplicaView,
+    SchedulerPolicy,
+    StartReplica,
+    StopReplica,
+)
+from omni_runtime.scheduler.policy import eviction_cost
+from omni_sdk import Scaling
+
+MiB = 1 << 20
+
+
+def model(
+    name: str,
+    *replicas: ReplicaView,
+    memory: int = 100 * MiB,
+    queued: int = 0,
+    in_flight: int = 0,
+    load_seconds: float = 1.0,
+    recent: float = 0.0,
+    scaling: Scaling | None = None,
+    arrived: int | None = None,
+    **extra: object,
+) -> ModelView:
+    return ModelView(
+        name=name,
+        scaling=scaling or Scaling(idle_timeout=60),
+        host_bytes=memory,
+        queued=queued,
+        in_flight=in_flight,
+        arrived=max(1, queued + in_flight) if arrived is None else arrived,
+        load_seconds=load_seconds,
+        recent_requests=recent,
+        replicas=list(replicas),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def ready(id: int, memory: int = 100 * MiB, in_flight: int = 0, device: str = "cpu") -> ReplicaView:
+    return ReplicaView(id, ReplicaState.READY, in_flight, memory, 0, device)
+
+
+def decide(policy: SchedulerPolicy, now: float, node: NodeView, *models: ModelView) -> list:
+    policy.observe(now, list(models))
+    return policy.decide(now, node, list(models))
+
+
+def test_a_request_for_a_model_with_no_replica_starts_one() -> None:
+    decisions = decide(SchedulerPolicy(), 0, NodeView(1 << 30), model("a", queued=1))
+    assert decisions == [StartReplica("a", "cpu", decisions[0].reason)]
+
+
+def test_when_memory_is_short_the_idle_replica_is_evicted_never_the_busy_one() -> None:
+    node = NodeView(250 * MiB)
+    busy = model("busy", ready(1, in_flight=1), in_flight=1)
+    idle = model("idle", ready(2))
+    new = model("new", queued=1)
+    decisions = decide(SchedulerPolicy(), 0, node, busy, idle, new)
+    stops = [d for d in decisions if isinstance(d, StopReplica)]
+    assert [(s.model, s.replica, s.cause) for s in stops] == [("idle", 2, "memory")]
+    assert "evicted to make room for 'new'" in stops[0].reason
+    assert StartReplica("new", "cpu", decisions[-1].reason) == decisions[-1]
+
+
+def test_cheapest_replica_goes_first() -> None:
+    node = NodeView(350 * MiB)  # 300 used: one eviction makes room for 100 more
+    slow_to_load = model("slow", ready(1), load_seconds=20.0)
+    often_used = model("popular", ready(2), load_seconds=1.0, recent=50)
+    cheap = model("cheap", ready(3), load_seconds=0.5)
+    policy = SchedulerPolicy()
+    decisions = decide(policy, 0, node, slow_to_load, often_used, cheap, model("new", queued=1))
+    stops = [(d.model, d.replica) for d in decisions if isinstance(d, StopReplica)]
+    assert stops == [("cheap", 3)]
+    assert eviction_cost(cheap) < eviction_cost(slow_to_load) < eviction_cost(often_used)
+
+
+def test_nothing_evictable_blocks_the_model_and_evicts_nothing() -> None:
+    node = NodeView(150 * MiB)
+    busy = model("busy", ready(1, in_flight=2), in_flight=2)
+    decisions = decide(SchedulerPolicy(), 0, node, busy, model("new", queued=3))
+    assert not any(isinstance(d, (StopReplica, StartReplica)) for d in decisions)
+    (blocked,) = decisions
+    assert isinstance(blocked, Blocked)
+    assert blocked.model == "new"
+    assert "scheduler.host_memory" in blocked.reason
+
+
+def test_min_replicas_are_never_evicted() -> None:
+    node = NodeView(150 * MiB)
+    kept = model("kept", ready(1), scaling=Scaling(min_replicas=1))
+    decisions = decide(SchedulerPolicy(), 0, node, kept, model("new", queued=1))
+    assert [type(d) for d in decisions] == [Blocked]
+
+
+def test_a_model_with_queued_requests_is_not_evicted() -> None:
+    node = NodeView(150 * MiB)
+    waiting = model("waiting", ready(1), queued=1)
+    decisions = decide(SchedulerPolicy(), 0, node, waiting, model("new", queued=1))
+    assert not any(isinstance(d, StopReplica) and d.model == "waiting" for d in decisions)
+
+
+def test_idle_surplus_replicas_stop_busy_ones_stay() -> None:
+    scaling = Scaling(idle_timeout=5, max_replicas=4)
+    policy = SchedulerPolicy(stable_window=10, panic_window=2)
+    m = model("m", ready(1, in_flight=1), ready(2), ready(3), in_flight=1, scaling=scaling)
+    now = 0.0
+    for _ in range(60):  # 15 s of one request in flight at a time
+        decisions = decide(policy, now, NodeView(1 << 30), m)
+        now += 0.25
+    stops = sorted(d.replica for d in decisions if isinstance(d, StopReplica))
+    assert stops == [2, 3]
+    assert all("scale down" in d.reason for d in decisions if isinstance(d, StopReplica))
+
+
+def test_scale_to_zero_reports_idle_cause() -> None:
+    scaling = Scaling(idle_timeout=5)
+    policy = SchedulerPolicy(stable_window=10, panic_window=2)
+    decide(policy, 0, NodeView(1 << 30), model("m", ready(1), in_flight=1, scaling=scaling))
+    quiet = model("m", ready(1), scaling=scaling, arrived=0)
+    decisions = decide(policy, 6, NodeView(1 << 30), quiet)
+    (stop,) = decisions
+    assert isinstance(stop, StopReplica)
+    assert stop.cause == "idle"
+    assert "idle_timeout 5s" in stop.reason
+
+
+def test_backoff_delays_a_restart() -> None:
+    policy = SchedulerPolicy()
+    crashed = model("m", queued=1, not_before=5.0)
+    assert decide(policy, 1, NodeView(1 << 30), crashed) == []
+    assert isinstance(decide(policy, 6, NodeView(1 << 30), crashed)[0], StartReplica)
+
+
+def test_gpu_budget_is_memory_times_overcommit() -> None:
+    gpu = 1 << 30
+    node = NodeView(64 << 30, {"cuda:0": 4 * gpu})  # gpu_overcommit 4 on a 1 GiB card
+    resident = [
+        model(f"m{i}", ReplicaView(i, ReplicaState.READY, 0, MiB, gpu, "cuda"), device="cuda")
+        for i in range(4)
+    ]
+    new = model("new", queued=1, device="cuda", gpu_bytes=gpu)
+    decisions = decide(SchedulerPolicy(), 0, node, *resident, new)
+    stops = [d for d in decisions if isinstance(d, StopReplica)]
+    assert len(stops) == 1 and stops[0].cause == "memory"
+    assert "cuda:0" in stops[0].reason
+    assert isinstance(decisions[-1], StartReplica)
+
+
+def test_unloaded_model_scales_to_zero() -> None:
+    m = model("m", ready(1), serving=False)
+    (stop,) = decide(SchedulerPolicy(), 0, NodeView(1 << 30), m)
+    assert isinstance(stop, StopReplica) and stop.model == "m"
