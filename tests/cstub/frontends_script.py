@@ -80,6 +80,28 @@ def prefetch(hooks: Hooks) -> dict[str, object]:
     }
 
 
+def worker_prefetch(hooks: Hooks) -> dict[str, object]:
+    """The runtime's PREFETCH frames, as a worker that loaded the hooks handles them."""
+    from types import SimpleNamespace
+
+    from omni_sdk._protocol import Kind
+    from omni_sdk.worker import split_frames
+
+    ffi = FFI()
+    kept = [hooks.lib.omni_ort_alloc(MIB) for _ in range(3)]
+    runner = SimpleNamespace(model_name="@test/gpu", batch_size=1)
+    frames = [(Kind.PREFETCH, 0, 0, b"host"), (Kind.PING, 0, 7, b"")]
+    batch, control, rest, stopping = split_frames(runner, frames, "omni-x")  # type: ignore[arg-type]
+    to_host = fake_counter("prefetch_to_host")
+    split_frames(runner, [(Kind.PREFETCH, 0, 0, b"device")], "omni-x")  # type: ignore[arg-type]
+    return {
+        "kept": sum(p != ffi.NULL for p in kept),
+        "to_host": to_host,
+        "to_gpu": fake_counter("prefetch_to_gpu"),
+        "answered_ping": len(control) == 1 and not batch and not rest and not stopping,
+    }
+
+
 def quota_api(hooks: Hooks) -> dict[str, object]:
     ffi = FFI()
     before = hooks.mem_info()
@@ -99,7 +121,13 @@ def quota_api(hooks: Hooks) -> dict[str, object]:
     }
 
 
-SCENARIOS = {"torch": torch, "ort": ort, "prefetch": prefetch, "quota_api": quota_api}
+SCENARIOS = {
+    "torch": torch,
+    "ort": ort,
+    "prefetch": prefetch,
+    "quota_api": quota_api,
+    "worker_prefetch": worker_prefetch,
+}
 
 if __name__ == "__main__":
     result = SCENARIOS[sys.argv[1]](Hooks())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import omni_cstub
 from tests.cstub.conftest import Scenario
 
 
@@ -23,6 +24,19 @@ def test_prefetch_wrappers_move_every_managed_allocation(run_python: Scenario) -
     assert out["kept"] == "2"
     assert (out["to_host"], out["to_gpu"]) == ("2", "2")
     assert out["negative_device"] == "CudaError"
+
+
+def test_a_worker_moves_its_memory_where_the_runtime_says(run_python: Scenario) -> None:
+    # LD_PRELOAD names the hooks, as it does in a CUDA worker; the script never allocates
+    # through the driver directly, so only the prefetch calls move anything.
+    out = run_python(
+        "worker_prefetch",
+        FAKE_CUDA_VERSION="13000",
+        LD_PRELOAD=str(omni_cstub.library_path()),
+    )
+    assert out["kept"] == "3"
+    assert (out["to_host"], out["to_gpu"]) == ("3", "3")
+    assert out["answered_ping"] == "True"
 
 
 def test_quota_can_be_set_at_run_time_and_the_region_matches(run_python: Scenario) -> None:
