@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from omni_runtime.config import ConfigError, OmniFile, SchedulerSettings, ServerSettings
 from omni_runtime.discovery import (
     Discovery,
@@ -159,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
     discovery, files = _discover(args)
     settings = ServerSettings()
     scheduler = SchedulerSettings()
-    scheduler_source = "the defaults"
+    scheduler_sources: dict[str, str] = {}  # field -> the file that set it
     packages = {spec.package_dir for spec in discovery.models}
     packages |= {failure.package_dir for failure in discovery.failures}
     for path, omni_file in files.items():
@@ -176,10 +178,16 @@ def _serve(args: argparse.Namespace) -> int:
             )
         if omni_file.scheduler is not None:
             fields = omni_file.scheduler.model_fields_set
-            scheduler = SchedulerSettings.model_validate(
-                scheduler.model_dump() | {k: getattr(omni_file.scheduler, k) for k in fields}
-            )
-            scheduler_source = str(path)
+            scheduler_sources |= dict.fromkeys(fields, str(path))
+            merged = scheduler.model_dump() | {k: getattr(omni_file.scheduler, k) for k in fields}
+            try:
+                scheduler = SchedulerSettings.model_validate(merged)
+            except ValidationError as exc:
+                setters = ", ".join(sorted(set(scheduler_sources.values())))
+                message = "; ".join(
+                    e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)
+                )
+                raise ConfigError(f"[scheduler] as {setters} set it: {message}") from None
     if args.max_body_size:
         try:
             settings = settings.model_copy(
@@ -190,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--max-body-size: {exc}") from None
     gpus = detect_gpus()
-    check_models(discovery.models, scheduler, host_budget(scheduler), scheduler_source, gpus)
+    check_models(discovery.models, scheduler, host_budget(scheduler), scheduler_sources, gpus)
     for failure in discovery.failures:
         log.error("%s", failure.error)
     if not discovery.models:

@@ -385,9 +385,11 @@ class OmniApp:
     async def repository_load(
         self, scope: Scope, receive: Receive, send: Send, model: ServedModel
     ) -> None:
-        await self.node.load(model)
-        if model.state is not ModelState.READY:
-            raise HTTPError(400, f"failed to load model '{model.name}': {model.reason}")
+        error = await self.node.load(model)
+        if error and model.closing:
+            raise HTTPError(503, error, [(b"retry-after", b"5")])
+        if error:
+            raise HTTPError(400, f"failed to load model '{model.name}': {error}")
         await _respond(send, 200, b"")
 
     async def repository_unload(

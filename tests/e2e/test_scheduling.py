@@ -211,6 +211,24 @@ def test_an_unload_does_not_wait_for_a_slow_load(tmp_path: Path) -> None:
         assert "unloaded" in response.json()["errors"][0]["message"]
         assert http.get(f"/v2/models/{model}/ready").status_code == 400
 
+        # The same when the load came from an operator.
+        mark = len(runtime.lines)
+        loading = pool.submit(httpx.post, f"{runtime.url}/v2/repository/models/{model}/load")
+        runtime.wait_for_line(rf"model '{re.escape(model)}': starting replica", start=mark)
+        started = time.monotonic()
+        assert http.post(f"/v2/repository/models/{model}/unload").status_code == 200
+        assert time.monotonic() - started < 30
+        refused = loading.result()
+        assert refused.status_code == 400
+        assert "was unloaded while it loaded" in refused.json()["error"]
+
+
+def test_a_slow_load_is_not_taken_for_a_hung_worker(tmp_path: Path) -> None:
+    with runtime_with(tmp_path, '[server]\nheartbeat_timeout = "1s"\n') as (runtime, http):
+        response = http.post("/ai/run/@scale/load-3s", json={})
+        assert response.status_code == 200, response.text
+        assert not any("has not answered" in line for line in runtime.lines)
+
 
 def test_shutdown_past_drain_timeout_answers_503_in_the_envelope(tmp_path: Path) -> None:
     config = '[server]\ndrain_timeout = "1s"\n'
@@ -269,3 +287,33 @@ def test_contradictory_scaling_stops_serve_naming_the_file_and_both_fields(
     result = _serve_fails(tmp_path, '[scheduler]\nstable_window = "5s"\npanic_window = "10s"\n')
     assert result.returncode == 2
     assert "panic_window" in result.stderr and "stable_window" in result.stderr
+
+
+def test_scheduler_settings_from_two_files_are_checked_together(tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "omni.toml").write_text('[scheduler]\nstable_window = "10s"\n')
+    package = repository / "scaling-models"
+    package.symlink_to(SCALING, target_is_directory=True)
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text('[scheduler]\npanic_window = "20s"\nstable_window = "30s"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "omni_runtime.cli", "serve", str(repository), "--port", "0",
+         "--config", str(explicit)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert str(explicit) in result.stderr and str(repository / "omni.toml") in result.stderr
+    assert "panic_window (20s) must not be longer than stable_window (10s)" in result.stderr
+
+
+def test_min_replicas_that_cannot_all_fit_stop_serve(tmp_path: Path) -> None:
+    result = _serve_fails(
+        tmp_path,
+        '[scheduler]\nhost_memory = "800MiB"\n'
+        '[models."@scale/ballast-a".scaling]\nmin_replicas = 2\n'
+        '[models."@scale/ballast-b".scaling]\nmin_replicas = 1\n',
+    )
+    assert result.returncode == 2
+    assert "'@scale/ballast-a' 2 × 320 MiB" in result.stderr
+    assert "scheduler.host_memory" in result.stderr

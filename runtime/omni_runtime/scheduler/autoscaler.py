@@ -128,8 +128,13 @@ class Autoscaler:
                 else f"no requests for {now - self.last_request:.0f}s "
                 f"(idle_timeout {s.idle_timeout:g}s)"
             )
-        else:
-            want = max(want, 1)  # recently used: keep one until idle_timeout
+        elif want < 1:  # recently used: keep one until idle_timeout
+            want = 1
+            assert self.last_request is not None
+            reason = (
+                f"requested {now - self.last_request:.0f}s ago, within idle_timeout "
+                f"{s.idle_timeout:g}s"
+            )
         if want < s.min_replicas:
             want, reason = s.min_replicas, f"min_replicas is {s.min_replicas}"
         if want > s.max_replicas:

@@ -20,12 +20,15 @@ def check_models(
     specs: list[ModelSpec],
     scheduler: SchedulerSettings,
     host_memory: int,
-    scheduler_source: str,
+    scheduler_sources: dict[str, str],
     gpus: dict[str, int] | None = None,
 ) -> None:
-    """Raise ``ConfigError`` for the first model whose settings cannot work on this node."""
+    """Raise ``ConfigError`` for the first model whose settings cannot work on this node.
+
+    ``scheduler_sources`` maps each ``[scheduler]`` field to the file that set it.
+    """
     budget_source = (
-        f"scheduler.host_memory in {scheduler_source}"
+        f"scheduler.host_memory in {scheduler_sources.get('host_memory', 'omni.toml')}"
         if scheduler.host_memory
         else "this node's memory less 1 GiB (scheduler.host_memory)"
     )
@@ -79,6 +82,17 @@ def check_models(
                     f"{format_size(budget)} (its {format_size(card)} × "
                     f"scheduler.gpu_overcommit {scheduler.gpu_overcommit:g})"
                 )
+    kept = [s for s in specs if s.scaling.min_replicas]
+    always = sum(s.scaling.min_replicas * s.resources.memory for s in kept)
+    if len(kept) > 1 and always > host_memory:
+        listed = ", ".join(
+            f"'{s.name}' {s.scaling.min_replicas} × {format_size(s.resources.memory)}" for s in kept
+        )
+        raise ConfigError(
+            f"the replicas that scaling.min_replicas keeps running ({listed}) need "
+            f"{format_size(always)} together, more than {format_size(host_memory)} "
+            f"({budget_source}); lower min_replicas or resources.memory in omni.toml"
+        )
 
 
 def detect_gpus() -> dict[str, int]:

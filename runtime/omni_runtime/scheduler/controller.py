@@ -85,7 +85,7 @@ class Controller:
         self._next_replica = 0
         self._measured_at = 0.0
         self._arrivals: dict[str, deque[tuple[float, int]]] = {m: deque() for m in self.models}
-        self._starting: list[asyncio.Task[None]] = []
+        self._starting: list[asyncio.Task[None]] | None = None  # collected during start()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -97,8 +97,9 @@ class Controller:
         """Start the loops and the replicas ``min_replicas`` asks for; wait for those."""
         self._loop = asyncio.create_task(self._run())
         self._watchdog = asyncio.create_task(self._watch_heartbeats())
+        self._starting = []
         self.reconcile()
-        starting, self._starting = self._starting, []
+        starting, self._starting = self._starting, None
         await asyncio.gather(*starting, return_exceptions=True)
 
     async def _run(self) -> None:
@@ -134,7 +135,7 @@ class Controller:
                     self._spawn(self._stop(model, victim, decision.reason, decision.cause))
         for model in self.models.values():
             reason = blocked.get(model.name, "")
-            if reason and reason != model.blocked:
+            if reason and not model.blocked:
                 log.warning(
                     "model '%s' needs a replica but none fits: %s; its requests wait",
                     model.name, reason,
@@ -174,12 +175,16 @@ class Controller:
         """Its measured footprint replaces the reservation, and is remembered for next time."""
         host = replica.worker.memory_bytes()
         if host:
-            replica.host_bytes = max(replica.host_bytes if replica.served else 0, host)
-            model.expected_host = max(host, replica.host_bytes)
+            replica.peak_host = max(replica.peak_host, host)
+            replica.host_bytes = replica.peak_host
+            model.measured_host = max(model.measured_host, replica.peak_host)
+            model.expected_host = model.measured_host
         gpu = replica.worker.gpu_memory_bytes()
         if gpu:
-            replica.gpu_bytes = max(replica.gpu_bytes, gpu)
-            model.expected_gpu = replica.gpu_bytes
+            replica.peak_gpu = max(replica.peak_gpu, gpu)
+            replica.gpu_bytes = replica.peak_gpu
+            model.measured_gpu = max(model.measured_gpu, replica.peak_gpu)
+            model.expected_gpu = model.measured_gpu
 
     def _prefetch_idle(self, model: ServedModel, now: float) -> None:
         """On a GPU, an idle replica's memory goes to the host; the next request brings it back."""
@@ -207,21 +212,23 @@ class Controller:
         model.replicas.append(replica)
         log.info("model '%s': starting replica %d (%s)", model.name, replica.id, reason)
         task = self._spawn(self._start(model, replica, reason))
-        self._starting.append(task)
+        if self._starting is not None:
+            self._starting.append(task)
 
     async def _start(self, model: ServedModel, replica: Replica, reason: str) -> None:
         worker = replica.worker
         self.metrics.cold_starts.labels(model.name).inc()
         try:
             await worker.start()
-        except LoadFailed as exc:
+        except Exception as exc:
+            if not isinstance(exc, LoadFailed):
+                log.exception("model '%s': starting replica %d failed", model.name, replica.id)
+                worker.kill()
+                exc = LoadFailed(f"model '{model.name}': its worker could not start: {exc}")
             self._remove(model, replica, ReplicaState.FAILED)
             if replica.stop_reason is not None:
                 return  # stopped while it started: nobody is waiting for it
-            model.failure = str(exc)
-            model.changed.set()
-            log.error("%s", exc)
-            model.fail_waiting(ModelUnavailable(str(exc), 5))
+            self._start_failed(model, str(exc))
             return
         model.load_seconds = worker.load_seconds
         self.metrics.load_seconds.labels(model.name).observe(worker.load_seconds)
@@ -240,6 +247,24 @@ class Controller:
         )  # fmt: skip
         self._spawn(self._watch(model, replica))
         model.hand_over(replica)
+
+    def _start_failed(self, model: ServedModel, error: str) -> None:
+        others = [
+            r for r in model.replicas if r.state in (ReplicaState.READY, ReplicaState.STARTING)
+        ]
+        if others:
+            # The model still serves: back off before trying another replica.
+            model.restarts += 1
+            delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, model.restarts - 1))
+            model.not_before = time.monotonic() + delay
+            log.error(
+                "%s; %d other replicas serve, trying again in %.1fs", error, len(others), delay
+            )
+            return
+        model.failure = error
+        model.changed.set()
+        log.error("%s", error)
+        model.fail_waiting(ModelUnavailable(error, 5))
 
     def _record_cold_start(self, model: ServedModel, worker: WorkerProcess) -> None:
         phases = self.metrics.cold_start
@@ -274,8 +299,11 @@ class Controller:
         if replica.stop_reason is not None:
             await replica.gone.wait()
             return
-        replica.stop_reason = reason
         worker = replica.worker
+        if worker.process is not None and worker.process.returncode is not None:
+            await replica.gone.wait()  # it died by itself: its watcher reports how
+            return
+        replica.stop_reason = reason
         if replica.state is ReplicaState.STARTING:
             worker.abort()  # its start fails, and _start removes it
             await replica.gone.wait()
@@ -307,33 +335,52 @@ class Controller:
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a scheduler task failed", exc_info=task.exception())
 
     # -- operators -----------------------------------------------------------------------
 
-    async def load(self, model: ServedModel) -> None:
-        """Make the model serve again (after an unload or a failed start) with a replica."""
+    async def load(self, model: ServedModel) -> str:
+        """Make the model serve again (after an unload or a failed start) with a replica.
+
+        Returns "" once a replica is ready, else why not. The wait holds no lock, so an
+        unload or a shutdown meanwhile ends it at once.
+        """
         async with model.lifecycle:
+            if model.closing:
+                return f"model '{model.name}' cannot load: the runtime is stopping"
             model.wanted = True
             model.failure = ""
             model.not_before = 0.0
             model.restarts = 0
-            while not model.ready_replicas and not model.failure:
-                model.changed.clear()
-                model.touch()
-                try:
-                    await asyncio.wait_for(model.changed.wait(), self.settings.load_timeout)
-                except TimeoutError:
-                    model.failure = (
-                        f"model '{model.name}' did not become ready within "
-                        f"{self.settings.load_timeout:.0f}s (server.load_timeout)"
-                    )
+        deadline = time.monotonic() + self.settings.load_timeout
+        while not model.ready_replicas:
+            if model.failure:
+                return model.failure
+            if model.closing or not model.wanted or model.unloading:
+                return f"model '{model.name}' was unloaded while it loaded"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return (
+                    f"model '{model.name}' did not become ready within "
+                    f"{self.settings.load_timeout:.0f}s (server.load_timeout)"
+                )
+            model.changed.clear()
+            model.touch()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(model.changed.wait(), min(remaining, 1.0))
+        return ""
 
     async def unload(self, model: ServedModel, reason: str = "unloaded") -> None:
         """Stop taking requests, let those in flight finish, then stop every replica."""
         async with model.lifecycle:
             model.unloading = True
+            model.changed.set()  # a load waiting for a replica gives up
             try:
                 model.fail_waiting(
                     ModelUnavailable(f"model '{model.name}' is unavailable: {reason}", 5)
@@ -349,6 +396,11 @@ class Controller:
         """Shutting down: refuse new requests, give those admitted ``drain_timeout`` to finish."""
         for model in self.models.values():
             model.closing = True
+            model.changed.set()
+            for replica in model.replicas:
+                if replica.state is ReplicaState.STARTING:
+                    replica.stop_reason = "runtime shutting down"
+                    replica.worker.abort()  # nobody will be served by it
         deadline = time.monotonic() + self.settings.drain_timeout
         while time.monotonic() < deadline and any(
             m.in_flight or m.queue for m in self.models.values()
@@ -393,6 +445,8 @@ class Controller:
             now = time.monotonic()
             for model in self.models.values():
                 for replica in list(model.replicas):
+                    if replica.state is not ReplicaState.READY:
+                        continue  # a load is bounded by server.load_timeout instead
                     try:
                         _check_heartbeat(model, replica.worker, now, timeout)
                     except Exception:  # one odd worker must not end the watch for all

@@ -90,6 +90,8 @@ class Replica:
         self.idle_since = time.monotonic()
         self.host_bytes = 0  # its reservation while starting; its measured peak once ready
         self.gpu_bytes = 0
+        self.peak_host = 0
+        self.peak_gpu = 0
         self.on_host = False  # its GPU memory was prefetched to the host while idle
         self.stop_reason: str | None = None  # set when it is stopped on purpose
         self.ready_at = 0.0
@@ -147,6 +149,8 @@ class ServedModel:
         self.load_seconds = 0.0  # how long its last start took
         self.expected_host = spec.resources.memory  # declared, until a replica measured it
         self.expected_gpu = spec.resources.gpu_memory
+        self.measured_host = 0  # the largest footprint any of its replicas reached
+        self.measured_gpu = 0
         self.lifecycle = asyncio.Lock()  # one operator load or unload at a time
         self.changed = asyncio.Event()  # set whenever a replica becomes ready or a start fails
 
@@ -205,6 +209,11 @@ class ServedModel:
         self.arrived += 1
         replica = None if self.queue else self._free_replica()
         if reject_if_busy and (replica is None or self._busy()):
+            if not self.ready_replicas:
+                raise ModelBusy(
+                    f"model '{self.name}' has no replica ready (it is starting or scaled to "
+                    "zero) and the request asked not to wait"
+                )
             raise ModelBusy(f"model '{self.name}' is busy and the request asked not to wait")
         if replica is None:
             replica = await self._wait(priority)
@@ -323,7 +332,7 @@ class ServedModel:
             returncode = await _returncode_soon(worker)
             raise ModelUnavailable(
                 f"model '{self.name}': worker pid {worker.pid} {worker.exit_reason(returncode)} "
-                "while serving this request; it is restarting"
+                "while serving this request; a new replica starts while the model has traffic"
             ) from None
         finally:
             self._release(replica)

@@ -166,9 +166,18 @@ class SchedulerPolicy:
             surplus = len(model.active) - target.replicas
             if surplus <= 0:
                 continue
+            # Replicas still starting go first (keeping the warm ones), then idle ready ones;
+            # newest first either way. A replica with requests in flight is never stopped.
+            starting = [r for r in model.active if r.state is ReplicaState.STARTING]
             idle = [r for r in model.active if r.state is ReplicaState.READY and not r.in_flight]
-            cause = "idle" if target.replicas <= model.scaling.min_replicas else "scale_down"
-            for replica in sorted(idle, key=lambda r: -r.id)[:surplus]:  # newest first
+            if not model.serving:
+                cause = "unload"  # an operator's unload, a failed start or shutdown: not counted
+            elif target.replicas <= model.scaling.min_replicas:
+                cause = "idle"
+            else:
+                cause = "scale_down"
+            by_age = sorted(starting, key=lambda r: -r.id) + sorted(idle, key=lambda r: -r.id)
+            for replica in by_age[:surplus]:
                 decisions.append(
                     StopReplica(model.name, replica.id, f"scale down: {target.reason}", cause)
                 )
@@ -185,8 +194,13 @@ class SchedulerPolicy:
         ]
         wanting.sort(key=lambda item: -(item[0].queued + item[0].in_flight))
         for model, target in wanting:
+            # Only requests waiting or running may evict: a model that is merely recently used
+            # waits for its next request, so two idle models never evict each other in turn.
+            may_evict = model.queued + model.in_flight > 0
             for _ in range(target.replicas - len(model.active)):
                 shortfall = self._shortfall(node, model, host_used, gpu_used)
+                if shortfall and not may_evict:
+                    break
                 if shortfall:
                     victims = self._victims(model, by_name, stopping, node, host_used, gpu_used)
                     if victims is None:
@@ -256,7 +270,8 @@ class SchedulerPolicy:
             if other.name == model.name or other.queued:
                 continue
             keep = other.scaling.min_replicas if other.serving else 0
-            removable = len(other.active) - keep
+            leaving = sum(1 for r in other.active if (other.name, r.id) in stopping)
+            removable = len(other.active) - leaving - keep
             idle = [
                 r
                 for r in other.active

@@ -158,3 +158,39 @@ def test_unloaded_model_scales_to_zero() -> None:
     m = model("m", ready(1), serving=False)
     (stop,) = decide(SchedulerPolicy(), 0, NodeView(1 << 30), m)
     assert isinstance(stop, StopReplica) and stop.model == "m"
+
+
+def test_eviction_never_takes_a_model_below_min_replicas_however_many_it_has() -> None:
+    node = NodeView(350 * MiB)  # 300 used; 'new' needs 100 more, then 100 again
+    kept = model("kept", ready(1), ready(2), ready(3), scaling=Scaling(min_replicas=2))
+    new = model("new", queued=2, scaling=Scaling(target_ongoing_requests=1, idle_timeout=60))
+    decisions = decide(SchedulerPolicy(), 0, node, kept, new)
+    stops = [d for d in decisions if isinstance(d, StopReplica) and d.model == "kept"]
+    assert len(stops) == 1  # 3 replicas, min 2: one may go, never two
+    assert any(isinstance(d, Blocked) and d.model == "new" for d in decisions)
+
+
+def test_recently_used_models_that_do_not_fit_together_do_not_evict_each_other() -> None:
+    node = NodeView(150 * MiB)
+    policy = SchedulerPolicy()
+    a = model("a", ready(1))
+    b = model("b")  # used a moment ago (arrived), but nothing waits for it now
+    b.arrived = 1
+    decisions = decide(policy, 0, node, a, b)
+    assert decisions == []  # b waits for a request before it may evict a
+
+
+def test_scale_down_stops_a_starting_replica_before_a_warm_one() -> None:
+    scaling = Scaling(idle_timeout=60, max_replicas=4)
+    warm = ready(1)
+    cold = ReplicaView(2, ReplicaState.STARTING, 0, 100 * MiB)
+    policy = SchedulerPolicy(stable_window=10, panic_window=2)
+    decisions = decide(policy, 0, NodeView(1 << 30), model("m", warm, cold, scaling=scaling))
+    (stop,) = decisions
+    assert isinstance(stop, StopReplica)
+    assert stop.replica == 2 and stop.cause == "scale_down"
+
+
+def test_an_unloaded_model_is_not_counted_as_an_idle_eviction() -> None:
+    (stop,) = decide(SchedulerPolicy(), 0, NodeView(1 << 30), model("m", ready(1), serving=False))
+    assert isinstance(stop, StopReplica) and stop.cause == "unload"
