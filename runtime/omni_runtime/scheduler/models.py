@@ -227,6 +227,14 @@ class ServedModel:
         return self.in_flight + len(self.queue) >= target * self.ready_replicas
 
     def _free_replica(self) -> Replica | None:
+        if self._pipelines:
+            # A sync engine: the oldest replica with room. Its room is one request unless it
+            # is fast, and then packing its pipeline costs fewer process wake-ups than
+            # spreading the same requests over every replica.
+            for replica in self.replicas:
+                if replica.state is ReplicaState.READY and replica.in_flight < replica.capacity:
+                    return replica
+            return None
         best = None
         for replica in self.replicas:
             if replica.state is ReplicaState.READY and replica.in_flight < replica.capacity:
