@@ -25,6 +25,7 @@ from omni_runtime.discovery import (
 from omni_runtime.doctor import doctor_report
 from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.environments import EnvironmentBuilder, TerminalProgress
+from omni_runtime.scheduler.simulator import TraceError
 from omni_sdk import __version__
 
 __all__ = ["main"]
@@ -71,6 +72,43 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="what isolation this machine supports")
     doctor.add_argument("--json", action="store_true")
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="replay a request trace through the scheduler: how many GPUs does it need?",
+        description="Replay TRACE.csv (columns time, model, duration, memory) through the "
+        "scheduler's policy on simulated GPUs, and report the fewest GPUs that keep --target "
+        "of requests within --slo, against one model per GPU. See docs/scheduling.md.",
+    )
+    simulate.add_argument("trace", type=Path, metavar="TRACE.csv")
+    simulate.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (80GiB)")
+    simulate.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="requests a GPU runs at once, each taking its duration (16)",
+    )
+    simulate.add_argument(
+        "--pcie-gbps",
+        type=float,
+        default=25.0,
+        help="GB/s host to GPU, for a model the node holds in host memory (25)",
+    )
+    simulate.add_argument(
+        "--disk-gbps", type=float, default=2.0, help="GB/s for a model's first load (2)"
+    )
+    simulate.add_argument(
+        "--slo", default="2s", help="a request meets it when it starts within this of arriving (2s)"
+    )
+    simulate.add_argument(
+        "--target",
+        type=float,
+        default=0.99,
+        help="fraction of requests that must meet the SLO (0.99)",
+    )
+    simulate.add_argument("--gpus", type=int, help="report this many GPUs instead of searching")
+    simulate.add_argument("--policy", default="omni", choices=["omni", "lru", "static"])
+    simulate.add_argument("--json", action="store_true", help="print one JSON object")
     return parser  # fmt: skip
 
 
@@ -94,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "simulate":
+            return _simulate(args)
         return _doctor(args)
-    except (DiscoveryError, ConfigError) as exc:
+    except (DiscoveryError, ConfigError, TraceError) as exc:
         print(f"omni-runtime: {exc}", file=sys.stderr)
         return 2
 
@@ -266,6 +306,50 @@ def _serve(args: argparse.Namespace) -> int:
         DrainingServer(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         return 130
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from omni_runtime.scheduler.simulator import parse_options, plan, read_trace
+
+    options = parse_options(
+        gpu_memory=args.gpu_memory,
+        max_batch=args.max_batch,
+        pcie_gbps=args.pcie_gbps,
+        disk_gbps=args.disk_gbps,
+        slo=args.slo,
+        target=args.target,
+        gpus=args.gpus,
+        policy=args.policy,
+    )
+    result = plan(read_trace(args.trace), options)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    p99 = result["p99_wait_seconds"]
+    rows = [
+        ("requests", f"{result['requests']}"),
+        ("models", f"{result['models']}"),
+        (
+            f"GPUs ({result['policy']})",
+            f"{result['gpus']}" + (" (fewest meeting the target)" if result["searched"] else ""),
+        ),
+        ("SLO attainment", f"{result['slo_attainment']:.2%} (target {result['target']:.0%})"),
+        ("one model per GPU", f"{result['baseline_gpus']} GPUs"),
+        ("  its SLO attainment", f"{result['baseline_slo_attainment']:.2%}"),
+        ("GPUs saved", f"{result['gpu_saving']:.1%}"),
+        ("cold starts", f"{result['cold_starts']}"),
+        ("evictions", f"{result['evictions']}"),
+        ("p99 wait", "never started" if p99 is None else f"{p99:.3f}s"),
+    ]
+    for label, value in rows:
+        print(f"{label:<22} {value}")
+    if not result["meets_target"]:
+        print(
+            f"omni-runtime: {result['gpus']} GPUs do not meet the target of "
+            f"{result['target']:.0%} within the SLO",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -14,8 +14,8 @@ one with requests waiting and no replica gets, at once, enough replicas for what
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from dataclasses import dataclass
 
 from omni_sdk import Scaling
@@ -41,13 +41,19 @@ class Autoscaler:
         self.scaling = scaling
         self.stable_window = stable_window
         self.panic_window = min(panic_window, stable_window)
-        # (time, value, seconds it held): a step function of ongoing requests
-        self._samples: deque[tuple[float, float, float]] = deque()
+        # A step function of ongoing requests, as running integrals: at _times[i] the value
+        # became _values[i], and _integrals[i] is the integral from _times[0] up to then.
+        # Averages over any window are then two lookups, not a walk over every sample.
+        self._times: list[float] = []
+        self._values: list[float] = []
+        self._integrals: list[float] = []
+        self._head = 0  # entries before it are older than the stable window
         self._last_time: float | None = None
         self._last_value = 0.0
         self._panic_until = -math.inf
         self._panic_replicas = 0
         self.last_request: float | None = None
+        self.evicted = False  # its last replica was evicted: none until its next request
 
     def observe(self, now: float, ongoing: float, requested: bool = False) -> None:
         """Record that ``ongoing`` requests were in flight or queued at ``now``.
@@ -57,29 +63,46 @@ class Autoscaler:
         """
         if requested or ongoing > 0:
             self.last_request = now
-        if self._last_time is not None and now > self._last_time:
-            # The previous value held from the previous observation until now.
-            self._samples.append((self._last_time, self._last_value, now - self._last_time))
+            self.evicted = False
+        value = float(ongoing)
+        if self._last_time is not None and now < self._last_time:
+            now = self._last_time  # a clock that went back: treat it as the same instant
+        if self._times and now == self._times[-1]:
+            self._values[-1] = value  # the same instant: the newest value wins
+        else:
+            integral = self._integral_at(now) if self._times else 0.0
+            self._times.append(now)
+            self._values.append(value)
+            self._integrals.append(integral)
         self._last_time = now
-        self._last_value = float(ongoing)
+        self._last_value = value
         horizon = now - self.stable_window
-        while self._samples and self._samples[0][0] + self._samples[0][2] <= horizon:
-            self._samples.popleft()
+        head = self._head
+        while head + 1 < len(self._times) and self._times[head + 1] <= horizon:
+            head += 1
+        self._head = head
+        if head > 4096:  # forget what no window reaches any more
+            del self._times[:head], self._values[:head], self._integrals[:head]
+            self._head = 0
+
+    def _integral_at(self, time: float) -> float:
+        """Integral of the step function from its first sample up to ``time``."""
+        times = self._times
+        if time >= times[-1]:
+            i = len(times) - 1
+        else:
+            i = max(self._head, bisect.bisect_right(times, time, self._head) - 1)
+        return self._integrals[i] + self._values[i] * max(0.0, time - times[i])
 
     def average(self, now: float, window: float) -> float:
         """Time-weighted mean of ongoing requests over the last ``window`` seconds."""
-        start = now - window
-        total = weight = 0.0
-        for time, value, held in reversed(self._samples):
-            end = time + held
-            if end <= start:
-                break
-            span = end - max(time, start)
-            total += value * span
-            weight += span
-        if weight == 0.0:
+        if not self._times:
             return self._last_value
-        return total / weight
+        start = max(now - window, self._times[self._head])
+        weight = now - start
+        if weight <= 0.0:
+            return self._last_value
+        return (self._integral_at(now) - self._integral_at(start)) / weight
 
     def target(self, now: float, current: int) -> ScaleTarget:
         """The replicas wanted at ``now`` with ``current`` replicas running or starting."""
@@ -115,19 +138,24 @@ class Autoscaler:
                 f"target {per} per replica"
             )
             panicking = False
-        idle = self.last_request is None or now - self.last_request >= s.idle_timeout
+        idle = (
+            self.evicted or self.last_request is None or now - self.last_request >= s.idle_timeout
+        )
         if self._last_value > 0 and want < 1:  # requests are waiting right now
             want = 1
             reason = f"{self._last_value:g} requests waiting or in flight now"
         elif idle:
             want = 0
             self._panic_until, self._panic_replicas = -math.inf, 0  # a burst long gone
-            reason = (
-                "never requested"
-                if self.last_request is None
-                else f"no requests for {now - self.last_request:.0f}s "
-                f"(idle_timeout {s.idle_timeout:g}s)"
-            )
+            if self.evicted:
+                reason = "evicted to make room; it starts again on its next request"
+            elif self.last_request is None:
+                reason = "never requested"
+            else:
+                reason = (
+                    f"no requests for {now - self.last_request:.0f}s "
+                    f"(idle_timeout {s.idle_timeout:g}s)"
+                )
         elif want < 1:  # recently used: keep one until idle_timeout
             want = 1
             assert self.last_request is not None

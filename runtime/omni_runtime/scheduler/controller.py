@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -128,7 +129,7 @@ class Controller:
         for decision in decisions:
             model = self.models[decision.model]
             if isinstance(decision, StartReplica):
-                self._start_replica(model, decision.reason)
+                self._start_replica(model, decision.device, decision.reason)
             elif isinstance(decision, StopReplica):
                 victim = next((r for r in model.replicas if r.id == decision.replica), None)
                 if victim is not None:
@@ -203,9 +204,12 @@ class Controller:
 
     # -- starting and stopping -----------------------------------------------------------
 
-    def _start_replica(self, model: ServedModel, reason: str) -> None:
+    def _start_replica(self, model: ServedModel, device: str, reason: str) -> None:
         self._next_replica += 1
-        worker = WorkerProcess(model.spec, self.settings, self.isolation)
+        spec = model.spec
+        if device != spec.device:  # "cuda" placed on one GPU of several
+            spec = dataclasses.replace(spec, device=device)
+        worker = WorkerProcess(spec, self.settings, self.isolation)
         replica = Replica(self._next_replica, worker, model.capacity)
         replica.host_bytes = model.expected_host
         replica.gpu_bytes = model.expected_gpu

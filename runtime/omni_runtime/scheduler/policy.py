@@ -17,6 +17,8 @@ never evicted. If nothing can be freed, the model is blocked and its requests wa
 from __future__ import annotations
 
 import enum
+import functools
+import math
 from dataclasses import dataclass, field
 
 from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
@@ -75,9 +77,9 @@ class ModelView:
     not_before: float = 0.0  # no new replica before this (backoff after crashes)
     replicas: list[ReplicaView] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def active(self) -> list[ReplicaView]:
-        """Replicas that count towards its size: starting or ready."""
+        """Replicas that count towards its size: starting or ready (read once per decision)."""
         return [r for r in self.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)]
 
 
@@ -136,7 +138,9 @@ class SchedulerPolicy:
 
     def autoscaler(self, model: ModelView) -> Autoscaler:
         scaler = self.autoscalers.get(model.name)
-        if scaler is None or scaler.scaling != model.scaling:
+        if scaler is None or (
+            scaler.scaling is not model.scaling and scaler.scaling != model.scaling
+        ):
             scaler = Autoscaler(model.scaling, self.stable_window, self.panic_window)
             if model.name in self.autoscalers:
                 scaler.last_request = self.autoscalers[model.name].last_request
@@ -193,20 +197,37 @@ class SchedulerPolicy:
             if m.serving and now >= m.not_before and self.targets[m.name].replicas > len(m.active)
         ]
         wanting.sort(key=lambda item: -(item[0].queued + item[0].in_flight))
+        gpu_load: dict[str, int] = {}
+        for m in models:
+            for r in m.active:
+                if r.device.startswith("cuda"):
+                    key = gpu_key(r.device)
+                    gpu_load[key] = gpu_load.get(key, 0) + r.in_flight
         for model, target in wanting:
             # Only requests waiting or running may evict: a model that is merely recently used
             # waits for its next request, so two idle models never evict each other in turn.
             may_evict = model.queued + model.in_flight > 0
+            hosting = {gpu_key(r.device) for r in model.active}
             for _ in range(target.replicas - len(model.active)):
-                shortfall = self._shortfall(node, model, host_used, gpu_used)
-                if shortfall and not may_evict:
-                    break
-                if shortfall:
-                    victims = self._victims(model, by_name, stopping, node, host_used, gpu_used)
-                    if victims is None:
+                devices = _candidate_devices(node, model, hosting, gpu_used, gpu_load)
+                if not devices:
+                    break  # one replica on every GPU already
+                device, victims, shortfall = self._place(
+                    model, devices, may_evict, by_name, stopping, node, host_used, gpu_used
+                )
+                if shortfall and (not may_evict or victims is None):
+                    if may_evict:
                         decisions.append(Blocked(model.name, shortfall))
-                        break
+                    break
+                if victims:
                     for victim_model, victim in victims:
+                        leaving = [
+                            r for r in victim_model.active if (victim_model.name, r.id) in stopping
+                        ]
+                        if len(leaving) + 1 >= len(victim_model.active):
+                            # Its last replica: it stays at zero until a request wants it,
+                            # rather than refilling the first free memory and being evicted again.
+                            self.autoscaler(victim_model).evicted = True
                         decisions.append(
                             StopReplica(
                                 victim_model.name,
@@ -219,12 +240,17 @@ class SchedulerPolicy:
                         host_used -= victim.host_bytes
                         if victim.device.startswith("cuda"):
                             gpu_used[gpu_key(victim.device)] -= victim.gpu_bytes
-                decisions.append(StartReplica(model.name, model.device, target.reason))
+                decisions.append(StartReplica(model.name, device, target.reason))
                 host_used += model.host_bytes
-                if model.device.startswith("cuda"):
-                    key = gpu_key(model.device)
-                    gpu_used[key] = gpu_used.get(key, 0) + model.gpu_bytes
+                if device.startswith("cuda"):
+                    gpu_used[device] = gpu_used.get(device, 0) + model.gpu_bytes
+                    hosting.add(device)
         return decisions
+
+    def _last_request(self, model: ModelView) -> float:
+        scaler = self.autoscalers.get(model.name)
+        last = scaler.last_request if scaler is not None else None
+        return -math.inf if last is None else last
 
     def _target(self, now: float, model: ModelView) -> ScaleTarget:
         if not model.serving:
@@ -234,18 +260,59 @@ class SchedulerPolicy:
         self.targets[model.name] = target
         return target
 
+    def _place(
+        self,
+        model: ModelView,
+        devices: list[str],
+        may_evict: bool,
+        by_name: dict[str, ModelView],
+        stopping: set[tuple[str, int]],
+        node: NodeView,
+        host_used: int,
+        gpu_used: dict[str, int],
+    ) -> tuple[str, list[tuple[ModelView, ReplicaView]] | None, str]:
+        """(device, replicas to evict there, why it did not fit as it was) for one replica.
+
+        The first device where it fits as things are; else the one where making room is
+        cheapest; victims are None when no device can be made room on.
+        """
+        for device in devices:
+            if _fits(node, model, device, host_used, gpu_used):
+                return device, [], ""
+        shortfall = self._shortfall(node, model, devices[0], host_used, gpu_used)
+        if not may_evict:
+            return devices[0], None, shortfall
+        best: tuple[float, str, list[tuple[ModelView, ReplicaView]]] | None = None
+        for device in devices:
+            found = self._victims(model, device, by_name, stopping, node, host_used, gpu_used)
+            if found is None:
+                continue
+            cost = sum(eviction_cost(m) for m, _ in found)
+            if best is None or cost < best[0]:
+                best = (cost, device, found)
+        if best is None:
+            return devices[0], None, shortfall
+        return best[1], best[2], shortfall
+
     def _shortfall(
-        self, node: NodeView, model: ModelView, host_used: int, gpu_used: dict[str, int]
+        self,
+        node: NodeView,
+        model: ModelView,
+        device: str,
+        host_used: int,
+        gpu_used: dict[str, int],
     ) -> str:
-        """Why one more replica of ``model`` does not fit now, or "" when it does."""
+        """Why one more replica of ``model`` does not fit on ``device`` now, or "" if it does."""
+        if _fits(node, model, device, host_used, gpu_used):
+            return ""
         if host_used + model.host_bytes > node.host_memory:
             return (
                 f"a replica needs {format_size(model.host_bytes)} of host memory and "
                 f"{format_size(max(0, node.host_memory - host_used))} of "
                 f"{format_size(node.host_memory)} (scheduler.host_memory) is free"
             )
-        if model.device.startswith("cuda") and model.gpu_bytes:
-            key = gpu_key(model.device)
+        if device.startswith("cuda") and model.gpu_bytes:
+            key = gpu_key(device)
             budget = node.gpu_budgets.get(key)
             if budget is not None and gpu_used.get(key, 0) + model.gpu_bytes > budget:
                 return (
@@ -258,13 +325,14 @@ class SchedulerPolicy:
     def _victims(
         self,
         model: ModelView,
+        device: str,
         by_name: dict[str, ModelView],
         stopping: set[tuple[str, int]],
         node: NodeView,
         host_used: int,
         gpu_used: dict[str, int],
     ) -> list[tuple[ModelView, ReplicaView]] | None:
-        """The cheapest idle replicas whose eviction makes room, or None if none would."""
+        """The cheapest idle replicas whose eviction makes room on ``device``, else None."""
         candidates: list[tuple[float, ModelView, ReplicaView]] = []
         for other in by_name.values():
             if other.name == model.name or other.queued:
@@ -281,15 +349,16 @@ class SchedulerPolicy:
             ]
             for replica in sorted(idle, key=lambda r: -r.id)[: max(0, removable)]:
                 candidates.append((eviction_cost(other), other, replica))
-        candidates.sort(key=lambda c: (c[0], -c[2].host_bytes))
+        # Equal costs (same load time, as many recent requests): the least recently used goes.
+        candidates.sort(key=lambda c: (c[0], self._last_request(c[1]), -c[2].host_bytes))
         chosen: list[tuple[ModelView, ReplicaView]] = []
         gpu_used = dict(gpu_used)
         for _, other, replica in candidates:
-            if not self._shortfall(node, model, host_used, gpu_used):
+            if _fits(node, model, device, host_used, gpu_used):
                 break
             frees_gpu = (
-                model.device.startswith("cuda")
-                and gpu_key(replica.device) == gpu_key(model.device)
+                device.startswith("cuda")
+                and gpu_key(replica.device) == gpu_key(device)
                 and replica.gpu_bytes > 0
             )
             host_short = host_used + model.host_bytes > node.host_memory
@@ -299,9 +368,44 @@ class SchedulerPolicy:
             host_used -= replica.host_bytes
             if replica.device.startswith("cuda"):
                 gpu_used[gpu_key(replica.device)] -= replica.gpu_bytes
-        if self._shortfall(node, model, host_used, gpu_used):
+        if not _fits(node, model, device, host_used, gpu_used):
             return None
         return chosen
+
+
+def _fits(
+    node: NodeView, model: ModelView, device: str, host_used: int, gpu_used: dict[str, int]
+) -> bool:
+    if host_used + model.host_bytes > node.host_memory:
+        return False
+    if device.startswith("cuda") and model.gpu_bytes:
+        key = gpu_key(device)
+        budget = node.gpu_budgets.get(key)
+        return budget is None or gpu_used.get(key, 0) + model.gpu_bytes <= budget
+    return True
+
+
+def _candidate_devices(
+    node: NodeView,
+    model: ModelView,
+    hosting: set[str],
+    gpu_used: dict[str, int],
+    gpu_load: dict[str, int],
+) -> list[str]:
+    """Where a new replica may go, best first.
+
+    A model on the CPU or pinned to one GPU ("cuda:N") has one choice. One on "cuda" may go on
+    any GPU of the node that does not hold a replica of it yet: the least busy first, then the
+    one with the most free budget.
+    """
+    if not model.device.startswith("cuda"):
+        return [model.device]
+    if model.device != "cuda" or len(node.gpu_budgets) <= 1:
+        return [gpu_key(model.device)]
+    free = [d for d in node.gpu_budgets if d not in hosting]
+    return sorted(
+        free, key=lambda d: (gpu_load.get(d, 0), gpu_used.get(d, 0) - node.gpu_budgets[d], d)
+    )
 
 
 def _holds(replica: ReplicaView) -> bool:

@@ -194,3 +194,31 @@ def test_scale_down_stops_a_starting_replica_before_a_warm_one() -> None:
 def test_an_unloaded_model_is_not_counted_as_an_idle_eviction() -> None:
     (stop,) = decide(SchedulerPolicy(), 0, NodeView(1 << 30), model("m", ready(1), serving=False))
     assert isinstance(stop, StopReplica) and stop.cause == "unload"
+
+
+def gpu_replica(id: int, device: str, size: int, in_flight: int = 0) -> ReplicaView:
+    return ReplicaView(id, ReplicaState.READY, in_flight, 0, size, device)
+
+
+def test_a_model_on_any_gpu_goes_where_it_fits_and_least_busy() -> None:
+    gib = 1 << 30
+    node = NodeView(1 << 40, {"cuda:0": 10 * gib, "cuda:1": 10 * gib})
+    one_replica = Scaling(target_ongoing_requests=8, idle_timeout=60)
+    busy = model("busy", gpu_replica(1, "cuda:0", 2 * gib, 3), in_flight=3, scaling=one_replica)
+    new = model("new", queued=1, device="cuda", gpu_bytes=4 * gib)
+    (start,) = [
+        d for d in decide(SchedulerPolicy(), 0, node, busy, new) if isinstance(d, StartReplica)
+    ]
+    assert start.device == "cuda:1"
+
+
+def test_eviction_happens_on_the_gpu_where_room_is_cheapest() -> None:
+    gib = 1 << 30
+    node = NodeView(1 << 40, {"cuda:0": 10 * gib, "cuda:1": 10 * gib})
+    dear = model("dear", gpu_replica(1, "cuda:0", 8 * gib), load_seconds=30.0, recent=10)
+    cheap = model("cheap", gpu_replica(2, "cuda:1", 8 * gib), load_seconds=0.5)
+    new = model("new", queued=1, device="cuda", gpu_bytes=4 * gib)
+    decisions = decide(SchedulerPolicy(), 0, node, dear, cheap, new)
+    stops = [(d.model, d.cause) for d in decisions if isinstance(d, StopReplica)]
+    assert stops == [("cheap", "memory")]
+    assert [d.device for d in decisions if isinstance(d, StartReplica)] == ["cuda:1"]
