@@ -84,6 +84,12 @@ class SchedulerSettings(BaseModel):
     panic_window: Seconds = Field(
         default=6.0, gt=0, description="...and reacts within this when demand doubles"
     )
+    prewarm_timeout: Seconds = Field(
+        default=3600.0,
+        ge=0,
+        description="a pre-warmed process per environment that has served forks its workers "
+        "until none of its models has had a request for this long; 0 turns pre-warming off",
+    )
 
     @model_validator(mode="after")
     def _windows(self) -> SchedulerSettings:

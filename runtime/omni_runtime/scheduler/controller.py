@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import sys
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -33,6 +35,7 @@ from omni_runtime.scheduler.policy import (
 )
 from omni_runtime.scheduler.queue import ModelUnavailable
 from omni_runtime.workers import LoadFailed, WorkerProcess
+from omni_runtime.workers.prewarm import PrewarmedProcess, trusted_modules
 
 __all__ = ["Controller", "host_budget"]
 
@@ -87,6 +90,7 @@ class Controller:
         self._measured_at = 0.0
         self._arrivals: dict[str, deque[tuple[float, int]]] = {m: deque() for m in self.models}
         self._starting: list[asyncio.Task[None]] | None = None  # collected during start()
+        self.prewarmed: dict[str, PrewarmedProcess] = {}  # by environment interpreter
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -124,8 +128,15 @@ class Controller:
                         self._measure(model, replica)
         views = [self._view(model, now) for model in self.models.values()]
         self.policy.observe(now, views)
-        decisions = self.policy.decide(now, self.node, views)
+        # Pre-warmed processes hold memory too: the replicas' budget is what they leave.
+        budget = self.node.host_memory
+        self.node.host_memory = budget - sum(p.memory_bytes() for p in self.prewarmed.values())
+        try:
+            decisions = self.policy.decide(now, self.node, views)
+        finally:
+            self.node.host_memory = budget
         blocked = {d.model: d.reason for d in decisions if isinstance(d, Blocked)}
+        self._retire_prewarmed(now, bool(blocked))
         for decision in decisions:
             model = self.models[decision.model]
             if isinstance(decision, StartReplica):
@@ -209,7 +220,10 @@ class Controller:
         spec = model.spec
         if device != spec.device:  # "cuda" placed on one GPU of several
             spec = dataclasses.replace(spec, device=device)
-        worker = WorkerProcess(spec, self.settings, self.isolation)
+        prewarmed = self.prewarmed.get(spec.python)
+        if prewarmed is not None and not prewarmed.alive:
+            prewarmed = None
+        worker = WorkerProcess(spec, self.settings, self.isolation, prewarmed)
         replica = Replica(self._next_replica, worker, model.capacity)
         replica.host_bytes = model.expected_host
         replica.gpu_bytes = model.expected_gpu
@@ -246,9 +260,13 @@ class Controller:
         self._measure(model, replica)
         model.changed.set()
         log.info(
-            "model '%s' ready: replica %d, worker pid %s, started in %.2fs (%s)",
-            model.name, replica.id, worker.pid, worker.load_seconds, reason,
+            "model '%s' ready: replica %d, worker pid %s, %s in %.2fs (%s)",
+            model.name, replica.id, worker.pid,
+            "forked from a pre-warmed process" if worker.forked else "started",
+            worker.load_seconds, reason,
         )  # fmt: skip
+        if self.scheduler.prewarm_timeout and not worker.spec.device.startswith("cuda"):
+            self._prewarm(worker)
         self._spawn(self._watch(model, replica))
         model.hand_over(replica)
 
@@ -269,6 +287,58 @@ class Controller:
         model.changed.set()
         log.error("%s", error)
         model.fail_waiting(ModelUnavailable(error, 5))
+
+    def _prewarm(self, worker: WorkerProcess) -> None:
+        """Keep a pre-warmed process for this worker's environment, preloading what it used."""
+        python = worker.spec.python
+        wanted = trusted_modules(worker.modules, worker.spec.package_dir)
+        current = self.prewarmed.get(python)
+        if current is not None and current.alive and set(wanted) <= set(current.preload):
+            return
+        if current is not None:
+            current.retire()
+        preload = sorted(set(wanted) | set(current.preload if current else []))
+        process = PrewarmedProcess(python, preload)
+        self.prewarmed[python] = process
+
+        async def start() -> None:
+            try:
+                await process.start(dict(os.environ, PYTHONUNBUFFERED="1"))
+            except OSError as exc:
+                log.warning("no pre-warmed process for %s: %s", python, exc)
+                process.retired = True
+                return
+            outside_stdlib = [m for m in preload if m not in sys.stdlib_module_names]
+            log.info(
+                "pre-warmed process for %s: pid %s, preloading %d modules (%s)",
+                python, process.process.pid if process.process else "?", len(preload),
+                ", ".join(outside_stdlib) or "the standard library",
+            )  # fmt: skip
+
+        self._spawn(start())
+
+    def _retire_prewarmed(self, now: float, memory_short: bool) -> None:
+        """Retire a pre-warmed process when memory is short or its models have all gone idle."""
+        for python, process in list(self.prewarmed.items()):
+            if not process.alive:
+                if process.retired and not process.children:
+                    del self.prewarmed[python]
+                continue
+            last = max(
+                (
+                    scaler.last_request
+                    for m in self.models.values()
+                    if m.spec.python == python
+                    and (scaler := self.policy.autoscalers.get(m.name)) is not None
+                    and scaler.last_request is not None
+                ),
+                default=process.started_at,
+            )
+            idle = now - max(last, process.started_at) >= self.scheduler.prewarm_timeout
+            if memory_short or idle:
+                why = "memory is short" if memory_short else "its models are idle"
+                log.info("retiring the pre-warmed process for %s: %s", python, why)
+                process.retire()
 
     def _record_cold_start(self, model: ServedModel, worker: WorkerProcess) -> None:
         phases = self.metrics.cold_start
@@ -432,6 +502,8 @@ class Controller:
         await asyncio.gather(
             *(self.unload(m, "runtime shutting down") for m in self.models.values())
         )
+        for process in self.prewarmed.values():
+            process.kill()
         self.isolation.close()
 
     @property

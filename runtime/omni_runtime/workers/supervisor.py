@@ -19,6 +19,7 @@ from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_runtime.workers.channel import WorkerChannel, WorkerGone
+from omni_runtime.workers.prewarm import ForkedProcess, PrewarmedProcess
 from omni_sdk._protocol import Kind, ShmSegments
 from omni_sdk._units import format_size
 
@@ -73,7 +74,11 @@ class WorkerProcess:
     """One replica of one model: ``python -m omni_sdk.worker`` and its socket."""
 
     def __init__(
-        self, spec: ModelSpec, settings: ServerSettings, isolation: Isolation | None = None
+        self,
+        spec: ModelSpec,
+        settings: ServerSettings,
+        isolation: Isolation | None = None,
+        prewarmed: PrewarmedProcess | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
@@ -86,12 +91,15 @@ class WorkerProcess:
         self.gpu_region = Path("/dev/shm") / f"omni-gpu-{os.getpid()}-{self.id}"
         self.shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-r", settings.shm_threshold)
         self.worker_shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-w")
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | ForkedProcess | None = None
         self.channel: WorkerChannel | None = None
         self.started_at = 0.0
         self.load_seconds = 0.0
         self.timings = StartTimings()
         self.aborted = False
+        self.prewarmed = prewarmed
+        self.forked = False  # started by a pre-warmed process rather than exec
+        self.modules: list[str] = []  # top-level modules it imported (HELLO says)
         self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._log_task: asyncio.Task[None] | None = None
 
@@ -131,17 +139,26 @@ class WorkerProcess:
             except (CgroupError, OSError) as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self.started_at = time.monotonic()
+        if self.prewarmed is not None and not env.get("LD_PRELOAD"):
+            # libomnicuda must be preloaded at exec with the model's quota: CUDA workers start
+            # fresh. Anything that goes wrong with a fork falls back to a fresh start.
+            try:
+                await self._fork(command, env, child)
+            except OSError as exc:
+                log.warning("%s: no pre-warmed start (%s); starting it fresh", self.label, exc)
+                self.process = None
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                *command,
-                pass_fds=(child.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=spec.package_dir,
-                env=env,
-                start_new_session=True,
-            )
+            if self.process is None:
+                self.process = await asyncio.create_subprocess_exec(
+                    *command,
+                    pass_fds=(child.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    cwd=spec.package_dir,
+                    env=env,
+                    start_new_session=True,
+                )
         except OSError as exc:
             parent.close()
             self.cleanup()
@@ -150,7 +167,7 @@ class WorkerProcess:
             child.close()
         if self.aborted:  # stopped while it was being spawned
             self.kill()
-        if self.cgroup is not None:
+        if self.cgroup is not None and not self.forked:  # a fork joined its cgroup already
             try:
                 self.cgroup.add(self.process.pid)
             except CgroupError as exc:
@@ -180,6 +197,28 @@ class WorkerProcess:
             raise LoadFailed(str(hello.get("error", f"{self.label} failed to load")))
         self.load_seconds = time.monotonic() - self.started_at
         self.timings = StartTimings.from_hello(hello, self.started_at, self.load_seconds)
+        modules = hello.get("modules")
+        if isinstance(modules, list):
+            self.modules = [m for m in modules if isinstance(m, str)]
+
+    async def _fork(self, command: list[str], env: dict[str, str], child: socket.socket) -> None:
+        """Fork the worker from the pre-warmed process; it joins its cgroup while stopped."""
+        assert self.prewarmed is not None
+        argv = command[3:]  # what follows "python -m omni_sdk.worker"
+        argv[argv.index("--fd") + 1] = "{fd}"
+        process = await self.prewarmed.fork(argv, self.spec.package_dir, env, child.fileno())
+        try:
+            if not await self.prewarmed.stopped(process.pid):
+                raise OSError(f"the fork (pid {process.pid}) never reached its SIGSTOP")
+            if self.cgroup is not None:
+                self.cgroup.add(process.pid)  # before it runs a single line of its own
+            os.kill(process.pid, signal.SIGCONT)
+        except (OSError, CgroupError) as exc:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise OSError(str(exc)) from exc
+        self.process = process
+        self.forked = True
 
     async def _pump_logs(self) -> None:
         """Relay the worker's output to the log, line by line, whatever it writes."""

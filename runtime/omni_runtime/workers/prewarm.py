@@ -1,0 +1,221 @@
+"""Pre-warmed processes: one per model environment that has recently served, forking workers.
+
+A worker forked from one skips the interpreter's start and the imports its environment's
+models made before (what the runtime's base layer provides of them; a model's own modules are
+never imported ahead). The fork then takes exactly the path of a fresh worker: its own session,
+its cgroup (joined while it is stopped, before it runs anything), its sandbox, its model.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ForkedProcess", "PrewarmedProcess", "trusted_modules"]
+
+log = logging.getLogger("omni.prewarm")
+_STOP_WAIT = 2.0  # seconds a fork may take to reach its SIGSTOP
+
+
+class ForkedProcess:
+    """A worker forked by a pre-warmed process: what the supervisor needs of a subprocess."""
+
+    def __init__(self, pid: int, stdout: asyncio.StreamReader, exited: asyncio.Future[int]):
+        self.pid = pid
+        self.stdout = stdout
+        self._exited = exited
+        self.returncode: int | None = None
+        exited.add_done_callback(self._ended)
+
+    def _ended(self, future: asyncio.Future[int]) -> None:
+        if not future.cancelled():
+            self.returncode = future.result()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+
+class PrewarmedProcess:
+    """``python -m omni_sdk.prewarm`` for one environment's interpreter."""
+
+    def __init__(self, python: str, preload: list[str]) -> None:
+        self.python = python
+        self.preload = preload
+        self.process: asyncio.subprocess.Process | None = None
+        self.sock: socket.socket | None = None
+        self.children: dict[int, asyncio.Future[int]] = {}
+        self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._lock = asyncio.Lock()
+        self.started_at = 0.0
+        self.retired = False
+        self._relay: asyncio.Future[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None and not self.retired
+
+    async def start(self, env: dict[str, str]) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [self.python, "-m", "omni_sdk.prewarm", "--fd", str(child.fileno())]
+        if self.preload:
+            command += ["--preload", ",".join(self.preload)]
+        for root in sorted({sys.prefix, sys.base_prefix}):
+            command += ["--trusted", root]
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *command,
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            child.close()
+        parent.setblocking(False)
+        self.sock = parent
+        self.started_at = time.monotonic()
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._readable)
+        self._relay = asyncio.ensure_future(self._relay_stderr())
+
+    async def _relay_stderr(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            log.info("prewarm %s: %s", self.python, line.decode(errors="replace").rstrip())
+
+    def _readable(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._gone()
+                return
+            message = json.loads(data)
+            if "exit" in message:
+                future = self.children.pop(int(message["exit"]), None)
+                if future is not None and not future.done():
+                    future.set_result(int(message["status"]))
+            else:
+                self._replies.put_nowait(message)
+
+    def _gone(self) -> None:
+        """The pre-warmed process ended: its children died with it (PDEATHSIG)."""
+        if self.sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+        self.retired = True
+        for future in self.children.values():
+            if not future.done():
+                future.set_result(-signal.SIGKILL)
+        self.children.clear()
+        self._replies.put_nowait({"error": "the pre-warmed process exited"})
+
+    async def fork(
+        self, argv: list[str], cwd: Path, env: dict[str, str], worker_fd: int
+    ) -> ForkedProcess:
+        """A stopped child running ``argv`` (its ``--fd`` given as "{fd}") once continued."""
+        if not self.alive or self.sock is None:
+            raise OSError("the pre-warmed process is not running")
+        loop = asyncio.get_running_loop()
+        log_read, log_write = os.pipe()
+        try:
+            async with self._lock:  # one fork at a time: replies come back in order
+                message = json.dumps({"fork": {"argv": argv, "cwd": str(cwd), "env": env}})
+                fds = array.array("i", [worker_fd, log_write])
+                self.sock.sendmsg([message.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                reply = await asyncio.wait_for(self._replies.get(), 10)
+        except BaseException:
+            os.close(log_read)
+            raise
+        finally:
+            os.close(log_write)
+        if "pid" not in reply:
+            os.close(log_read)
+            raise OSError(reply.get("error", "the pre-warmed process did not fork"))
+        pid = int(reply["pid"])
+        exited: asyncio.Future[int] = loop.create_future()
+        self.children[pid] = exited
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(log_read, "rb", 0)
+        )
+        return ForkedProcess(pid, reader, exited)
+
+    async def stopped(self, pid: int) -> bool:
+        """Wait until the child has reached its SIGSTOP (it must not run before its cgroup)."""
+        deadline = time.monotonic() + _STOP_WAIT
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return False
+            if state == "T":
+                return True
+            await asyncio.sleep(0.0005)
+        return False
+
+    def memory_bytes(self) -> int:
+        if self.process is None or self.process.returncode is not None:
+            return 0
+        try:
+            with open(f"/proc/{self.process.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def retire(self) -> None:
+        """Fork no more; exit once the workers it forked have ended."""
+        self.retired = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.send(json.dumps({"retire": True}).encode())
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def trusted_modules(names: list[str], package_dir: Path) -> list[str]:
+    """Of the top-level modules a worker imported, those the runtime's own environment provides.
+
+    Only the base layer (what the operator installed beside the runtime) is imported ahead of
+    the sandbox; a model's own modules and its environment's extra packages never are.
+    """
+    import importlib.util
+
+    roots = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix)}
+    package = str(package_dir.resolve())
+    trusted = []
+    for name in names:
+        if not name.isidentifier() or name.startswith("_") or name in sys.builtin_module_names:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        origin = spec.origin if spec is not None else None
+        if not origin or origin in ("built-in", "frozen"):
+            continue
+        where = str(Path(origin).resolve())
+        if where.startswith(package) or not any(where.startswith(r) for r in roots):
+            continue
+        trusted.append(name)
+    return sorted(trusted)
