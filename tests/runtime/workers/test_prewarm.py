@@ -1,0 +1,49 @@
+"""What a pre-warmed process may import ahead of the sandbox, and what it may not."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from omni_runtime.workers.prewarm import trusted_modules
+
+
+def test_only_modules_of_the_runtimes_own_environment_are_trusted(tmp_path: Path) -> None:
+    package = tmp_path / "model"
+    package.mkdir()
+    (package / "my_model.py").write_text("")
+    sys.path.insert(0, str(package))
+    try:
+        names = ["json", "pydantic", "my_model", "no_such_module", "_private", "sys", "os.path"]
+        trusted = trusted_modules(names, package)
+    finally:
+        sys.path.remove(str(package))
+    assert trusted == ["json", "pydantic"]
+
+
+def run_prewarm(tmp_path: Path, trusted: Path) -> bool:
+    """Start a pre-warmed process asked to preload a module that leaves a mark; did it?"""
+    modules = tmp_path / "modules"
+    modules.mkdir(exist_ok=True)
+    mark = tmp_path / "imported"
+    mark.unlink(missing_ok=True)
+    (modules / "marker.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "omni_sdk.prewarm", "--fd", str(child.fileno()),
+         "--preload", "marker", "--trusted", str(trusted)],
+        pass_fds=(child.fileno(),),
+        env=dict(os.environ, PYTHONPATH=str(modules)),
+    )  # fmt: skip
+    child.close()
+    parent.close()  # the runtime goes away: it exits
+    assert process.wait(30) == 0
+    return mark.exists()
+
+
+def test_a_module_from_outside_the_trusted_layer_is_never_preloaded(tmp_path: Path) -> None:
+    assert not run_prewarm(tmp_path, tmp_path / "elsewhere")
+    assert run_prewarm(tmp_path, tmp_path / "modules")  # the same module, when trusted
