@@ -81,32 +81,46 @@ def _parser() -> argparse.ArgumentParser:
         "of requests within --slo, against one model per GPU. See docs/scheduling.md.",
     )
     simulate.add_argument("trace", type=Path, metavar="TRACE.csv")
-    simulate.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (80GiB)")
+    simulate.add_argument(
+        "--gpu-memory", metavar="SIZE", default="80GiB", help="memory of one GPU (80GiB)"
+    )
     simulate.add_argument(
         "--max-batch",
+        metavar="N",
         type=int,
         default=16,
         help="requests a GPU runs at once, each taking its duration (16)",
     )
     simulate.add_argument(
         "--pcie-gbps",
+        metavar="X",
         type=float,
         default=25.0,
         help="GB/s host to GPU, for a model the node holds in host memory (25)",
     )
     simulate.add_argument(
-        "--disk-gbps", type=float, default=2.0, help="GB/s for a model's first load (2)"
+        "--disk-gbps",
+        metavar="X",
+        type=float,
+        default=2.0,
+        help="GB/s for a model's first load (2)",
     )
     simulate.add_argument(
-        "--slo", default="2s", help="a request meets it when it starts within this of arriving (2s)"
+        "--slo",
+        metavar="DURATION",
+        default="2s",
+        help="a request meets it when it starts within this of arriving (2s)",
     )
     simulate.add_argument(
         "--target",
+        metavar="F",
         type=float,
         default=0.99,
         help="fraction of requests that must meet the SLO (0.99)",
     )
-    simulate.add_argument("--gpus", type=int, help="report this many GPUs instead of searching")
+    simulate.add_argument(
+        "--gpus", metavar="N", type=int, help="report this many GPUs instead of searching"
+    )
     simulate.add_argument("--policy", default="omni", choices=["omni", "lru", "static"])
     simulate.add_argument("--json", action="store_true", help="print one JSON object")
     return parser  # fmt: skip
