@@ -43,23 +43,23 @@ def footprints(names: list[str], rng: random.Random) -> dict[str, str]:
     return {name: f"{rng.choices(sizes, weights)[0]}GiB" for name in names}
 
 
-def zipf_chooser(names: list[str], s: float, rng: random.Random) -> list[str]:
-    """``names`` in rank order (a seeded shuffle); pair with ``zipf_weights``."""
-    ranked = list(names)
-    rng.shuffle(ranked)
-    return ranked
+class Population:
+    """The models of a trace: their footprints and a seeded Zipf choice among them."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.rng = random.Random(args.seed)
+        names = model_names(args.models)
+        self.memory = footprints(names, self.rng)
+        self.ranked = list(names)  # popularity ranks, independent of size
+        self.rng.shuffle(self.ranked)
+        self.weights = [1.0 / (rank**args.zipf) for rank in range(1, len(names) + 1)]
 
-def zipf_weights(count: int, s: float) -> list[float]:
-    return [1.0 / (rank**s) for rank in range(1, count + 1)]
+    def choose(self) -> str:
+        return self.rng.choices(self.ranked, self.weights)[0]
 
 
 def azure(args: argparse.Namespace) -> list[tuple[float, str, float, str]]:
-    rng = random.Random(args.seed)
-    names = model_names(args.models)
-    memory = footprints(names, rng)
-    ranked = zipf_chooser(names, args.zipf, rng)
-    weights = zipf_weights(len(ranked), args.zipf)
+    models = Population(args)
     rows = []
     start = None
     with open(args.source, newline="") as f:
@@ -68,17 +68,14 @@ def azure(args: argparse.Namespace) -> list[tuple[float, str, float, str]]:
             start = start or stamp
             context, generated = int(record["ContextTokens"]), int(record["GeneratedTokens"])
             duration = context / PREFILL_TOKENS_PER_SECOND + generated * DECODE_SECONDS_PER_TOKEN
-            model = rng.choices(ranked, weights)[0]
-            rows.append(((stamp - start).total_seconds(), model, max(duration, 0.001), model))
-    return [(t, m, d, memory[m]) for t, m, d, _ in rows]
+            model = models.choose()
+            rows.append(((stamp - start).total_seconds(), model, max(duration, 0.001)))
+    return [(t, m, d, models.memory[m]) for t, m, d in rows]
 
 
 def synthetic(args: argparse.Namespace) -> list[tuple[float, str, float, str]]:
-    rng = random.Random(args.seed)
-    names = model_names(args.models)
-    memory = footprints(names, rng)
-    ranked = zipf_chooser(names, args.zipf, rng)
-    weights = zipf_weights(len(ranked), args.zipf)
+    models = Population(args)
+    rng = models.rng
     span = args.hours * 3600
     mean_rate = args.requests / span
 
@@ -99,9 +96,9 @@ def synthetic(args: argparse.Namespace) -> list[tuple[float, str, float, str]]:
             t -= span
         if rng.random() > rate(t) / peak:
             continue
-        model = rng.choices(ranked, weights)[0]
+        model = models.choose()
         duration = rng.lognormvariate(math.log(args.duration), 0.5)
-        rows.append((t, model, round(duration, 4), memory[model]))
+        rows.append((t, model, round(duration, 4), models.memory[model]))
     rows.sort()
     return rows
 
