@@ -123,6 +123,8 @@ def serve(control: socket.socket) -> int:
                 pid = os.fork()
                 if pid == 0:
                     selector.close()
+                    wake_read.close()
+                    wake_write.close()
                     _child(request["fork"], fds[0], fds[1], control)
                 children.add(pid)
                 send({"pid": pid})

@@ -193,6 +193,20 @@ class PrewarmedProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
+def _entry_point_modules(package_dir: Path) -> set[str]:
+    """Top-level modules the package's ``omni`` entry points name."""
+    import tomllib
+
+    try:
+        project = tomllib.loads((package_dir / "pyproject.toml").read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return set()
+    points = project.get("entry-points", {}).get("omni", {})
+    if not isinstance(points, dict):
+        return set()
+    return {str(v).split(":")[0].split(".")[0].strip() for v in points.values()}
+
+
 def trusted_modules(names: list[str], package_dir: Path) -> list[str]:
     """Of the top-level modules a worker imported, those the runtime's own environment provides.
 
@@ -203,9 +217,12 @@ def trusted_modules(names: list[str], package_dir: Path) -> list[str]:
 
     roots = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix)}
     package = str(package_dir.resolve())
+    own = _entry_point_modules(package_dir)  # installed beside the runtime or not: model code
     trusted = []
     for name in names:
         if not name.isidentifier() or name.startswith("_") or name in sys.builtin_module_names:
+            continue
+        if name in own:
             continue
         try:
             spec = importlib.util.find_spec(name)

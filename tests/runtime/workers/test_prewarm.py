@@ -47,3 +47,14 @@ def run_prewarm(tmp_path: Path, trusted: Path) -> bool:
 def test_a_module_from_outside_the_trusted_layer_is_never_preloaded(tmp_path: Path) -> None:
     assert not run_prewarm(tmp_path, tmp_path / "elsewhere")
     assert run_prewarm(tmp_path, tmp_path / "modules")  # the same module, when trusted
+
+
+def test_a_model_module_installed_beside_the_runtime_is_not_trusted(tmp_path: Path) -> None:
+    package = tmp_path / "model"
+    package.mkdir()
+    # Its entry point names "json": as if the model's module had been installed into the
+    # runtime's own environment, where the origin check alone would trust it.
+    (package / "pyproject.toml").write_text(
+        '[project]\nname = "x"\nversion = "1"\n[project.entry-points.omni]\nx = "json.decoder"\n'
+    )
+    assert trusted_modules(["json", "pydantic"], package) == ["pydantic"]
