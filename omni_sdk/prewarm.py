@@ -29,6 +29,7 @@ import selectors
 import signal
 import socket
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import omni_sdk.worker
@@ -67,8 +68,16 @@ def _child(
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        os.kill(os.getpid(), signal.SIGSTOP)  # the runtime moves us into our cgroup, then SIGCONT
+        # As `python -m omni_sdk.worker` in the package directory would be set up: its path,
+        # argv and SIGINT, and no descriptor but the standard ones and its socket.
+        sys.path[0] = request["cwd"]
         argv = [a if a != "{fd}" else str(worker_fd) for a in request["argv"]]
+        sys.argv = [omni_sdk.worker.__file__, *argv]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.closerange(3, worker_fd)
+        os.closerange(worker_fd + 1, 1 << 16)
+        os.kill(os.getpid(), signal.SIGSTOP)  # the runtime moves us into our cgroup, then SIGCONT
         code = omni_sdk.worker.main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -150,19 +159,50 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     trusted = [os.path.realpath(t) for t in args.trusted]
-    for name in filter(None, args.preload.split(",")):
+    _preload(filter(None, args.preload.split(",")), trusted)
+    control = socket.socket(fileno=args.fd)
+    return serve(control)
+
+
+def _preload(names: Iterable[str], trusted: list[str]) -> None:
+    """Import ``names`` with only the trusted layer importable, and nothing else after all.
+
+    While preloading, ``sys.path`` holds only the trusted directories, so whatever a preloaded
+    module imports in turn (an optional extra, say) cannot come from the model's environment.
+    A module that would pull anything from elsewhere is simply not preloaded.
+    """
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(real == t or real.startswith(t + os.sep) for t in trusted)
+
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if p and inside(p)]
+    importlib.invalidate_caches()
+    try:
+        _import_trusted(names, inside)
+    finally:
+        sys.path[:] = saved
+        importlib.invalidate_caches()
+
+
+def _import_trusted(names: Iterable[str], inside: Callable[[str], bool]) -> None:
+    before = set(sys.modules)
+    for name in names:
         # Only what this interpreter would take from the base layer: a module the model's own
         # environment provides (another version, say) is its code, imported after the sandbox.
         try:
             spec = importlib.util.find_spec(name)
-            origin = os.path.realpath(spec.origin) if spec and spec.origin else ""
-            if not any(origin.startswith(t + os.sep) for t in trusted):
+            if not (spec and spec.origin and inside(spec.origin)):
                 continue
             importlib.import_module(name)
         except Exception as exc:  # a module that will not preload is imported by the worker
             print(f"omni prewarm: could not preload {name}: {exc}", file=sys.stderr)
-    control = socket.socket(fileno=args.fd)
-    return serve(control)
+    for name in set(sys.modules) - before:
+        origin = getattr(sys.modules[name], "__file__", None)
+        if origin and not inside(origin):
+            # Something came from outside the trusted layer after all: serve nothing.
+            raise SystemExit(f"omni prewarm: {name} was imported from {origin}; not pre-warming")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ class Controller:
         self._measured_at = 0.0
         self._arrivals: dict[str, deque[tuple[float, int]]] = {m: deque() for m in self.models}
         self._starting: list[asyncio.Task[None]] | None = None  # collected during start()
-        self.prewarmed: dict[str, PrewarmedProcess] = {}  # by environment interpreter
+        self.prewarmed: dict[str, PrewarmedProcess] = {}  # the current one, by interpreter
+        self._prewarmed_all: set[PrewarmedProcess] = set()  # current and retiring ones
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -130,13 +131,13 @@ class Controller:
         self.policy.observe(now, views)
         # Pre-warmed processes hold memory too: the replicas' budget is what they leave.
         budget = self.node.host_memory
-        self.node.host_memory = budget - sum(p.memory_bytes() for p in self.prewarmed.values())
+        self.node.host_memory = budget - sum(p.memory_bytes() for p in self._prewarmed_all)
         try:
             decisions = self.policy.decide(now, self.node, views)
         finally:
             self.node.host_memory = budget
         blocked = {d.model: d.reason for d in decisions if isinstance(d, Blocked)}
-        self._retire_prewarmed(now, bool(blocked))
+        self._retire_prewarmed(now, any("host_memory" in r for r in blocked.values()))
         for decision in decisions:
             model = self.models[decision.model]
             if isinstance(decision, StartReplica):
@@ -295,11 +296,14 @@ class Controller:
         current = self.prewarmed.get(python)
         if current is not None and current.alive and set(wanted) <= set(current.preload):
             return
+        if any(m.blocked for m in self.models.values()):
+            return  # memory is short: no process that only holds memory
         if current is not None:
             current.retire()
         preload = sorted(set(wanted) | set(current.preload if current else []))
         process = PrewarmedProcess(python, preload)
         self.prewarmed[python] = process
+        self._prewarmed_all.add(process)
 
         async def start() -> None:
             try:
@@ -319,10 +323,12 @@ class Controller:
 
     def _retire_prewarmed(self, now: float, memory_short: bool) -> None:
         """Retire a pre-warmed process when memory is short or its models have all gone idle."""
+        for process in list(self._prewarmed_all):
+            if process.ended:
+                self._prewarmed_all.discard(process)
         for python, process in list(self.prewarmed.items()):
             if not process.alive:
-                if process.retired and not process.children:
-                    del self.prewarmed[python]
+                del self.prewarmed[python]  # retiring: tracked in _prewarmed_all until it ends
                 continue
             last = max(
                 (
@@ -502,7 +508,7 @@ class Controller:
         await asyncio.gather(
             *(self.unload(m, "runtime shutting down") for m in self.models.values())
         )
-        for process in self.prewarmed.values():
+        for process in self._prewarmed_all:
             process.kill()
         self.isolation.close()
 

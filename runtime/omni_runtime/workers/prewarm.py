@@ -62,7 +62,17 @@ class PrewarmedProcess:
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None and not self.retired
+        """Not retired, and starting or running."""
+        return not self.retired and (self.process is None or self.process.returncode is None)
+
+    @property
+    def ended(self) -> bool:
+        """Its process is gone (or never started): nothing more to track."""
+        return (
+            self.retired
+            and not self.children
+            and (self.process is None or self.process.returncode is not None)
+        )
 
     async def start(self, env: dict[str, str]) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -87,6 +97,9 @@ class PrewarmedProcess:
         self.sock = parent
         self.started_at = time.monotonic()
         asyncio.get_running_loop().add_reader(parent.fileno(), self._readable)
+        if self.retired:  # retired while it started
+            self.retired = False
+            self.retire()
         self._relay = asyncio.ensure_future(self._relay_stderr())
 
     async def _relay_stderr(self) -> None:
@@ -120,6 +133,11 @@ class PrewarmedProcess:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
+        if self.children:
+            log.warning(
+                "the pre-warmed process for %s exited; the %d workers it forked die with it",
+                self.python, len(self.children),
+            )  # fmt: skip
         self.retired = True
         for future in self.children.values():
             if not future.done():
@@ -142,7 +160,11 @@ class PrewarmedProcess:
                 self.sock.sendmsg([message.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 reply = await asyncio.wait_for(self._replies.get(), 10)
         except BaseException:
+            # A reply that comes later would be taken for the next fork's: this process is
+            # not to be trusted with another fork. It goes, and the workers it forked with it.
             os.close(log_read)
+            self.retired = True
+            self.kill()
             raise
         finally:
             os.close(log_write)
@@ -186,6 +208,7 @@ class PrewarmedProcess:
         if self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.send(json.dumps({"retire": True}).encode())
+        # (Still starting: start() sends it once it has a socket.)
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:

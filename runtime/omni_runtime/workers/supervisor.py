@@ -216,6 +216,8 @@ class WorkerProcess:
         except (OSError, CgroupError) as exc:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process.pid, signal.SIGKILL)  # before its setsid, it has no group
             raise OSError(str(exc)) from exc
         self.process = process
         self.forked = True

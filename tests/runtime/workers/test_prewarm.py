@@ -58,3 +58,28 @@ def test_a_model_module_installed_beside_the_runtime_is_not_trusted(tmp_path: Pa
         '[project]\nname = "x"\nversion = "1"\n[project.entry-points.omni]\nx = "json.decoder"\n'
     )
     assert trusted_modules(["json", "pydantic"], package) == ["pydantic"]
+
+
+def test_what_a_trusted_module_imports_cannot_come_from_the_models_environment(
+    tmp_path: Path,
+) -> None:
+    trusted = tmp_path / "trusted"
+    model_env = tmp_path / "model-env"
+    trusted.mkdir()
+    model_env.mkdir()
+    mark = tmp_path / "model-code-ran"
+    (trusted / "base_module.py").write_text(
+        "try:\n    import optdep\nexcept ImportError:\n    pass\n"
+    )
+    (model_env / "optdep.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "omni_sdk.prewarm", "--fd", str(child.fileno()),
+         "--preload", "base_module", "--trusted", str(trusted)],
+        pass_fds=(child.fileno(),),
+        env=dict(os.environ, PYTHONPATH=f"{model_env}:{trusted}"),
+    )  # fmt: skip
+    child.close()
+    parent.close()
+    process.wait(30)
+    assert not mark.exists()
