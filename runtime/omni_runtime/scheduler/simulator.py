@@ -15,7 +15,7 @@ results compare across versions:
 Policies: ``omni`` (the scheduler's policy, replicas on any GPU), ``lru`` (one replica per
 model, loaded on demand, the least recently used idle model evicted when memory is short) and
 ``static`` (models packed onto GPUs at the start, first fit by decreasing size, never moved:
-``gpus`` equal to the number of models is one model per GPU).
+the baseline puts each model alone on a GPU of its own).
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class _Simulation:
     def run(self) -> SimulationResult:
         for index, request in enumerate(self.trace):
             self.push(request.time, self._ARRIVAL, index)
-        if self.policy_name == "static":
+        if self.policy_name in ("static", "dedicated"):
             self._place_static()
         elif self.trace:
             self.push(self.trace[0].time, self._TICK, None)
@@ -367,7 +367,7 @@ class _Simulation:
     # -- decisions -----------------------------------------------------------------------
 
     def _decide(self, now: float) -> None:
-        if self.policy_name == "static":
+        if self.policy_name in ("static", "dedicated"):
             return
         if self.policy_name == "lru":
             decisions = self._decide_lru(now)
@@ -469,6 +469,12 @@ class _Simulation:
 
     def _place_static(self) -> None:
         """First fit by decreasing size; resident from the start; what does not fit is lost."""
+        if self.policy_name == "dedicated":  # the baseline: model i alone on GPU i
+            for device, model in zip(self.gpus, self.models.values(), strict=False):
+                self._next_id += 1
+                model.replicas.append(_Replica(self._next_id, model, device, ReplicaState.READY))
+                model.in_host_memory = True
+            return
         free = {d: self.options.gpu_memory for d in self.gpus}
         for model in sorted(self.models.values(), key=lambda m: (-m.memory, m.name)):
             for device in free:
@@ -492,7 +498,7 @@ def plan(trace: list[TraceRequest], options: SimulationOptions) -> dict[str, Any
     """The fewest GPUs that meet the target under the policy, and one model per GPU."""
     options.check()
     models = model_sizes(trace, options)
-    baseline = simulate(trace, options, max(1, len(models)), "static")
+    baseline = simulate(trace, options, max(1, len(models)), "dedicated")
     if options.gpus is not None:
         chosen = simulate(trace, options, options.gpus)
         searched = False
@@ -537,9 +543,10 @@ def _fewest_gpus(
 
     low, high = 1, most
     while run(high).slo_attainment < options.target:
-        if high >= _MOST_GPUS:
-            return results[high]  # no count meets the target: report the largest tried
-        low, high = high + 1, min(_MOST_GPUS, high * 2)  # busy models need several GPUs
+        more = min(_MOST_GPUS, high * 2)  # busy models may need several GPUs each
+        if high >= _MOST_GPUS or run(more).slo_attainment <= results[high].slo_attainment:
+            return results[high]  # more GPUs do not help: the target cannot be met
+        low, high = high + 1, more
     while low < high:
         middle = (low + high) // 2
         if run(middle).slo_attainment >= options.target:
