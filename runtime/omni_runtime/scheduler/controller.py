@@ -257,7 +257,7 @@ class Controller:
             return
         self._record_cold_start(model, worker)
         replica.state = ReplicaState.READY
-        replica.ready_at = replica.idle_since = time.monotonic()
+        replica.idle_since = time.monotonic()
         self._measure(model, replica)
         model.changed.set()
         log.info(

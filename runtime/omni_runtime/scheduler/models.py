@@ -94,7 +94,6 @@ class Replica:
         self.peak_gpu = 0
         self.on_host = False  # its GPU memory was prefetched to the host while idle
         self.stop_reason: str | None = None  # set when it is stopped on purpose
-        self.ready_at = 0.0
         self.gone = asyncio.Event()  # set once it has left its model's replica list
         self.idle = asyncio.Event()
         self.idle.set()
