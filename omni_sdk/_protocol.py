@@ -5,43 +5,48 @@ Every message is one frame: a 16-byte header followed by ``length`` bytes of bod
     length  u32   bytes of body after the header
     version u8    PROTOCOL_VERSION; a peer refuses any other
     kind    u8    a ``Kind``
-    flags   u16   ``FLAG_SHM``: the body names a shared-memory segment holding the payload
+    flags   u16   ``FLAG_FD``: the body is the payload's size; the payload is in a memfd
     id      u64   request id, echoed in the response
 
 No pickle crosses the boundary: bodies are JSON or the raw bytes of the KServe v2 binary
 tensor extension, so a worker in a venv with other library versions still understands them.
-Payloads of ``shm_threshold`` bytes or more travel through a file in ``/dev/shm`` instead of
-the socket; the receiver maps it and unlinks it at once.
+Payloads of ``shm_threshold`` bytes or more travel as a sealed memfd whose descriptor is passed
+over a second socket (``Payloads``); no frame may be longer than ``MAX_FRAME``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import array
 import enum
-import mmap
+import fcntl
 import os
+import socket
 import struct
 from collections.abc import Iterator
 
 __all__ = [
-    "FLAG_SHM",
+    "FLAG_FD",
     "HEADER",
+    "MAX_FRAME",
     "PROTOCOL_VERSION",
     "FrameReader",
     "Kind",
+    "PayloadError",
+    "Payloads",
     "ProtocolError",
     "encode_frame",
-    "read_shm",
-    "write_shm",
+    "payload",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<IBBHQ")
-FLAG_SHM = 0x1
-SHM_REF = struct.Struct("<Q")  # payload size, followed by the segment name in UTF-8
+FLAG_FD = 0x1
+FD_REF = struct.Struct("<Q")  # the payload's size; its memfd came over the side channel
+MAX_FRAME = 64 << 20  # the longest frame body either side accepts on the socket itself
+MAX_PAYLOAD = 4 << 30  # the largest payload either side reads from a memfd
+_SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # F_SEAL_SEAL | SHRINK | GROW | WRITE
 V2_PREFIX = struct.Struct("<I")  # Inference-Header-Content-Length, 0 for a plain JSON body
 RESPONSE_PREFIX = struct.Struct("<HI")  # HTTP status, Inference-Header-Content-Length
-SHM_DIR = "/dev/shm"
 DEFAULT_SHM_THRESHOLD = 256 * 1024
 
 
@@ -58,7 +63,11 @@ class Kind(enum.IntEnum):
 
 
 class ProtocolError(Exception):
-    """The peer sent something this side cannot read."""
+    """The peer sent something this side cannot read: the connection cannot go on."""
+
+
+class PayloadError(Exception):
+    """One message's payload could not be read: that message fails, the connection goes on."""
 
 
 def encode_frame(kind: int, request_id: int, body: bytes = b"", flags: int = 0) -> bytes:
@@ -86,6 +95,8 @@ class FrameReader:
                     f"peer speaks protocol version {version}, this side speaks "
                     f"{PROTOCOL_VERSION}: install the same omni-sdk in the model's environment"
                 )
+            if length > MAX_FRAME:
+                raise ProtocolError(f"a frame of {length} bytes is over the limit of {MAX_FRAME}")
             end = offset + header_size + length
             if end > size:
                 break
@@ -95,77 +106,106 @@ class FrameReader:
             del buffer[:offset]
 
 
-class ShmSegments:
-    """Names and writes the shared-memory files one side sends; the other side unlinks them."""
+class Payloads:
+    """Sends the payloads of one side's frames: inline when small, through a memfd when large.
 
-    __slots__ = ("_counter", "prefix", "threshold")
+    A large payload is written into an anonymous, sealed memory file (``memfd_create``) whose
+    descriptor travels over the side channel ``fds`` (SCM_RIGHTS) just before its frame. No
+    file has a name another process could open, truncate or fill, and the receiver reads it
+    with ``pread`` rather than mapping it, so nothing a peer does to it can raise SIGBUS.
+    """
 
-    def __init__(self, prefix: str, threshold: int = DEFAULT_SHM_THRESHOLD) -> None:
-        self.prefix = prefix
+    __slots__ = ("fds", "threshold")
+
+    def __init__(self, fds: socket.socket | None, threshold: int = DEFAULT_SHM_THRESHOLD) -> None:
+        self.fds = fds
         self.threshold = threshold
-        self._counter = 0
 
     def frame(self, kind: int, request_id: int, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
-        """One frame carrying ``parts``: inline when small, through a segment when large."""
+        """One frame carrying ``parts``. Raises ``OSError`` when a large payload cannot be
+        written (memory is short): that one message fails, nothing else."""
         size = sum(len(p) for p in parts)
-        if size < self.threshold:
+        if size < self.threshold or self.fds is None:
             return encode_frame(kind, request_id, b"".join(parts))
-        self._counter += 1
-        name = f"{self.prefix}-{self._counter}"
-        write_shm(name, parts, size)
-        return encode_frame(kind, request_id, SHM_REF.pack(size) + name.encode(), FLAG_SHM)
-
-    def cleanup(self) -> None:
-        """Remove segments this prefix left behind (the receiver died before reading them)."""
-        directory, _, stem = f"{SHM_DIR}/{self.prefix}".rpartition("/")
+        fd = write_memfd(parts, size)
         try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            if name.startswith(stem + "-"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
+            self.fds.sendmsg(
+                [b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            )
+        finally:
+            os.close(fd)
+        return encode_frame(kind, request_id, FD_REF.pack(size), FLAG_FD)
 
 
-def write_shm(name: str, parts: list[bytes] | tuple[bytes, ...], size: int) -> None:
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+def write_memfd(parts: list[bytes] | tuple[bytes, ...], size: int) -> int:
+    """A sealed memfd holding ``parts``; the caller closes it."""
+    fd = os.memfd_create("omni-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, size)
-        with mmap.mmap(fd, size) as mapped:
-            offset = 0
-            for part in parts:
-                mapped[offset : offset + len(part)] = part
-                offset += len(part)
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        written = 0
+        while views:
+            n = os.writev(fd, views)
+            written += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        if written != size:
+            raise OSError(f"wrote {written} of {size} bytes of a payload")
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def receive_fd(fds: socket.socket) -> int:
+    """The next descriptor the peer sent on its side channel (it precedes its frame)."""
+    received = array.array("i")
+    try:
+        _, ancillary, _, _ = fds.recvmsg(
+            1, socket.CMSG_SPACE(received.itemsize), socket.MSG_DONTWAIT
+        )
+    except BlockingIOError:
+        raise ProtocolError("a frame named a payload descriptor that never came") from None
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received.frombytes(data[: len(data) - (len(data) % received.itemsize)])
+    if len(received) != 1:
+        for fd in received:
+            os.close(fd)
+        raise ProtocolError("a payload descriptor message carried no descriptor")
+    return received[0]
+
+
+def read_payload(fd: int, size: int, limit: int = MAX_PAYLOAD) -> bytearray:
+    """Read a payload of ``size`` bytes from ``fd`` with ``pread``; ``PayloadError`` if the file
+    is not what its frame said (too short, over ``limit``)."""
+    if size > limit:
+        raise PayloadError(f"a payload of {size} bytes is over the limit of {limit}")
+    if os.fstat(fd).st_size < size:
+        raise PayloadError("a payload file is shorter than its frame says")
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [view[offset:]], offset)
+        if n <= 0:
+            raise PayloadError("a payload file shrank while it was read")
+        offset += n
+    return buffer
+
+
+def payload(flags: int, body: bytes, fds: socket.socket | None) -> bytes | bytearray:
+    """The logical payload of a frame, reading the memfd that precedes it when flagged."""
+    if not flags & FLAG_FD:
+        return body
+    if fds is None:
+        raise ProtocolError("a frame named a payload descriptor on a channel without any")
+    fd = receive_fd(fds)
+    try:
+        (size,) = FD_REF.unpack_from(body)
+        return read_payload(fd, size)
     finally:
         os.close(fd)
-
-
-def read_shm(body: bytes, prefix: str) -> memoryview:
-    """Map the segment a ``FLAG_SHM`` body names, unlink it, and return its payload.
-
-    Only names under the sender's own ``prefix`` are accepted: a peer may not make this side
-    read, or unlink, anybody else's file in /dev/shm.
-    """
-    (size,) = SHM_REF.unpack_from(body)
-    name = body[SHM_REF.size :].decode(errors="replace")
-    if not name.startswith(prefix + "-") or "/" in name:
-        raise ProtocolError(f"refusing shared-memory segment name {name!r}")
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.unlink(path)
-        if size == 0:
-            return memoryview(b"")
-        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    return memoryview(mapped)
-
-
-def payload(flags: int, body: bytes, prefix: str) -> bytes | memoryview:
-    """The logical payload of a frame, following a shared-memory reference when flagged.
-
-    ``prefix`` is the segment prefix the sender was given (``ShmSegments.prefix``).
-    """
-    return read_shm(body, prefix) if flags & FLAG_SHM else body

@@ -9,7 +9,8 @@ the runtime has put it in its cgroup and continued it, and then runs exactly wha
 
 Control messages are JSON over a SOCK_SEQPACKET socket (``--fd``):
 
-    runtime -> here: {"fork": {"argv": [...], "cwd": str, "env": {...}}} + 2 fds (socket, log)
+    runtime -> here: {"fork": {"argv": [...], "cwd": str, "env": {...}}}
+                     + 3 fds (socket, payload channel, log)
     here -> runtime: {"pid": int}                 the child, stopped until the runtime continues it
     here -> runtime: {"exit": pid, "status": int} a child ended (negative: killed by that signal)
     runtime -> here: {"retire": true}             exit once no child is left
@@ -40,7 +41,7 @@ _MAX_MESSAGE = 1 << 20
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     fds = array.array("i")
-    message, ancillary, _, _ = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(2 * fds.itemsize))
+    message, ancillary, _, _ = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(3 * fds.itemsize))
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
@@ -50,7 +51,7 @@ def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
 
 def _child(
-    request: dict[str, Any], worker_fd: int, log_fd: int, control: socket.socket
+    request: dict[str, Any], worker_fd: int, channel_fd: int, log_fd: int, control: socket.socket
 ) -> NoReturn:
     """The forked worker: its own session, its log, stopped until the runtime has placed it."""
     code = 1
@@ -67,16 +68,21 @@ def _child(
                 stream.reconfigure(line_buffering=True, write_through=True)  # type: ignore[union-attr]
         os.environ.clear()
         os.environ.update(request["env"])
+        os.environ["OMNI_WORKER_PID"] = str(os.getpid())  # no pid namespace of its own
         os.chdir(request["cwd"])
         # As `python -m omni_sdk.worker` in the package directory would be set up: its path,
         # argv and SIGINT, and no descriptor but the standard ones and its socket.
         sys.path[0] = request["cwd"]
-        argv = [a if a != "{fd}" else str(worker_fd) for a in request["argv"]]
+        names = {"{fd}": str(worker_fd), "{fd_channel}": str(channel_fd)}
+        argv = [names.get(a, a) for a in request["argv"]]
         sys.argv = [omni_sdk.worker.__file__, *argv]
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.closerange(3, worker_fd)
-        os.closerange(worker_fd + 1, 1 << 16)
+        start = 3
+        for fd in sorted((worker_fd, channel_fd)):
+            os.closerange(start, fd)
+            start = fd + 1
+        os.closerange(start, 1 << 16)
         os.kill(os.getpid(), signal.SIGSTOP)  # the runtime moves us into our cgroup, then SIGCONT
         code = omni_sdk.worker.main(argv)
     except SystemExit as exc:
@@ -128,13 +134,13 @@ def serve(control: socket.socket) -> int:
                 return 0  # the runtime went away; our children die with us (PDEATHSIG)
             if request.get("retire"):
                 retiring = True
-            elif "fork" in request and len(fds) == 2:
+            elif "fork" in request and len(fds) == 3:
                 pid = os.fork()
                 if pid == 0:
                     selector.close()
                     wake_read.close()
                     wake_write.close()
-                    _child(request["fork"], fds[0], fds[1], control)
+                    _child(request["fork"], fds[0], fds[1], fds[2], control)
                 children.add(pid)
                 send({"pid": pid})
             for fd in fds:

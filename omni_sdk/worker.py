@@ -33,13 +33,12 @@ from omni_sdk._protocol import (
     V2_PREFIX,
     FrameReader,
     Kind,
-    ShmSegments,
+    Payloads,
     encode_frame,
     payload,
 )
 from omni_sdk._resources import Resources
-from omni_sdk._sandbox import SandboxSpec, enter_sandbox
-from omni_sdk._serving import EngineRunner, Prepared, runner_for
+from omni_sdk._serving import EngineRunner, Prepared, ai_error_body, runner_for, v2_error_body
 
 log = logging.getLogger("omni.worker")
 _PR_SET_PDEATHSIG = 1
@@ -86,12 +85,12 @@ class WorkerLoop:
     """Serves a synchronous engine: read what has arrived, answer it all, write once."""
 
     def __init__(
-        self, sock: socket.socket, runner: EngineRunner, shm: ShmSegments, peer_prefix: str
+        self, sock: socket.socket, runner: EngineRunner, shm: Payloads, fds: socket.socket | None
     ) -> None:
         self.sock = sock
         self.runner = runner
         self.shm = shm
-        self.peer_prefix = peer_prefix
+        self.fds = fds
         self.reader = FrameReader()
         self.stopping = False
 
@@ -104,9 +103,7 @@ class WorkerLoop:
                     return  # the runtime went away
                 pending.extend(self.reader.feed(data))
             self._fill_batch(pending)
-            batch, control, pending, self.stopping = split_frames(
-                self.runner, pending, self.peer_prefix
-            )
+            batch, control, pending, self.stopping = split_frames(self.runner, pending, self.fds)
             if control:
                 self.sock.sendall(b"".join(control))
             if batch and self.runner.batch_size > 1:
@@ -140,13 +137,13 @@ class AsyncWorker(asyncio.Protocol):
     def __init__(
         self,
         runner: EngineRunner,
-        shm: ShmSegments,
-        peer_prefix: str,
+        shm: Payloads,
+        fds: socket.socket | None,
         done: asyncio.Future[None],
     ) -> None:
         self.runner = runner
         self.shm = shm
-        self.peer_prefix = peer_prefix
+        self.fds = fds
         self.done = done
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
@@ -160,9 +157,7 @@ class AsyncWorker(asyncio.Protocol):
         assert self.transport is not None
         frames = list(self.reader.feed(data))
         while frames and not self.stopping:
-            batch, control, frames, self.stopping = split_frames(
-                self.runner, frames, self.peer_prefix
-            )
+            batch, control, frames, self.stopping = split_frames(self.runner, frames, self.fds)
             if control:
                 self.transport.write(b"".join(control))
             if batch:
@@ -194,7 +189,7 @@ Frame = tuple[int, int, int, bytes]
 
 
 def split_frames(
-    runner: EngineRunner, frames: list[Frame], peer_prefix: str
+    runner: EngineRunner, frames: list[Frame], fds: socket.socket | None
 ) -> tuple[list[tuple[int, Prepared]], list[bytes], list[Frame], bool]:
     """Decode requests; answer pings. Returns (requests, replies, frames left, stopping).
 
@@ -204,7 +199,7 @@ def split_frames(
     control: list[bytes] = []
     for index, (kind, flags, request_id, body) in enumerate(frames):
         if kind in (Kind.INFER_V2, Kind.RUN_JSON):
-            batch.append((request_id, _prepare(runner, kind, flags, body, peer_prefix)))
+            batch.append((request_id, _prepare(runner, kind, flags, body, fds)))
         elif kind == Kind.PING:
             control.append(encode_frame(Kind.PONG, request_id))
         elif kind == Kind.PREFETCH:
@@ -235,11 +230,12 @@ def prefetch(model: str, where: bytes) -> None:
 
 
 def _prepare(
-    runner: EngineRunner, kind: int, flags: int, body: bytes, peer_prefix: str
+    runner: EngineRunner, kind: int, flags: int, body: bytes, fds: socket.socket | None
 ) -> Prepared:
     v2 = kind == Kind.INFER_V2
     try:
-        data = payload(flags, body, peer_prefix)
+        raw = payload(flags, body, fds)
+        data = memoryview(raw) if isinstance(raw, bytearray) else raw
         if not v2:
             return runner.prepare_json(data)
         (header_length,) = V2_PREFIX.unpack_from(data)
@@ -251,25 +247,32 @@ def _prepare(
 
 
 def answer(
-    runner: EngineRunner, shm: ShmSegments, batch: list[tuple[int, Prepared]], outcomes: list[Any]
+    runner: EngineRunner, shm: Payloads, batch: list[tuple[int, Prepared]], outcomes: list[Any]
 ) -> bytes:
     prepared = [p for _, p in batch]
     frames = []
-    for (request_id, _), (status, header_length, parts) in zip(
+    for (request_id, item), (status, header_length, parts) in zip(
         batch, runner.respond_all(prepared, outcomes), strict=True
     ):
         prefix = RESPONSE_PREFIX.pack(status, header_length)
-        frames.append(shm.frame(Kind.RESPONSE, request_id, [prefix, *parts]))
+        try:
+            frames.append(shm.frame(Kind.RESPONSE, request_id, [prefix, *parts]))
+        except OSError as exc:  # no memory for a large answer: that request fails, alone
+            log.error("model %r: could not send an answer: %s", runner.model_name, exc)
+            message = f"model '{runner.model_name}' could not send its answer: {exc}"
+            error = v2_error_body(message) if item.v2 else ai_error_body(500, message)
+            body = RESPONSE_PREFIX.pack(500, 0) + error
+            frames.append(encode_frame(Kind.RESPONSE, request_id, body))
     return b"".join(frames)
 
 
 async def serve_async(
-    sock: socket.socket, runner: EngineRunner, shm: ShmSegments, peer_prefix: str
+    sock: socket.socket, runner: EngineRunner, shm: Payloads, fds: socket.socket | None
 ) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     transport, _ = await loop.create_unix_connection(
-        lambda: AsyncWorker(runner, shm, peer_prefix, done), sock=sock
+        lambda: AsyncWorker(runner, shm, fds, done), sock=sock
     )
     try:
         await done
@@ -284,10 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resources", default="{}", help="Resources as JSON")
-    parser.add_argument("--shm-prefix", required=True, help="names of the segments it writes")
-    parser.add_argument("--runtime-shm-prefix", required=True, help="the runtime's segments")
+    parser.add_argument("--fd-channel", type=int, help="the socket large payloads' memfds use")
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
-    parser.add_argument("--sandbox", help="SandboxSpec as JSON: enter a mount namespace first")
     args = parser.parse_args(argv)
     main_started = time.monotonic()  # the runtime compares it with when it spawned us
     global _cuda_device
@@ -302,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings: dict[str, float] = {"main": main_started}
     try:
-        if args.sandbox:
-            enter_sandbox(SandboxSpec.from_json(args.sandbox))
         resources = Resources.model_validate(json.loads(args.resources))
-        timings["sandbox"] = time.monotonic() - main_started
         engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
         runner = runner_for(engine, args.model)
     except BaseException as exc:
@@ -326,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     sock.sendall(encode_frame(Kind.HELLO, 0, json.dumps(hello).encode()))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the runtime drains us with SHUTDOWN
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    shm = ShmSegments(args.shm_prefix, args.shm_threshold)
+    fds = socket.socket(fileno=args.fd_channel) if args.fd_channel is not None else None
+    shm = Payloads(fds, args.shm_threshold)
     try:
         if runner.is_async:
-            asyncio.run(serve_async(sock, runner, shm, args.runtime_shm_prefix))
+            asyncio.run(serve_async(sock, runner, shm, fds))
         else:
-            WorkerLoop(sock, runner, shm, args.runtime_shm_prefix).serve()
+            WorkerLoop(sock, runner, shm, fds).serve()
     finally:
         engine.unload()
     return 0

@@ -157,14 +157,16 @@ def main(argv: list[str] | None = None) -> int:
 def _discover(args: argparse.Namespace) -> tuple[Discovery, dict[Path, OmniFile]]:
     packages = find_packages(args.paths)
     files = config_files(args.paths, getattr(args, "config", None))
+    # Importing a package runs its code: discovery runs in the same sandbox as a worker.
+    sandbox = Isolation.sandbox_only([*packages, args.state_dir], args.state_dir)
     if args.shared_env:
-        return asyncio.run(discover_all(packages, files)), files
+        return asyncio.run(discover_all(packages, files, isolation=sandbox)), files
     if sys.stderr.isatty():
         with TerminalProgress() as progress:
             builder = EnvironmentBuilder(args.state_dir / "envs", progress=progress)
-            return asyncio.run(discover_all(packages, files, builder)), files
+            return asyncio.run(discover_all(packages, files, builder, sandbox)), files
     builder = EnvironmentBuilder(args.state_dir / "envs")
-    return asyncio.run(discover_all(packages, files, builder)), files
+    return asyncio.run(discover_all(packages, files, builder, sandbox)), files
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -58,7 +58,7 @@ class ServerSettings(BaseModel):
         gt=0,
         description="how long stopping a replica (or the runtime) waits for requests",
     )
-    shm_threshold: Bytes = Field(default=256 << 10, description="payloads this large use /dev/shm")
+    shm_threshold: Bytes = Field(default=256 << 10, description="payloads this large travel as a memfd")
     heartbeat_timeout: Seconds = Field(
         default=60.0, gt=0, description="a worker silent this long while owing an answer is killed"
     )
@@ -107,6 +107,14 @@ class ModelOverride(BaseModel):
     resources: Resources | None = None
     scaling: Scaling | None = None
     device: str | None = None
+    env: dict[str, str] | None = Field(
+        default=None, description="environment variables the model's workers get"
+    )
+    network: Literal["host", "loopback"] | None = Field(
+        default=None,
+        description='"loopback" (the default): a network namespace of its own with loopback '
+        'only; "host": the node\'s network (a model that calls a remote server)',
+    )
 
     def apply(self, resources: Resources, scaling: Scaling) -> tuple[Resources, Scaling]:
         """Only the fields the file sets replace the engine's defaults."""

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omni_runtime.config import CONFIG_NAME, ConfigError, ModelOverride, OmniFile, load_omni_file
+from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.environments import (
     EnvironmentBuilder,
     EnvironmentError_,
     PackageEnvironment,
 )
+from omni_runtime.isolation.plan import worker_environment
 from omni_sdk import Resources, Scaling
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
+
+
+DISCOVERY_TIMEOUT = 120.0  # seconds a package's import may take before it is given up
 
 
 class DiscoveryError(Exception):
@@ -44,6 +52,8 @@ class ModelSpec:
     max_batch_size: int = 0
     device: str = "cpu"
     is_async: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # [models."X".env]
+    network: str = "loopback"  # or "host"
     # Where each overridden setting came from ("scaling.min_replicas" -> the omni.toml's path),
     # so a contradiction can name the file.
     sources: dict[str, str] = field(default_factory=dict)
@@ -123,17 +133,42 @@ def config_files(paths: list[Path], explicit: Path | None = None) -> dict[Path, 
     return files
 
 
-async def _describe_package(package_dir: Path, python: str) -> dict[str, Any]:
+async def _describe_package(
+    package_dir: Path, python: str, isolation: Isolation | None, timeout: float
+) -> dict[str, Any]:
+    """Run ``omni_sdk.discover`` in the package's interpreter, inside the sandbox where there is
+    one: importing a package runs its code."""
+    launcher: list[str] = []
+    env = dict(os.environ)
+    if isolation is not None:
+        environment = Path(python).parent.parent if python != sys.executable else None
+        launcher = isolation.launcher(
+            model=f"discover:{package_dir}", package=package_dir, environment=environment
+        )
+        env = worker_environment(os.environ, {}, None)
     process = await asyncio.create_subprocess_exec(
+        *launcher,
         python,
         "-m",
         "omni_sdk.discover",
         str(package_dir),
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=package_dir,
+        env=env,
+        start_new_session=True,
     )
-    stdout, stderr = await process.communicate()
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        return {
+            "error": f"package {package_dir}: discovery did not finish within {timeout:g}s "
+            "(importing the package must not do long work; load weights in Engine.load)"
+        }
     lines = [line for line in stdout.decode(errors="replace").splitlines() if line.strip()]
     try:
         result: dict[str, Any] = json.loads(lines[-1])
@@ -164,6 +199,8 @@ async def discover_all(
     packages: list[Path],
     files: dict[Path, OmniFile],
     builder: EnvironmentBuilder | None = None,
+    isolation: Isolation | None = None,
+    timeout: float = DISCOVERY_TIMEOUT,
 ) -> Discovery:
     """Build each package's environment, then ask its interpreter what it registers.
 
@@ -188,7 +225,9 @@ async def discover_all(
                 pythons[package_dir] = str(environment.python)
                 discovery.environments[package_dir] = environment
     packages = [p for p in packages if p in pythons]
-    results = await asyncio.gather(*(_describe_package(p, pythons[p]) for p in packages))
+    results = await asyncio.gather(
+        *(_describe_package(p, pythons[p], isolation, timeout) for p in packages)
+    )
     seen: dict[str, Path] = {}
     for package_dir, result in zip(packages, results, strict=True):
         if "error" in result:
@@ -209,10 +248,14 @@ async def discover_all(
             resources = Resources.model_validate(engine["resources"])
             scaling = Scaling.model_validate(engine["scaling"])
             device = "cpu"
+            network = "loopback"
+            env: dict[str, str] = {}
             sources: dict[str, str] = {}
             for path, override in _override_for(name, package_dir, files, every_package):
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device
+                network = override.network or network
+                env.update(override.env or {})
                 for section in ("resources", "scaling"):
                     value = getattr(override, section)
                     for key in value.model_fields_set if value is not None else ():
@@ -235,6 +278,8 @@ async def discover_all(
                     max_batch_size=engine["max_batch_size"],
                     device=device,
                     is_async=bool(engine.get("async", False)),
+                    env=env,
+                    network=network,
                     sources=sources,
                 )
             )

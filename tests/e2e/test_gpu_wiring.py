@@ -27,7 +27,8 @@ def test_cuda_models_get_the_hooks_and_cpu_models_do_not(tmp_path: Path) -> None
         assert variables["LD_PRELOAD"] == str(omni_cstub.library_path())
         assert variables["OMNI_GPU_MEMORY_LIMIT"] == str(1 << 30)
         assert variables["OMNI_CUDA_MODE"] == "managed"
-        assert variables["OMNI_GPU_SHM_NAME"].startswith("omni-gpu-")
+        # Its /dev/shm is private: the usage region lives in a directory bound into it.
+        assert variables["OMNI_GPU_SHM_NAME"].startswith("/dev/shm/omni-gpu-")
         # The runtime itself and models on the CPU never see the preload.
         echo = http.post("/ai/run/@test/echo", json={"text": "x"})
         assert echo.status_code == 200

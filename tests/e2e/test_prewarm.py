@@ -44,9 +44,15 @@ def test_a_forked_worker_is_as_isolated_as_a_fresh_one(tmp_path: Path) -> None:
         )
         own_mnt = os.readlink("/proc/self/ns/mnt")
         runtime_cgroup = memory_cgroup(Path(f"/proc/{runtime.process.pid}/cgroup").read_text())
+        assert fresh["NSpid"] == "1"  # pid 1 of a pid namespace of its own
+        # A fork keeps the pid the runtime sees; its /proc shows its own user's processes alone.
+        assert forked["NSpid"] == forked["OMNI_WORKER_PID"]
+        visible = forked["visible_pids"].split()
+        assert forked["OMNI_WORKER_PID"] in visible and str(runtime.process.pid) not in visible
+        assert str(os.getpid()) not in visible
         for variables in (fresh, forked):
-            assert variables["NSpid"] == "1"  # pid 1 of a pid namespace of its own
-            assert variables["CapEff"] == "0000000000004000"  # CAP_IPC_LOCK alone
+            assert variables["CapEff"] == "0000000000000000"  # no capability at all
+            assert variables["Uid"].split()[0] == fresh["Uid"].split()[0] != "0"  # the model's
             assert variables["mnt_ns"] != own_mnt
             assert variables["OMNI_WORKER_PID"] != str(runtime.process.pid)
         fresh_cgroup, forked_cgroup = (

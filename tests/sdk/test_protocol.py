@@ -1,18 +1,24 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 from omni_sdk._protocol import (
-    FLAG_SHM,
+    FLAG_FD,
+    HEADER,
+    MAX_FRAME,
     PROTOCOL_VERSION,
     FrameReader,
     Kind,
+    PayloadError,
+    Payloads,
     ProtocolError,
-    ShmSegments,
     encode_frame,
     payload,
+    read_payload,
+    write_memfd,
 )
 
 
@@ -32,30 +38,53 @@ def test_other_protocol_version_is_refused() -> None:
         list(FrameReader().feed(bytes(frame)))
 
 
-def test_large_payloads_travel_through_shared_memory() -> None:
-    segments = ShmSegments(f"omni-test-{os.getpid()}", threshold=1024)
-    small = segments.frame(Kind.RUN_JSON, 1, [b"x" * 10])
-    assert len(small) == 16 + 10
-    big = b"".join(bytes([i % 251]) for i in range(5000))
-    frame = segments.frame(Kind.RUN_JSON, 2, [big[:100], big[100:]])
-    assert len(frame) < 100
-    [(_, flags, _, body)] = FrameReader().feed(frame)
-    assert flags & FLAG_SHM
-    assert bytes(payload(flags, body, segments.prefix)) == big
-    # The receiver unlinked the segment as it mapped it.
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"omni-test-{os.getpid()}")]
+def test_large_payloads_travel_as_sealed_memfds() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    named_before = set(os.listdir("/dev/shm"))
+    with ours, theirs:
+        payloads = Payloads(ours, threshold=1024)
+        small = payloads.frame(Kind.RUN_JSON, 1, [b"x" * 10])
+        assert len(small) == 16 + 10
+        big = b"".join(bytes([i % 251]) for i in range(5000))
+        frame = payloads.frame(Kind.RUN_JSON, 2, [big[:100], memoryview(big)[100:]])
+        assert len(frame) < 100
+        [(_, flags, _, body)] = FrameReader().feed(frame)
+        assert flags & FLAG_FD
+        assert bytes(payload(flags, body, theirs)) == big
+        assert set(os.listdir("/dev/shm")) <= named_before  # no named file anywhere
 
 
-def test_cleanup_removes_unread_segments() -> None:
-    segments = ShmSegments(f"omni-test-{os.getpid()}-c", threshold=1)
-    segments.frame(Kind.RUN_JSON, 1, [b"abc"])
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(segments.prefix)]
-    segments.cleanup()
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(segments.prefix)]
+def test_a_sealed_payload_cannot_be_shrunk_by_its_sender() -> None:
+    fd = write_memfd([b"abc" * 1000], 3000)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 10)
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)
+    finally:
+        os.close(fd)
 
 
-def test_segment_names_cannot_escape_shm() -> None:
-    for name in (b"../etc/passwd", b"omni-123-9-w-1", b"omni-123-1-w/../x"):
-        body = (3).to_bytes(8, "little") + name
-        with pytest.raises(ProtocolError, match="refusing"):
-            payload(FLAG_SHM, body, "omni-123-1-w")
+def test_a_payload_that_is_not_what_its_frame_says_fails_alone() -> None:
+    fd = os.memfd_create("short")
+    try:
+        os.write(fd, b"abc")
+        with pytest.raises(PayloadError, match="shorter"):
+            read_payload(fd, 100)
+        with pytest.raises(PayloadError, match="over the limit"):
+            read_payload(fd, 3, limit=2)
+    finally:
+        os.close(fd)
+
+
+def test_a_frame_naming_a_descriptor_that_never_came_is_refused() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        with pytest.raises(ProtocolError, match="never came"):
+            payload(FLAG_FD, (3).to_bytes(8, "little"), theirs)
+
+
+def test_an_overlong_frame_is_refused_before_it_is_buffered() -> None:
+    header = HEADER.pack(MAX_FRAME + 1, PROTOCOL_VERSION, Kind.RUN_JSON, 0, 1)
+    with pytest.raises(ProtocolError, match="over the limit"):
+        list(FrameReader().feed(header))

@@ -49,6 +49,11 @@ class WorkerCgroup(Protocol):
 
     path: Path
 
+    @property
+    def procs_files(self) -> list[Path]:
+        """The files a process writes its pid to, to join (the sandbox does, before anything)."""
+        ...
+
     def add(self, pid: int) -> None: ...
     def kill(self) -> None: ...
     def oom_killed(self) -> bool: ...
@@ -172,6 +177,10 @@ class _V2Worker:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @property
+    def procs_files(self) -> list[Path]:
+        return [self.path / "cgroup.procs"]
+
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 
@@ -239,6 +248,10 @@ class _V1Worker:
     def __init__(self, paths: dict[str, Path]) -> None:
         self.paths = paths
         self.path = paths.get("memory") or next(iter(paths.values()))
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return [path / "cgroup.procs" for path in self.paths.values()]
 
     def add(self, pid: int) -> None:
         for path in self.paths.values():

@@ -2,17 +2,59 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import sys
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omni_runtime.isolation.cgroups import Cgroups, detect_cgroups
-from omni_sdk._sandbox import SandboxSpec
+from omni_runtime.isolation import sandbox
+from omni_runtime.isolation.cgroups import Cgroups, WorkerCgroup, detect_cgroups
 
-__all__ = ["Isolation"]
+__all__ = ["Isolation", "model_uid", "worker_environment"]
 
 log = logging.getLogger("omni.isolation")
+
+# A model's workers run as a user of their own: MODEL_UID_BASE + a hash of the model's name.
+MODEL_UID_BASE = 100_000
+MODEL_UID_RANGE = 100_000
+# What a worker's environment keeps of the runtime's; the rest is the model's own
+# ([models."X".env] in omni.toml) and what the runtime sets for it.
+ENV_ALLOWED = frozenset(
+    {
+        "PATH", "LANG", "LANGUAGE", "TZ", "TERM",
+        "PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONFAULTHANDLER",
+        "OMNI_LOG_LEVEL", "OMNI_LOAD_PLUGINS", "OMNI_TRACE_PLUGINS", "OMNI_EXAMPLES_CACHE",
+        "OMNI_CUDA_MODE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES", "LD_LIBRARY_PATH",
+        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+        "SSL_CERT_FILE", "SSL_CERT_DIR",
+    }
+)  # fmt: skip
+ENV_ALLOWED_PREFIXES = ("LC_",)
+
+
+def model_uid(name: str) -> int:
+    """The unprivileged user a model's workers run as (stable across restarts)."""
+    return MODEL_UID_BASE + zlib.crc32(name.encode()) % MODEL_UID_RANGE
+
+
+def worker_environment(
+    base: Mapping[str, str], model_env: Mapping[str, str], cache_dir: Path | None
+) -> dict[str, str]:
+    """The environment a worker starts with: the allow-list of ``base`` plus the model's own."""
+    env = {k: v for k, v in base.items() if k in ENV_ALLOWED or k.startswith(ENV_ALLOWED_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TMPDIR"] = "/tmp"
+    if cache_dir is not None:
+        env["HOME"] = env["XDG_CACHE_HOME"] = str(cache_dir)
+    env.update(model_env)
+    return env
 
 
 @dataclass
@@ -23,6 +65,7 @@ class Isolation:
     namespaces: bool = False
     hidden: tuple[Path, ...] = field(default_factory=tuple)
     description: str = "none"
+    state_dir: Path | None = None
 
     @classmethod
     def detect(cls, packages: list[Path], state_dir: Path | None = None) -> Isolation:
@@ -38,17 +81,68 @@ class Isolation:
                 "isolation: not root, so workers share the runtime's view of the file system"
             )
         hidden = [*packages, *([state_dir] if state_dir else [])]
-        isolation = cls(cgroups, namespaces, tuple(hidden), ", ".join(parts))
+        isolation = cls(cgroups, namespaces, tuple(hidden), ", ".join(parts), state_dir)
         log.info("isolation: %s", isolation.description)
         return isolation
 
-    def sandbox(self, package: Path, memory_limit: int, environment: Path | None) -> str | None:
-        """The ``--sandbox`` argument for a worker of ``package``, or None."""
-        if not self.namespaces:
+    @classmethod
+    def sandbox_only(cls, hidden: list[Path], state_dir: Path | None) -> Isolation | None:
+        """Namespaces without cgroups (discovery), where the machine allows; else None."""
+        if os.geteuid() != 0 or not os.path.exists("/proc/self/ns/mnt"):
             return None
-        hide = [str(p) for p in self.hidden if p != package]
+        return cls(None, True, tuple(hidden), "namespaces", None)
+
+    def cache_dir(self, model: str) -> Path | None:
+        """The model's own writable directory (its HOME), kept across restarts."""
+        if self.state_dir is None:
+            return None
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
+        return self.state_dir / "cache" / f"{slug}-{zlib.crc32(model.encode()):08x}"
+
+    def launcher(
+        self,
+        *,
+        model: str,
+        package: Path,
+        environment: Path | None,
+        memory_limit: int = 0,
+        network: bool = False,
+        cgroup: WorkerCgroup | None = None,
+        keep_fds: tuple[int, ...] = (),
+        writable: tuple[Path, ...] = (),
+        pid_namespace: bool = True,
+        setenv: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """The command that starts a model's program inside its sandbox; [] where none can be.
+
+        Its arguments follow (``[*launcher, python, "-m", ...]``).
+        """
+        if not self.namespaces:
+            return []
+        cache = self.cache_dir(model)
+        writable_dirs = [*writable]
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+            writable_dirs.append(cache)
+        # What the worker's interpreter reads besides its package: its environment, and the
+        # runtime's own (the base layer its environment shares, editable sources).
         keep = [str(environment)] if environment else []
-        return SandboxSpec(str(package), hide, memory_limit, keep=keep).to_json()
+        keep += [sys.prefix, sys.base_prefix]
+        keep += [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
+        spec = {
+            "package": str(package),
+            "hide": [str(p) for p in self.hidden if p != package],
+            "keep": list(dict.fromkeys(keep)),
+            "writable": [str(p) for p in writable_dirs],
+            "memory_limit": memory_limit,
+            "uid": model_uid(model),
+            "network": network,
+            "cgroup_procs": [str(p) for p in cgroup.procs_files] if cgroup is not None else [],
+            "keep_fds": list(keep_fds),
+            "pid_namespace": pid_namespace,
+            "setenv": dict(setenv or {}),
+        }
+        return [sys.executable, "-I", "-S", sandbox.__file__, json.dumps(spec), "--"]
 
     def close(self) -> None:
         if self.cgroups is not None:

@@ -17,11 +17,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from omni_runtime.config import SchedulerSettings, ServerSettings
 from omni_runtime.discovery import Discovery, PackageFailure
-from omni_runtime.isolation import Isolation, node_memory_bytes
+from omni_runtime.isolation import CgroupError, Isolation, node_memory_bytes
+from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler.models import ModelState, Replica, ServedModel
 from omni_runtime.scheduler.policy import (
@@ -87,10 +89,11 @@ class Controller:
         self._loop: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._next_replica = 0
+        self._next_prewarm = 0
         self._measured_at = 0.0
         self._arrivals: dict[str, deque[tuple[float, int]]] = {m: deque() for m in self.models}
         self._starting: list[asyncio.Task[None]] | None = None  # collected during start()
-        self.prewarmed: dict[str, PrewarmedProcess] = {}  # the current one, by interpreter
+        self.prewarmed: dict[str, PrewarmedProcess] = {}  # the current one, by model
         self._prewarmed_all: set[PrewarmedProcess] = set()  # current and retiring ones
 
     # -- the loop ------------------------------------------------------------------------
@@ -221,7 +224,7 @@ class Controller:
         spec = model.spec
         if device != spec.device:  # "cuda" placed on one GPU of several
             spec = dataclasses.replace(spec, device=device)
-        prewarmed = self.prewarmed.get(spec.python)
+        prewarmed = self.prewarmed.get(spec.name)
         if prewarmed is not None and not prewarmed.alive:
             prewarmed = None
         worker = WorkerProcess(spec, self.settings, self.isolation, prewarmed)
@@ -290,10 +293,14 @@ class Controller:
         model.fail_waiting(ModelUnavailable(error, 5))
 
     def _prewarm(self, worker: WorkerProcess) -> None:
-        """Keep a pre-warmed process for this worker's environment, preloading what it used."""
-        python = worker.spec.python
-        wanted = trusted_modules(worker.modules, worker.spec.package_dir)
-        current = self.prewarmed.get(python)
+        """Keep a pre-warmed process for this worker's model, preloading what it used.
+
+        One per model, not per environment: it runs inside the model's sandbox (its user, its
+        view of the files, its network), which its forks share.
+        """
+        spec = worker.spec
+        wanted = trusted_modules(worker.modules, spec.package_dir)
+        current = self.prewarmed.get(spec.name)
         if current is not None and current.alive and set(wanted) <= set(current.preload):
             return
         if any(m.blocked for m in self.models.values()):
@@ -301,49 +308,67 @@ class Controller:
         if current is not None:
             current.retire()
         preload = sorted(set(wanted) | set(current.preload if current else []))
-        process = PrewarmedProcess(python, preload)
-        self.prewarmed[python] = process
+        process = PrewarmedProcess(spec.python, preload, label=f"model '{spec.name}'")
+        self.prewarmed[spec.name] = process
         self._prewarmed_all.add(process)
+        isolation = self.isolation
+        environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
+        if isolation.cgroups is not None:
+            self._next_prewarm += 1
+            try:
+                process.cgroup = isolation.cgroups.create(
+                    f"prewarm-{self._next_prewarm}", spec.resources
+                )
+            except (CgroupError, OSError) as exc:
+                log.warning("pre-warmed process for model '%s': no cgroup: %s", spec.name, exc)
+
+        def launcher(fd: int) -> list[str]:
+            return isolation.launcher(
+                model=spec.name,
+                package=spec.package_dir,
+                environment=environment,
+                memory_limit=spec.resources.memory,
+                network=spec.network == "host",
+                cgroup=process.cgroup,
+                keep_fds=(fd,),
+                pid_namespace=False,  # its forks' pids are the ones the runtime sees
+            )
+
+        env = worker_environment(os.environ, spec.env, isolation.cache_dir(spec.name))
 
         async def start() -> None:
             try:
-                await process.start(dict(os.environ, PYTHONUNBUFFERED="1"))
+                await process.start(env, launcher)
             except OSError as exc:
-                log.warning("no pre-warmed process for %s: %s", python, exc)
+                log.warning("no pre-warmed process for model '%s': %s", spec.name, exc)
                 process.retired = True
+                process.cleanup()
                 return
             outside_stdlib = [m for m in preload if m not in sys.stdlib_module_names]
             log.info(
-                "pre-warmed process for %s: pid %s, preloading %d modules (%s)",
-                python, process.process.pid if process.process else "?", len(preload),
+                "pre-warmed process for model '%s': pid %s, preloading %d modules (%s)",
+                spec.name, process.process.pid if process.process else "?", len(preload),
                 ", ".join(outside_stdlib) or "the standard library",
             )  # fmt: skip
 
         self._spawn(start())
 
     def _retire_prewarmed(self, now: float, memory_short: bool) -> None:
-        """Retire a pre-warmed process when memory is short or its models have all gone idle."""
+        """Retire a pre-warmed process when memory is short or its model has gone idle."""
         for process in list(self._prewarmed_all):
             if process.ended:
+                process.cleanup()
                 self._prewarmed_all.discard(process)
-        for python, process in list(self.prewarmed.items()):
+        for name, process in list(self.prewarmed.items()):
             if not process.alive:
-                del self.prewarmed[python]  # retiring: tracked in _prewarmed_all until it ends
+                del self.prewarmed[name]  # retiring: tracked in _prewarmed_all until it ends
                 continue
-            last = max(
-                (
-                    scaler.last_request
-                    for m in self.models.values()
-                    if m.spec.python == python
-                    and (scaler := self.policy.autoscalers.get(m.name)) is not None
-                    and scaler.last_request is not None
-                ),
-                default=process.started_at,
-            )
-            idle = now - max(last, process.started_at) >= self.scheduler.prewarm_timeout
+            scaler = self.policy.autoscalers.get(name)
+            last = scaler.last_request if scaler is not None else None
+            idle = now - max(last or 0.0, process.started_at) >= self.scheduler.prewarm_timeout
             if memory_short or idle:
-                why = "memory is short" if memory_short else "its models are idle"
-                log.info("retiring the pre-warmed process for %s: %s", python, why)
+                why = "memory is short" if memory_short else "its model is idle"
+                log.info("retiring the pre-warmed process for model '%s': %s", name, why)
                 process.retire()
 
     def _record_cold_start(self, model: ServedModel, worker: WorkerProcess) -> None:
@@ -510,6 +535,7 @@ class Controller:
         )
         for process in self._prewarmed_all:
             process.kill()
+            process.cleanup()
         self.isolation.close()
 
     @property

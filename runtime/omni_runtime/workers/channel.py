@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
@@ -11,10 +12,13 @@ from omni_sdk._protocol import (
     RESPONSE_PREFIX,
     FrameReader,
     Kind,
+    PayloadError,
+    Payloads,
     ProtocolError,
-    ShmSegments,
+    encode_frame,
     payload,
 )
+from omni_sdk._serving import ai_error_body, v2_error_body
 
 __all__ = ["WorkerChannel", "WorkerGone"]
 
@@ -26,10 +30,10 @@ class WorkerGone(Exception):
 
 
 class WorkerChannel(asyncio.Protocol):
-    def __init__(self, label: str, shm: ShmSegments, peer_prefix: str) -> None:
+    def __init__(self, label: str, payloads: Payloads, fds: socket.socket | None) -> None:
         self.label = label
-        self.shm = shm
-        self.peer_prefix = peer_prefix  # the only segment names the worker may send
+        self.shm = payloads
+        self.fds = fds  # where the worker's large payloads' memfds arrive
         self.transport: asyncio.Transport | None = None
         self.hello: asyncio.Future[tuple[int, dict[str, Any]]] = (
             asyncio.get_running_loop().create_future()
@@ -57,7 +61,13 @@ class WorkerChannel(asyncio.Protocol):
             for kind, flags, request_id, body in self._reader.feed(data):
                 if kind == Kind.RESPONSE:
                     future = self._pending.pop(request_id, None)
-                    raw = payload(flags, body, self.peer_prefix)  # unlinks a segment either way
+                    try:
+                        raw = payload(flags, body, self.fds)
+                    except PayloadError as exc:  # that answer is lost; the worker goes on
+                        if future is not None and not future.done():
+                            message = f"{self.label}: its answer could not be read: {exc}"
+                            future.set_result((502, 0, json.dumps({"error": message}).encode()))
+                        continue
                     if future is not None and not future.done():
                         status, header_length = RESPONSE_PREFIX.unpack_from(raw)
                         future.set_result(
@@ -96,10 +106,17 @@ class WorkerChannel(asyncio.Protocol):
         if transport is None or transport.is_closing():
             future.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
             return future
+        try:
+            frame = self.shm.frame(kind, request_id, parts)
+        except OSError as exc:  # memory is short: this request fails, nothing else
+            message = f"{self.label}: the request could not be handed to its worker: {exc}"
+            body = v2_error_body(message) if kind == Kind.INFER_V2 else ai_error_body(503, message)
+            future.set_result((503, 0, body))
+            return future
         self._pending[request_id] = future
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
-        transport.write(self.shm.frame(kind, request_id, parts))
+        transport.write(frame)
         return future
 
     def ping(self) -> None:
@@ -115,5 +132,6 @@ class WorkerChannel(asyncio.Protocol):
         return now - self.waiting_since if self.waiting_since is not None else 0.0
 
     def send(self, kind: int, body: bytes = b"") -> None:
+        """A control frame (SHUTDOWN, PING, PREFETCH): always small, always inline."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.shm.frame(kind, 0, (body,) if body else ()))
+            self.transport.write(encode_frame(kind, 0, body))

@@ -18,8 +18,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from omni_runtime.isolation import WorkerCgroup
 
 __all__ = ["ForkedProcess", "PrewarmedProcess", "trusted_modules"]
 
@@ -48,9 +51,11 @@ class ForkedProcess:
 class PrewarmedProcess:
     """``python -m omni_sdk.prewarm`` for one environment's interpreter."""
 
-    def __init__(self, python: str, preload: list[str]) -> None:
+    def __init__(self, python: str, preload: list[str], label: str = "") -> None:
         self.python = python
         self.preload = preload
+        self.label = label or python
+        self.cgroup: WorkerCgroup | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.children: dict[int, asyncio.Future[int]] = {}
@@ -74,9 +79,19 @@ class PrewarmedProcess:
             and (self.process is None or self.process.returncode is not None)
         )
 
-    async def start(self, env: dict[str, str]) -> None:
+    async def start(
+        self, env: dict[str, str], launcher: Callable[[int], list[str]] | None = None
+    ) -> None:
+        """Start it; ``launcher(fd)`` is the sandbox command that keeps control socket ``fd``."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = [self.python, "-m", "omni_sdk.prewarm", "--fd", str(child.fileno())]
+        command = [
+            *(launcher(child.fileno()) if launcher else []),
+            self.python,
+            "-m",
+            "omni_sdk.prewarm",
+            "--fd",
+            str(child.fileno()),
+        ]
         if self.preload:
             command += ["--preload", ",".join(self.preload)]
         for root in sorted({sys.prefix, sys.base_prefix}):
@@ -105,7 +120,7 @@ class PrewarmedProcess:
     async def _relay_stderr(self) -> None:
         assert self.process is not None and self.process.stderr is not None
         while line := await self.process.stderr.readline():
-            log.info("prewarm %s: %s", self.python, line.decode(errors="replace").rstrip())
+            log.info("prewarm %s: %s", self.label, line.decode(errors="replace").rstrip())
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -136,7 +151,7 @@ class PrewarmedProcess:
         if self.children:
             log.warning(
                 "the pre-warmed process for %s exited; the %d workers it forked die with it",
-                self.python, len(self.children),
+                self.label, len(self.children),
             )  # fmt: skip
         self.retired = True
         for future in self.children.values():
@@ -146,9 +161,10 @@ class PrewarmedProcess:
         self._replies.put_nowait({"error": "the pre-warmed process exited"})
 
     async def fork(
-        self, argv: list[str], cwd: Path, env: dict[str, str], worker_fd: int
+        self, argv: list[str], cwd: Path, env: dict[str, str], worker_fd: int, channel_fd: int
     ) -> ForkedProcess:
-        """A stopped child running ``argv`` (its ``--fd`` given as "{fd}") once continued."""
+        """A stopped child running ``argv`` once continued; "{fd}" and "{fd_channel}" in it
+        name its socket and its payload channel."""
         if not self.alive or self.sock is None:
             raise OSError("the pre-warmed process is not running")
         loop = asyncio.get_running_loop()
@@ -156,7 +172,7 @@ class PrewarmedProcess:
         try:
             async with self._lock:  # one fork at a time: replies come back in order
                 message = json.dumps({"fork": {"argv": argv, "cwd": str(cwd), "env": env}})
-                fds = array.array("i", [worker_fd, log_write])
+                fds = array.array("i", [worker_fd, channel_fd, log_write])
                 self.sock.sendmsg([message.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 reply = await asyncio.wait_for(self._replies.get(), 10)
         except BaseException:
@@ -214,6 +230,14 @@ class PrewarmedProcess:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        """Remove its cgroup once it has ended."""
+        ended = self.process is None or self.process.returncode is not None
+        if self.cgroup is not None and ended:
+            self.cgroup.kill()
+            self.cgroup.remove()
+            self.cgroup = None
 
 
 def _entry_point_modules(package_dir: Path) -> set[str]:

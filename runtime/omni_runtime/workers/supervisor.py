@@ -18,9 +18,10 @@ from typing import Any
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
+from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.workers.channel import WorkerChannel, WorkerGone
 from omni_runtime.workers.prewarm import ForkedProcess, PrewarmedProcess
-from omni_sdk._protocol import Kind, ShmSegments
+from omni_sdk._protocol import Kind, Payloads
 from omni_sdk._units import format_size
 
 __all__ = ["LoadFailed", "StartTimings", "WorkerProcess", "describe_exit"]
@@ -89,8 +90,6 @@ class WorkerProcess:
         self.id = next(_worker_ids)
         # Named by the runtime: inside its pid namespace every worker is pid 1.
         self.gpu_region = Path("/dev/shm") / f"omni-gpu-{os.getpid()}-{self.id}"
-        self.shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-r", settings.shm_threshold)
-        self.worker_shm = ShmSegments(f"omni-{os.getpid()}-{self.id}-w")
         self.process: asyncio.subprocess.Process | ForkedProcess | None = None
         self.channel: WorkerChannel | None = None
         self.started_at = 0.0
@@ -115,6 +114,9 @@ class WorkerProcess:
         """Spawn the worker and wait for its HELLO; raise ``LoadFailed`` with the reason."""
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Large payloads' memfds travel on a second socket, each just before its frame.
+        fds_parent, fds_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds_parent.setblocking(False)
         spec = self.spec
         command = [
             spec.python, "-m", "omni_sdk.worker",
@@ -123,35 +125,50 @@ class WorkerProcess:
             "--model", spec.name,
             "--device", spec.device,
             "--resources", spec.resources.model_dump_json(),
-            "--shm-prefix", self.worker_shm.prefix,
-            "--runtime-shm-prefix", self.shm.prefix,
+            "--fd-channel", str(fds_child.fileno()),
             "--shm-threshold", str(self.settings.shm_threshold),
         ]  # fmt: skip
         environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
-        sandbox = self.isolation.sandbox(spec.package_dir, spec.resources.memory, environment)
-        if sandbox:
-            command += ["--sandbox", sandbox]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.update(self._cuda_hooks_env())
+        cache = self.isolation.cache_dir(spec.name)
+        env = worker_environment(os.environ, spec.env, cache)
+        if self.isolation.namespaces and spec.device.startswith("cuda"):
+            # Its /dev/shm is private: the usage region lives in a directory bound into it.
+            self.gpu_region = self.gpu_region.with_name(self.gpu_region.name + ".d") / "usage"
+            self.gpu_region.parent.mkdir(mode=0o700, exist_ok=True)
+        hooks = self._cuda_hooks_env()
         if self.isolation.cgroups is not None:
             try:
                 self.cgroup = self.isolation.cgroups.create(f"worker-{self.id}", spec.resources)
             except (CgroupError, OSError) as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
+        launcher = self.isolation.launcher(
+            model=spec.name,
+            package=spec.package_dir,
+            environment=environment,
+            memory_limit=spec.resources.memory,
+            network=spec.network == "host",
+            cgroup=self.cgroup,
+            keep_fds=(child.fileno(), fds_child.fileno()),
+            writable=(self.gpu_region.parent,) if hooks else (),
+            setenv=hooks,
+        )
+        if not launcher:
+            env.update(hooks)
         self.started_at = time.monotonic()
-        if self.prewarmed is not None and not env.get("LD_PRELOAD"):
+        if self.prewarmed is not None and not hooks:
             # libomnicuda must be preloaded at exec with the model's quota: CUDA workers start
             # fresh. Anything that goes wrong with a fork falls back to a fresh start.
             try:
-                await self._fork(command, env, child)
+                await self._fork(command, env, child, fds_child)
             except OSError as exc:
                 log.warning("%s: no pre-warmed start (%s); starting it fresh", self.label, exc)
                 self.process = None
         try:
             if self.process is None:
                 self.process = await asyncio.create_subprocess_exec(
+                    *launcher,
                     *command,
-                    pass_fds=(child.fileno(),),
+                    pass_fds=(child.fileno(), fds_child.fileno()),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
@@ -161,20 +178,26 @@ class WorkerProcess:
                 )
         except OSError as exc:
             parent.close()
+            fds_parent.close()
             self.cleanup()
             raise LoadFailed(f"{self.label}: cannot start {spec.python}: {exc}") from exc
         finally:
             child.close()
+            fds_child.close()
         if self.aborted:  # stopped while it was being spawned
             self.kill()
-        if self.cgroup is not None and not self.forked:  # a fork joined its cgroup already
+        if self.cgroup is not None and not self.forked and not launcher:
+            # (The sandbox joins it before anything runs; a fork joined it while stopped.)
             try:
                 self.cgroup.add(self.process.pid)
             except CgroupError as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self._log_task = asyncio.create_task(self._pump_logs())
         _, self.channel = await loop.create_unix_connection(
-            lambda: WorkerChannel(self.label, self.shm, self.worker_shm.prefix), sock=parent
+            lambda: WorkerChannel(
+                self.label, Payloads(fds_parent, self.settings.shm_threshold), fds_parent
+            ),
+            sock=parent,
         )
         timeout = self.settings.load_timeout
         try:
@@ -201,12 +224,17 @@ class WorkerProcess:
         if isinstance(modules, list):
             self.modules = [m for m in modules if isinstance(m, str)]
 
-    async def _fork(self, command: list[str], env: dict[str, str], child: socket.socket) -> None:
+    async def _fork(
+        self, command: list[str], env: dict[str, str], child: socket.socket, fds: socket.socket
+    ) -> None:
         """Fork the worker from the pre-warmed process; it joins its cgroup while stopped."""
         assert self.prewarmed is not None
         argv = command[3:]  # what follows "python -m omni_sdk.worker"
         argv[argv.index("--fd") + 1] = "{fd}"
-        process = await self.prewarmed.fork(argv, self.spec.package_dir, env, child.fileno())
+        argv[argv.index("--fd-channel") + 1] = "{fd_channel}"
+        process = await self.prewarmed.fork(
+            argv, self.spec.package_dir, env, child.fileno(), fds.fileno()
+        )
         try:
             if not await self.prewarmed.stopped(process.pid):
                 raise OSError(f"the fork (pid {process.pid}) never reached its SIGSTOP")
@@ -298,7 +326,7 @@ class WorkerProcess:
             log.warning("%s: omni-cstub is missing, so GPU memory is not limited", self.label)
             return {}
         quota = self.spec.resources.gpu_memory or None
-        region = self.gpu_region.name
+        region = str(self.gpu_region) if self.gpu_region.name == "usage" else self.gpu_region.name
         if os.environ.get("OMNI_CUDA_MODE") == "device":
             return omni_cstub.preload_env(quota, mode="device", shm_name=region)
         return omni_cstub.preload_env(quota, mode="managed", shm_name=region)
@@ -336,15 +364,16 @@ class WorkerProcess:
         return _rss(self.pid) if self.pid else 0
 
     def cleanup(self) -> None:
-        """Remove shared-memory segments either side left for the other, and the cgroup."""
-        self.shm.cleanup()
-        self.worker_shm.cleanup()
+        """Remove what the worker leaves behind: its processes, GPU region and cgroup."""
         exited = self.process is None or self.process.returncode is not None
         if exited and self.pid is not None:
             self.kill()  # whatever it started and left behind
         if exited and self.pid is not None and self.spec.device.startswith("cuda"):
             with contextlib.suppress(OSError):
                 self.gpu_region.unlink()
+            if self.gpu_region.name == "usage":
+                with contextlib.suppress(OSError):
+                    self.gpu_region.parent.rmdir()
         if self.cgroup is not None and exited:
             self.oom_killed = self.oom_killed or self.cgroup.oom_killed()
             self.cgroup.remove()

@@ -1,0 +1,345 @@
+"""The sandbox, applied before a single line of model code runs.
+
+The runtime does not start a model's interpreter itself. It runs this file with its own
+interpreter, isolated (``python -I -S sandbox.py SPEC -- PROGRAM ARGS...``: no site-packages, no
+``.pth`` file, no environment variable read, the standard library only), and this launcher, as
+root:
+
+1. joins the worker's cgroup, so everything after is charged and limited;
+2. unshares mount, pid and (unless the model has ``network = "host"``) network namespaces, and
+   forks: the child is pid 1 of the new pid namespace, the parent waits and ends as it ended;
+3. in the child, remounts every file system read-only, then covers with tmpfs what the worker
+   must not see (other models' packages, the runtime's state, directories its user could not
+   enter anyway) and binds back, read-only, the paths it needs (its package, its environment,
+   the runtime's base layer); mounts a private, size-limited ``/tmp`` and ``/dev/shm``, binds its
+   cache directory read-write, mounts a ``/proc`` of its own pid namespace and a
+   ``/proc/meminfo`` that shows its memory limit (as LXCFS does), and brings up loopback;
+4. becomes the model's own unprivileged user (no supplementary groups, no capabilities,
+   no_new_privs), closes every descriptor but the ones it was told to keep, and executes
+   PROGRAM with exactly the environment it was given.
+
+So the model's interpreter, and every ``.pth`` file and module it runs, starts inside. Pre-warmed
+processes and discovery start through it the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_MOUNT_OPTION_FLAGS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+}
+# The spec's fields and their defaults; the runtime writes it (isolation/plan.py).
+SPEC_FIELDS = {
+    "package": "",  # the model's package: read-only, the working directory
+    "hide": [],  # directories to cover with an empty tmpfs (other packages, the state)
+    "keep": [],  # directories it needs, even inside hidden or unreachable ones (read-only)
+    "writable": [],  # directories bound read-write (its cache)
+    "memory_limit": 0,  # what /proc/meminfo says, in bytes; 0 leaves it alone
+    "tmp_size": 256 << 20,  # /tmp and /dev/shm, each
+    "uid": 0,  # the model's user and group; 0 stays root (only where no other is possible)
+    "network": False,  # True: the host's network; False: loopback only
+    "cgroup_procs": [],  # cgroup.procs files to join, before anything else
+    "keep_fds": [],  # descriptors the program inherits besides 0, 1 and 2
+    # False for a pre-warmed process: its forks keep pids the runtime can see, and its /proc
+    # shows only its own user's processes (hidepid) instead of a namespace of its own.
+    "pid_namespace": True,
+    "setenv": {},  # set just before PROGRAM starts (LD_PRELOAD: not for this launcher)
+}
+
+
+class SandboxError(OSError):
+    pass
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    result = _libc().mount(
+        source.encode() if source else None,
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"mount {fstype or source} on {target}: {os.strerror(err)}")
+
+
+def meminfo_text(limit: int, host: str) -> str:
+    """``/proc/meminfo`` with MemTotal, MemFree and MemAvailable capped at ``limit`` bytes."""
+    lines = []
+    capped = {"MemTotal", "MemFree", "MemAvailable"}
+    for line in host.splitlines():
+        key, _, rest = line.partition(":")
+        if key in capped:
+            value_kb = int(rest.split()[0])
+            line = f"{key}:{min(value_kb, limit // 1024):>15} kB"
+        elif key in ("SwapTotal", "SwapFree"):
+            line = f"{key}:{0:>15} kB"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def parse_spec(text: str) -> dict[str, Any]:
+    spec = json.loads(text)
+    unknown = set(spec) - set(SPEC_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown sandbox fields: {sorted(unknown)}")
+    return {**SPEC_FIELDS, **spec}
+
+
+def main(argv: list[str]) -> None:
+    """``sandbox.py SPEC -- PROGRAM ARGS...``: set up, then become PROGRAM. Never returns."""
+    if len(argv) < 3 or argv[1] != "--":
+        sys.exit("usage: sandbox.py SPEC -- PROGRAM [ARGS...]")
+    spec = parse_spec(argv[0])
+    program = argv[2:]
+    try:
+        _join_cgroup(spec["cgroup_procs"])
+        flags = CLONE_NEWNS | (0 if spec["network"] else CLONE_NEWNET)
+        if spec["pid_namespace"]:
+            flags |= CLONE_NEWPID
+        if _libc().unshare(flags) != 0:
+            err = ctypes.get_errno()
+            raise SandboxError(err, f"unshare: {os.strerror(err)}")
+    except OSError as exc:
+        sys.exit(f"omni sandbox: {exc}; the model was not started")
+    if spec["pid_namespace"]:
+        child = os.fork()
+        if child:
+            _mirror(child)
+    try:
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Its pid as the runtime sees it, while the host's /proc still says.
+        os.environ["OMNI_WORKER_PID"] = os.readlink("/proc/self")
+        _build_view(spec)
+        if not spec["network"]:
+            _loopback_up()
+        _become(spec["uid"])
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a change of user cleared it
+        keep = sorted(set(spec["keep_fds"]))
+        start = 3
+        for fd in [*keep, 1 << 16]:
+            os.closerange(start, fd)
+            start = fd + 1
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        os.environ.update(spec["setenv"])
+        os.execv(program[0], program)
+    except OSError as exc:
+        print(f"omni sandbox: {exc}; the model was not started", file=sys.stderr, flush=True)
+        os._exit(126)
+
+
+def _join_cgroup(files: list[str]) -> None:
+    for path in files:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _mirror(child: int) -> None:
+    """The launcher's life: hold nothing, wait for the worker, end as it ended."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the runtime stops workers with SHUTDOWN or SIGKILL
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the socket is the worker's alone
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        ended_by = signal.Signals(os.WTERMSIG(status))
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(ended_by, signal.SIG_DFL)
+        os.kill(os.getpid(), ended_by)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def _build_view(spec: dict[str, Any]) -> None:
+    uid = spec["uid"]
+    package = os.path.realpath(spec["package"])
+    writable = [os.path.realpath(p) for p in spec["writable"] if os.path.isdir(p)]
+    keep = [os.path.realpath(p) for p in [package, *spec["keep"]] if os.path.isdir(p)]
+    needed = sorted(set(keep + writable), key=len)
+    # Covers: an empty tmpfs over each; the needed paths inside are bound back.
+    covers = {os.path.realpath(p) for p in spec["hide"] if os.path.isdir(p)}
+    covers |= {"/tmp", "/dev/shm"}
+    if uid:
+        covers |= {c for p in needed if (c := _unreachable_ancestor(p, uid))}
+    for path in writable:
+        os.chown(path, uid, uid)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    with open("/proc/meminfo") as f:
+        host_meminfo = f.read()
+    # Hold every needed directory open: once a tmpfs covers a path, the path leads nowhere,
+    # the open directory still does.
+    handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in needed}
+    _read_only_everywhere()
+    base = MS_NOSUID | MS_NODEV
+    mounted: list[str] = []
+    # Shallow before deep, so a cover inside a path bound back (a neighbour's package inside
+    # the runtime's source tree, say) is laid over that bind.
+    for path, is_cover in sorted(
+        [(c, True) for c in covers] + [(n, False) for n in needed],
+        key=lambda item: (len(item[0]), not item[1]),
+    ):
+        if is_cover:
+            if os.path.isdir(path):  # still reachable: not inside a cover of its own
+                private = path in ("/tmp", "/dev/shm")
+                size, mode = (spec["tmp_size"], "1777") if private else (64 << 10, "0755")
+                name = "omni-" + path.strip("/").replace("/", "-")
+                _mount(name, path, "tmpfs", base, f"size={size},mode={mode}")
+                mounted.append(path)
+            continue
+        cover = max((c for c in mounted if _contains(c, path)), key=len, default="")
+        ancestor = max((n for n in needed if n != path and _contains(n, path)), key=len, default="")
+        if (cover and len(cover) >= len(ancestor)) or path in writable:
+            _bind(handles[path], path, read_only=path not in writable)
+    for handle in handles.values():
+        os.close(handle)
+    for cover in mounted:
+        if cover not in ("/tmp", "/dev/shm"):
+            _mount(None, cover, None, MS_REMOUNT | MS_RDONLY | base, "size=64k,mode=0755")
+    # A /proc of its own pid namespace: no other process, the runtime's included, is visible.
+    proc_options = "" if spec["pid_namespace"] else "hidepid=invisible"
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, proc_options)
+    if spec["memory_limit"]:
+        path = "/dev/shm/.omni-meminfo"
+        with open(path, "w") as f:
+            f.write(meminfo_text(spec["memory_limit"], host_meminfo))
+        _mount(path, "/proc/meminfo", None, MS_BIND)
+        _mount(None, "/proc/meminfo", None, MS_REMOUNT | MS_BIND | MS_RDONLY | base)
+        os.unlink(path)
+    os.chdir(package)  # step onto the read-only bind mount
+
+
+def _read_only_everywhere() -> None:
+    """Remount every mount read-only and nosuid, keeping its other flags."""
+    with open("/proc/self/mountinfo") as f:
+        entries = [line.split() for line in f]
+    seen = set()
+    for fields in entries:
+        target = _unescape(fields[4])
+        if target in seen or target.startswith("/proc/") or target == "/proc":
+            continue  # /proc is replaced by the namespace's own
+        seen.add(target)
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+        for option in fields[5].split(","):
+            flags |= _MOUNT_OPTION_FLAGS.get(option, 0)
+        try:
+            _mount(None, target, None, flags)
+        except SandboxError as exc:
+            # A mount already gone from under another (an over-mounted path) is no way out;
+            # anything else stops the start.
+            if exc.errno not in (2, 22):  # ENOENT, EINVAL
+                raise
+
+
+def _unescape(path: str) -> str:
+    return path.encode().decode("unicode_escape") if "\\" in path else path
+
+
+def _unreachable_ancestor(path: str, uid: int) -> str | None:
+    """The outermost directory above ``path`` that ``uid`` may not enter, if any."""
+    parts = path.strip("/").split("/")
+    current = ""
+    for part in parts[:-1]:
+        current += "/" + part
+        st = os.stat(current)
+        if st.st_uid == uid:
+            enterable = bool(st.st_mode & 0o100)
+        elif st.st_gid == uid:
+            enterable = bool(st.st_mode & 0o010)
+        else:
+            enterable = bool(st.st_mode & 0o001)
+        if not enterable:
+            return current
+    return None
+
+
+def _bind(handle: int, path: str, read_only: bool) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    _mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
+    flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    _mount(None, path, None, flags)
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+
+
+def _become(uid: int) -> None:
+    """The model's own user: no groups, no capabilities, no way to gain any back."""
+    libc = _libc()
+    if uid:
+        for cap in range(64):
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last known cap
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # and with it every capability
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """The given directories minus those inside another one of them."""
+    kept: list[str] = []
+    for path in sorted(set(paths), key=len):
+        if not any(_contains(outer, path) for outer in kept):
+            kept.append(path)
+    return kept
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
