@@ -1,10 +1,13 @@
-"""cgroup v2 code against a directory laid out like cgroupfs; v1 code against the real one."""
+"""cgroup v2 code against a directory laid out like cgroupfs and a real v2 hierarchy mounted for
+the test (where the machine allows); v1 code against the real one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,63 @@ def test_stale_cgroups_of_dead_runtimes_are_swept(tmp_path: Path) -> None:
     (stale / "memory.max").write_text("1")
     CgroupsV2(root, parent="/")
     assert not (root / f"omni-{dead.pid}").exists()
+
+
+@pytest.fixture
+def real_v2(tmp_path: Path) -> Iterator[Path]:
+    """A real cgroup v2 hierarchy, mounted for the test (beside v1, it may lack controllers)."""
+    mount = tmp_path / "cgroup2"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "cgroup2", "none", str(mount)]).returncode
+    ):
+        pytest.skip("cannot mount a cgroup v2 hierarchy here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_v2_on_a_real_hierarchy_joins_kills_and_removes(real_v2: Path) -> None:
+    """The v2 path against the kernel: a sandboxed process joins before it runs, and goes."""
+    from omni_runtime.isolation import sandbox
+
+    cgroups = CgroupsV2(real_v2, parent="/")
+    worker = cgroups.create("worker-1", RESOURCES)
+    assert worker.procs_files == [worker.path / "cgroup.procs"]
+    spec = json.dumps({"package": "/", "cgroup_procs": [str(worker.procs_files[0])]})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            sandbox.__file__,
+            spec,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /proc/self/cgroup; exec sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = ""
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("0::"):
+                break
+        # Its first command already ran inside (v2's line is "0::<path>").
+        assert line == f"0::/omni-{os.getpid()}/worker-1\n"
+        assert str(process.pid) in (worker.path / "cgroup.procs").read_text().split()
+        worker.kill()  # cgroup.kill, where the kernel has it
+        assert process.wait(timeout=10) != 0
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    worker.remove()
+    assert not worker.path.exists()
+    cgroups.close()

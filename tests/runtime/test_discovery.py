@@ -1,0 +1,50 @@
+"""Discovery imports a package's code: in the sandbox where there is one, and never forever."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from omni_runtime.discovery import discover_all
+from omni_runtime.isolation import Isolation
+
+
+def _package(root: Path, body: str) -> Path:
+    package = root / "slow-import"
+    (package / "slow_import").mkdir(parents=True)
+    (package / "pyproject.toml").write_text(
+        textwrap.dedent("""
+        [project]
+        name = "omni-test-slow-import"
+        version = "0.1.0"
+        dependencies = ["omni-sdk"]
+
+        [project.entry-points.omni]
+        slow = "slow_import"
+        """)
+    )
+    (package / "slow_import" / "__init__.py").write_text(textwrap.dedent(body))
+    return package
+
+
+def test_a_package_whose_import_never_ends_is_given_up(tmp_path: Path) -> None:
+    package = _package(tmp_path, "import time\ntime.sleep(600)\n")
+    discovery = asyncio.run(discover_all([package], {}, timeout=1.0))
+    [failure] = discovery.failures
+    assert "did not finish within 1s" in failure.error and str(package) in failure.error
+    assert not discovery.models
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")
+def test_discovery_imports_the_package_inside_the_sandbox(tmp_path: Path) -> None:
+    # Module-level code of a package that reports who runs it, by failing with it.
+    package = _package(tmp_path, "import os\nraise SystemExit(f'uid={os.getuid()}')\n")
+    isolation = Isolation.sandbox_only([package, tmp_path / "state"], None)
+    assert isolation is not None
+    discovery = asyncio.run(discover_all([package], {}, isolation=isolation))
+    [failure] = discovery.failures
+    assert "uid=" in failure.error and "uid=0" not in failure.error, failure.error
