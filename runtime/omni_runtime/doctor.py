@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,26 @@ def _isolation() -> str:
     return f"{description}: memory, CPU and pid limits per worker"
 
 
+def sandbox_check() -> str:
+    """Start the sandbox launcher for real, around /bin/true: what it says is what workers get."""
+    from omni_runtime.isolation import sandbox
+
+    if os.geteuid() != 0:
+        return "no (not root): workers run as the runtime's user with a reduced environment"
+    spec = json.dumps({"package": "/", "uid": 65534})
+    command = [sys.executable, "-I", "-S", sandbox.__file__, spec, "--", "/bin/true"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"no ({exc})"
+    if result.returncode != 0:
+        return f"no ({result.stderr.strip() or f'exit status {result.returncode}'})"
+    return (
+        "yes: a user per model, no capabilities, read-only files, private /tmp and /dev/shm, "
+        "own pid and network namespaces"
+    )
+
+
 def doctor_report() -> dict[str, Any]:
     version = cgroup_version()
     controllers = _v2_controllers() if version == "v2" else _v1_controllers()
@@ -64,7 +87,7 @@ def doctor_report() -> dict[str, Any]:
         "cgroup": version,
         "cgroup controllers": " ".join(controllers) or "none",
         "namespaces": " ".join(namespaces) or "none",
-        "shared memory": os.access("/dev/shm", os.W_OK),
+        "sandbox": sandbox_check(),
         "cuda": _cuda(),
         "worker isolation": _isolation(),
     }

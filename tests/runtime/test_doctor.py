@@ -18,4 +18,6 @@ def test_cgroup_version_from_the_hierarchy(tmp_path: Path) -> None:
 
 def test_report_covers_what_operators_ask() -> None:
     report = doctor_report()
-    assert {"root", "cgroup", "namespaces", "cuda"} <= set(report)
+    assert {"root", "cgroup", "namespaces", "cuda", "sandbox"} <= set(report)
+    if report["root"]:  # the launcher really ran, around /bin/true
+        assert report["sandbox"].startswith("yes"), report["sandbox"]
