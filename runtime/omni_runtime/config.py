@@ -58,7 +58,9 @@ class ServerSettings(BaseModel):
         gt=0,
         description="how long stopping a replica (or the runtime) waits for requests",
     )
-    shm_threshold: Bytes = Field(default=256 << 10, description="payloads this large travel as a memfd")
+    shm_threshold: Bytes = Field(
+        default=256 << 10, description="payloads this large travel as a memfd"
+    )
     heartbeat_timeout: Seconds = Field(
         default=60.0, gt=0, description="a worker silent this long while owing an answer is killed"
     )

@@ -79,9 +79,8 @@ def test_a_payload_that_is_not_what_its_frame_says_fails_alone() -> None:
 
 def test_a_frame_naming_a_descriptor_that_never_came_is_refused() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours, theirs:
-        with pytest.raises(ProtocolError, match="never came"):
-            payload(FLAG_FD, (3).to_bytes(8, "little"), theirs)
+    with ours, theirs, pytest.raises(ProtocolError, match="never came"):
+        payload(FLAG_FD, (3).to_bytes(8, "little"), theirs)
 
 
 def test_an_overlong_frame_is_refused_before_it_is_buffered() -> None:
