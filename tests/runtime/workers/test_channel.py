@@ -1,0 +1,38 @@
+"""The runtime's end of a worker's socket: a payload that cannot travel fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from omni_runtime.workers.channel import WorkerChannel
+from omni_sdk._protocol import FrameReader, Kind, Payloads
+
+
+def test_a_payload_that_cannot_be_handed_over_fails_that_request_alone() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        fds_ours, fds_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds_theirs.close()  # the payload channel is gone: a large payload cannot be sent
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.create_unix_connection(
+            lambda: WorkerChannel("model '@t/m'", Payloads(fds_ours, threshold=1024), fds_ours),
+            sock=ours,
+        )
+        large = await channel.request(Kind.RUN_JSON, [b"x" * 4096])
+        status, _, body = large
+        assert status == 503
+        assert "could not be handed to its worker" in json.loads(body)["errors"][0]["message"]
+        assert channel.in_flight == 0  # nothing left waiting on the worker
+        small = channel.request(Kind.INFER_V2, [b"{}"])  # the channel still works
+        await asyncio.sleep(0.05)
+        [(kind, _, _, payload)] = FrameReader().feed(theirs.recv(1 << 16))
+        assert (kind, payload) == (Kind.INFER_V2, b"{}")
+        assert not small.done() and channel.in_flight == 1
+        theirs.close()  # the worker goes: what waited on it fails with the reason
+        await asyncio.sleep(0.05)
+        assert "worker exited" in str(small.exception())
+        fds_ours.close()
+
+    asyncio.run(scenario())
