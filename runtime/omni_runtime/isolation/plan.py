@@ -126,12 +126,19 @@ class Isolation:
             writable_dirs.append(cache)
         # What the worker's interpreter reads besides its package: its environment, and the
         # runtime's own (the base layer its environment shares, editable sources).
+        hide = [p for p in self.hidden if p != package]
+        base = [Path(p) for p in (sys.prefix, sys.base_prefix, *sys.path) if os.path.isabs(p)]
+        # Hiding wins: a neighbour's package on the runtime's sys.path (installed editable
+        # beside it) stays hidden. The model's own environment is kept, though inside the state.
         keep = [str(environment)] if environment else []
-        keep += [sys.prefix, sys.base_prefix]
-        keep += [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
+        keep += [
+            str(p)
+            for p in base
+            if p.is_dir() and not any(p == h or p.is_relative_to(h) for h in hide)
+        ]
         spec = {
             "package": str(package),
-            "hide": [str(p) for p in self.hidden if p != package],
+            "hide": [str(p) for p in hide],
             "keep": list(dict.fromkeys(keep)),
             "writable": [str(p) for p in writable_dirs],
             "memory_limit": memory_limit,

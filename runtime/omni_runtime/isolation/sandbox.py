@@ -204,9 +204,11 @@ def _build_view(spec: dict[str, Any]) -> None:
     package = os.path.realpath(spec["package"])
     writable = [os.path.realpath(p) for p in spec["writable"] if os.path.isdir(p)]
     keep = [os.path.realpath(p) for p in [package, *spec["keep"]] if os.path.isdir(p)]
-    needed = sorted(set(keep + writable), key=len)
+    hidden = {os.path.realpath(p) for p in spec["hide"] if os.path.isdir(p)}
+    # Hiding wins over keeping the very same directory (its own package is never hidden).
+    needed = sorted({p for p in keep + writable if p not in hidden or p == package}, key=len)
     # Covers: an empty tmpfs over each; the needed paths inside are bound back.
-    covers = {os.path.realpath(p) for p in spec["hide"] if os.path.isdir(p)}
+    covers = set(hidden)
     covers |= {"/tmp", "/dev/shm"}
     if uid:
         covers |= {c for p in needed if (c := _unreachable_ancestor(p, uid))}

@@ -78,3 +78,17 @@ def test_the_launcher_runs_isolated_with_the_runtimes_interpreter(tmp_path: Path
     assert spec["uid"] == model_uid("@t/m") and spec["keep_fds"] == [7]
     assert spec["network"] is False and spec["hide"] == [str(tmp_path / "other")]
     assert os.path.isdir(spec["writable"][0])  # its cache directory, made for it
+
+
+def test_a_neighbour_on_the_runtimes_path_stays_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    neighbour, own = tmp_path / "neighbour", tmp_path / "own"
+    neighbour.mkdir()
+    own.mkdir()
+    monkeypatch.syspath_prepend(str(neighbour))  # installed editable beside the runtime
+    monkeypatch.syspath_prepend(str(own))
+    isolation = Isolation(None, True, (neighbour, own), "test", None)
+    spec = json.loads(isolation.launcher(model="@t/m", package=own, environment=None)[4])
+    assert spec["hide"] == [str(neighbour)]
+    assert str(neighbour) not in spec["keep"] and str(own) in spec["keep"]
