@@ -58,8 +58,12 @@ class RunningRuntime:
 
 @contextmanager
 def serve(
-    *paths: Path, extra: list[str] | None = None, timeout: float = 120.0
+    *paths: Path,
+    extra: list[str] | None = None,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningRuntime]:
+    """The runtime serving ``paths``, its environment ours plus ``env``."""
     command = [
         sys.executable, "-m", "omni_runtime.cli", "serve", *map(str, paths),
         "--port", "0", *(extra or []),
@@ -69,7 +73,7 @@ def serve(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
     )
     assert process.stdout is not None
     lines: list[str] = []
