@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omni_sdk._engine import Engine, EngineDefinitionError, LoadContext, Signature
+from omni_sdk._model_config import ModelConfig
 from omni_sdk._plugins import EnginePlugins, PackageError
 from omni_sdk._resources import Resources, Scaling
 from omni_sdk._tensor_engine import ModelLoadError, Tensor, TensorEngine
@@ -17,6 +18,7 @@ __all__ = [
     "EnginePlugins",
     "InvalidInput",
     "LoadContext",
+    "ModelConfig",
     "ModelLoadError",
     "PackageError",
     "Resources",

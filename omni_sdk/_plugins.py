@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pluggy
 
 from omni_sdk import hookspecs
 from omni_sdk._engine import Engine, EngineDefinitionError
+from omni_sdk._model_config import ModelConfig, is_zero_code, read_model_config
 
 __all__ = ["ENTRY_POINT_GROUP", "EnginePlugins", "PackageError", "read_package"]
 
@@ -47,11 +48,14 @@ class EnginePlugins:
     def unregister(self, name: str) -> None:
         self._pm.unregister(name=name)
 
-    def load_installed(self) -> None:
-        """Load the ``omni`` entry points of installed distributions, minus any not allowed."""
+    def load_installed(self, only: set[str] | None = None) -> None:
+        """Load the ``omni`` entry points of installed distributions (those named in ``only``,
+        if given), minus any ``OMNI_LOAD_PLUGINS`` does not allow."""
         allowed = _allow_list()
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if allowed is not None and entry_point.name not in allowed:
+                continue
+            if only is not None and entry_point.name not in only:
                 continue
             if self._pm.get_plugin(entry_point.name) is not None:
                 continue
@@ -59,7 +63,13 @@ class EnginePlugins:
         self._pm.check_pending()
 
     def load_package(self, package_dir: Path) -> str:
-        """Load the plugins a model package declares in its pyproject.toml; returns its name."""
+        """Load the plugins a model package declares in its pyproject.toml; returns its name.
+
+        A zero-code package (an omni.toml with a ``[model]`` table and no pyproject.toml) is
+        built by the engine kind it names, from the installed engine plugins.
+        """
+        if is_zero_code(package_dir):
+            return self.load_zero_code(package_dir)
         info = read_package(package_dir)
         for root in (package_dir / "src", package_dir):
             if root.is_dir() and str(root) not in sys.path:
@@ -78,6 +88,53 @@ class EnginePlugins:
         except pluggy.PluginValidationError as exc:
             raise PackageError(f"package {package_dir}: {exc}") from exc
         return str(info["name"])
+
+    def load_zero_code(self, package_dir: Path) -> str:
+        """Build the engine of a zero-code package with its kind's factory; returns its name."""
+        try:
+            config = read_model_config(package_dir)
+        except ValueError as exc:
+            raise PackageError(str(exc)) from None
+        # Engine kinds come from installed plugins, in a manager of their own: the engines
+        # those plugins register are not this package's. A plugin named like the kind (the
+        # built-in engines: onnx, torch, triton) is tried alone first, so serving one graph
+        # does not import every installed plugin.
+        installed = EnginePlugins()
+        installed.load_installed(only={config.kind})
+        kinds = installed.engine_kinds()
+        if config.kind not in kinds:
+            installed.load_installed()
+            kinds = installed.engine_kinds()
+        factory = kinds.get(config.kind)
+        if factory is None:
+            known = ", ".join(sorted(kinds)) or "none: install omni-engine-onnx, say"
+            raise PackageError(
+                f"{config.where()}: kind {config.kind!r} is not registered by any installed "
+                f"engine plugin (registered kinds: {known})"
+            )
+        try:
+            engine = factory(config)
+        except (ValueError, EngineDefinitionError) as exc:
+            raise PackageError(str(exc)) from None
+        except Exception as exc:
+            raise PackageError(
+                f"{config.where()}: kind {config.kind!r} could not build an engine: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._pm.register(_Registers(engine), name=f"zero-code:{config.name}")
+        return package_dir.name
+
+    def engine_kinds(self) -> dict[str, Callable[[ModelConfig], type[Engine]]]:
+        """Every engine kind the loaded plugins register, by name."""
+        kinds: dict[str, Callable[[ModelConfig], type[Engine]]] = {}
+
+        def register(kind: str, factory: Callable[[ModelConfig], type[Engine]]) -> None:
+            if kind in kinds and kinds[kind] is not factory:
+                raise EngineDefinitionError(f"two plugins register the engine kind {kind!r}")
+            kinds[kind] = factory
+
+        self._pm.hook.register_engine_kinds(register=register)
+        return kinds
 
     def engines(self) -> list[type[Engine]]:
         """Every engine the loaded plugins register, checked, with unique names."""
@@ -98,6 +155,17 @@ class EnginePlugins:
                     f"two engines are named {engine.name!r}: {_where(other)} and {_where(engine)}"
                 )
         return list(by_name.values())
+
+
+class _Registers:
+    """An inline plugin registering one engine (a zero-code package's)."""
+
+    def __init__(self, engine: type[Engine]) -> None:
+        self.engine = engine
+
+    @hookspecs.hookimpl
+    def register_engines(self, register: Callable[[type[Engine]], None]) -> None:
+        register(self.engine)
 
 
 def read_package(package_dir: Path) -> dict[str, Any]:

@@ -131,12 +131,25 @@ class ModelOverride(BaseModel):
         return resources, scaling
 
 
+class ZeroCodeModel(BaseModel):
+    """``[model]``: a zero-code package's model; fields beyond these belong to its kind."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    task: str
+    kind: str
+
+
 class OmniFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: ServerSettings | None = None
     scheduler: SchedulerSettings | None = None
     models: dict[str, ModelOverride] = Field(default_factory=dict)
+    # A zero-code package's own model (name, task, kind, kind-specific fields); the engine
+    # kind checks the rest when it builds the engine.
+    model: ZeroCodeModel | None = None
 
 
 def load_omni_file(path: Path) -> OmniFile:

@@ -21,6 +21,7 @@ from omni_runtime.isolation.environments import (
 )
 from omni_runtime.isolation.plan import worker_environment
 from omni_sdk import Resources, Scaling
+from omni_sdk._model_config import is_zero_code
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
 
@@ -101,16 +102,18 @@ def find_packages(paths: list[Path]) -> list[Path]:
         path = path.resolve()
         if not path.exists():
             raise DiscoveryError(f"{path} does not exist")
-        if (path / "pyproject.toml").is_file():
+        if (path / "pyproject.toml").is_file() or is_zero_code(path):
             packages.append(path)
             continue
         if not path.is_dir():
             raise DiscoveryError(f"{path} is neither a model package nor a directory of them")
-        found = sorted(p for p in path.iterdir() if (p / "pyproject.toml").is_file())
+        found = sorted(
+            p for p in path.iterdir() if (p / "pyproject.toml").is_file() or is_zero_code(p)
+        )
         if not found:
             raise DiscoveryError(
-                f"{path} holds no model package: expected pyproject.toml in it or in its "
-                "immediate subdirectories"
+                f"{path} holds no model package: expected pyproject.toml (or an omni.toml with "
+                "a [model] table: a zero-code package) in it or in its immediate subdirectories"
             )
         packages.extend(found)
     return list(dict.fromkeys(packages))
@@ -134,18 +137,32 @@ def config_files(paths: list[Path], explicit: Path | None = None) -> dict[Path, 
 
 
 async def _describe_package(
-    package_dir: Path, python: str, isolation: Isolation | None, timeout: float
+    package_dir: Path,
+    python: str,
+    isolation: Isolation | None,
+    timeout: float,
+    overrides: list[ModelOverride],
 ) -> dict[str, Any]:
     """Run ``omni_sdk.discover`` in the package's interpreter, inside the sandbox where there is
-    one: importing a package runs its code."""
+    one: importing a package runs its code.
+
+    Which of its models is which is not known yet, so it gets what the omni.toml files that
+    apply to it give any model: the node's network if one has ``network = "host"`` (a
+    TritonEngine reads its remote model's metadata), and their ``env`` tables together.
+    """
     launcher: list[str] = []
-    env = dict(os.environ)
+    model_env: dict[str, str] = {}
+    for override in overrides:
+        model_env.update(override.env or {})
+    env = worker_environment(os.environ, model_env, None)
     if isolation is not None:
         environment = Path(python).parent.parent if python != sys.executable else None
         launcher = isolation.launcher(
-            model=f"discover:{package_dir}", package=package_dir, environment=environment
+            model=f"discover:{package_dir}",
+            package=package_dir,
+            environment=environment,
+            network=any(o.network == "host" for o in overrides),
         )
-        env = worker_environment(os.environ, {}, None)
     process = await asyncio.create_subprocess_exec(
         *launcher,
         python,
@@ -176,6 +193,18 @@ async def _describe_package(
         tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
         result = {"error": f"package {package_dir}: discovery failed: " + " | ".join(tail)}
     return result
+
+
+def _overrides_of(
+    package_dir: Path, files: dict[Path, OmniFile], packages: list[Path]
+) -> list[ModelOverride]:
+    """Every model entry of the omni.toml files that apply to a package, whatever the model."""
+    return [
+        override
+        for path, f in files.items()
+        if path.parent == package_dir or path.parent not in packages
+        for override in f.models.values()
+    ]
 
 
 def _override_for(
@@ -210,13 +239,14 @@ async def discover_all(
     discovery = Discovery()
     every_package = list(packages)
     pythons: dict[Path, str] = {}
-    if builder is None:
-        pythons = dict.fromkeys(packages, sys.executable)
-    else:
+    # A zero-code package runs in its kind's environment: the runtime's, where engines live.
+    pythons = {p: sys.executable for p in packages if builder is None or is_zero_code(p)}
+    if builder is not None:
+        to_build = [p for p in packages if p not in pythons]
         environments = await asyncio.gather(
-            *(builder.ensure(p) for p in packages), return_exceptions=True
+            *(builder.ensure(p) for p in to_build), return_exceptions=True
         )
-        for package_dir, environment in zip(packages, environments, strict=True):
+        for package_dir, environment in zip(to_build, environments, strict=True):
             if isinstance(environment, EnvironmentError_):
                 discovery.failures.append(PackageFailure(package_dir, str(environment)))
             elif isinstance(environment, BaseException):
@@ -226,7 +256,12 @@ async def discover_all(
                 discovery.environments[package_dir] = environment
     packages = [p for p in packages if p in pythons]
     results = await asyncio.gather(
-        *(_describe_package(p, pythons[p], isolation, timeout) for p in packages)
+        *(
+            _describe_package(
+                p, pythons[p], isolation, timeout, _overrides_of(p, files, every_package)
+            )
+            for p in packages
+        )
     )
     seen: dict[str, Path] = {}
     for package_dir, result in zip(packages, results, strict=True):

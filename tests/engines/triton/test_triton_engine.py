@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,17 +27,18 @@ def remote() -> Iterator[RunningRuntime]:
 
 
 @pytest.fixture(scope="module")
-def forwarding(remote: RunningRuntime) -> Iterator[RunningRuntime]:
-    previous = os.environ.get("OMNI_TEST_REMOTE_URL")
-    os.environ["OMNI_TEST_REMOTE_URL"] = remote.url
-    try:
-        with serve(HERE / "forwarder") as running:
-            yield running
-    finally:
-        if previous is None:
-            os.environ.pop("OMNI_TEST_REMOTE_URL")
-        else:
-            os.environ["OMNI_TEST_REMOTE_URL"] = previous
+def forwarding(
+    remote: RunningRuntime, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningRuntime]:
+    # A forwarding model needs the node's network, and its URL reaches it as the operator
+    # gives it: through omni.toml (the runtime's own environment is not passed on).
+    config = tmp_path_factory.mktemp("forwarder") / "omni.toml"
+    config.write_text(
+        '[models."@local/scale"]\nnetwork = "host"\n'
+        f'[models."@local/scale".env]\nOMNI_TEST_REMOTE_URL = "{remote.url}"\n'
+    )
+    with serve(HERE / "forwarder", extra=["--config", str(config)]) as running:
+        yield running
 
 
 def _forwarder(url: str) -> type[TritonEngine]:
