@@ -12,22 +12,43 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from omni_sdk._engine import Engine
 from omni_sdk._tensor_engine import TensorEngine
 from omni_sdk._tensors import (
+    DEFAULT_MAX_TENSOR_ELEMENTS,
+    INT_RANGES,
     InvalidInput,
+    check_int_range,
     encode_binary,
     json_data,
     tensor_to_value,
     value_to_tensor,
 )
 
-__all__ = ["AI_ERROR_CODES", "EngineRunner", "Prepared", "ai_error_body", "runner_for"]
+__all__ = [
+    "AI_ERROR_CODES",
+    "EngineRunner",
+    "Prepared",
+    "ai_error_body",
+    "dump_json",
+    "runner_for",
+]
 
 # Workers-AI-style error codes, by HTTP status (docs/http-api.md).
-AI_ERROR_CODES = {400: 5006, 404: 5007, 413: 3006, 429: 3040, 500: 3043, 503: 3042}
+AI_ERROR_CODES = {
+    400: 5006,
+    401: 10000,
+    404: 5007,
+    408: 3007,
+    413: 3006,
+    429: 3040,
+    431: 3006,
+    500: 3043,
+    503: 3042,
+}
 RESULT_OPEN = b'{"result":'
 RESULT_CLOSE = b',"success":true,"errors":[],"messages":[]}'
 
@@ -45,6 +66,11 @@ def ai_error_body(status: int, message: str) -> bytes:
 
 def v2_error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
+
+
+def dump_json(value: Any) -> bytes:
+    """Compact JSON; NaN and ±inf as "NaN", "Infinity", "-Infinity" (protobuf's JSON mapping)."""
+    return pydantic_core.to_json(value, inf_nan_mode="strings")
 
 
 @dataclass(slots=True)
@@ -69,11 +95,19 @@ class EngineRunner:
 
     ``runner_for(engine)`` picks this or, for a ``TensorEngine``, a ``TensorEngineRunner``,
     which decodes v2 tensors straight into numpy arrays and batches along dimension 0.
+    Nothing a request holds, and nothing an engine returns, raises out of ``prepare_*`` or
+    ``respond``: each becomes that request's 4xx or 5xx.
     """
 
-    def __init__(self, engine: Engine, model_name: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str | None = None,
+        max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name or type(engine).name
+        self.max_tensor_elements = max_tensor_elements
         signature = type(engine).signature()
         self.request_model = signature.request_model
         self.response_model = signature.response_model
@@ -88,6 +122,24 @@ class EngineRunner:
     # -- decoding ------------------------------------------------------------------------
 
     def prepare_json(self, body: bytes | memoryview) -> Prepared:
+        """Decode an ``/ai/run`` body; a request that cannot be read gets a 400."""
+        try:
+            return self._prepare_json(body)
+        except Exception as exc:
+            return self._undecodable(False, exc)
+
+    def prepare_v2(self, body: bytes | memoryview, header_length: int) -> Prepared:
+        """Decode a v2 infer body (JSON or binary); a request that cannot be read gets a 400."""
+        try:
+            return self._prepare_v2(body, header_length)
+        except Exception as exc:
+            return self._undecodable(True, exc)
+
+    def _undecodable(self, v2: bool, exc: Exception) -> Prepared:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return self._bad(v2, f"{self._label}: could not read the request: {detail}")
+
+    def _prepare_json(self, body: bytes | memoryview) -> Prepared:
         try:
             data = json.loads(bytes(body) if isinstance(body, memoryview) else body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -97,7 +149,7 @@ class EngineRunner:
         data.pop("options", None)
         return self._validate(False, data)
 
-    def prepare_v2(self, body: bytes | memoryview, header_length: int) -> Prepared:
+    def _prepare_v2(self, body: bytes | memoryview, header_length: int) -> Prepared:
         view = memoryview(body)
         if header_length > len(view):
             return self._bad(
@@ -164,7 +216,7 @@ class EngineRunner:
     def _decode_tensor(
         self, spec: Any, datatype: Any, shape: Any, data: Any, raw: memoryview | None
     ) -> Any:
-        return tensor_to_value(spec, datatype, shape, data, raw)
+        return tensor_to_value(spec, datatype, shape, data, raw, self.max_tensor_elements)
 
     def _requested_outputs(self, header: dict[str, Any]) -> list[tuple[Any, bool]]:
         params = header.get("parameters")
@@ -268,12 +320,16 @@ class EngineRunner:
             message = f"{self._label} failed: {type(outcome).__name__}: {outcome}"
             return self._error(prepared.v2, 500, message)
         try:
-            response = self._check_response(outcome)
+            dumped = self._check_response(outcome).model_dump(mode="json")
             if not prepared.v2:
-                return 200, 0, [RESULT_OPEN, response.model_dump_json().encode(), RESULT_CLOSE]
-            return self._encode_v2(prepared, response.model_dump(mode="json"))
-        except (TypeError, ValueError) as exc:
-            return self._error(prepared.v2, 500, f"{self._label} returned a bad response: {exc}")
+                return 200, 0, [RESULT_OPEN, dump_json(dumped), RESULT_CLOSE]
+            return self._encode_v2(prepared, dumped)
+        except Exception as exc:  # whatever it returned costs this request alone
+            return self._bad_response(prepared, exc)
+
+    def _bad_response(self, prepared: Prepared, exc: Exception) -> tuple[int, int, list[bytes]]:
+        detail = str(exc) or type(exc).__name__
+        return self._error(prepared.v2, 500, f"{self._label} returned a bad response: {detail}")
 
     def _check_response(self, outcome: Any) -> BaseModel:
         if isinstance(outcome, self.response_model):
@@ -292,6 +348,8 @@ class EngineRunner:
         chunks: list[bytes] = []
         for spec, binary in prepared.outputs or ():
             shape, flat = value_to_tensor(spec, dumped.get(spec.name))
+            if spec.datatype in INT_RANGES:
+                check_int_range(spec.name, spec.datatype, flat, "output")
             tensor: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": shape}
             if binary:
                 raw = encode_binary(spec, flat)
@@ -310,7 +368,7 @@ class EngineRunner:
         if prepared.request_id is not None:
             header["id"] = prepared.request_id
         header["outputs"] = tensors
-        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded = dump_json(header)
         if not chunks:
             return 200, 0, [encoded]
         return 200, len(encoded), [encoded, *chunks]
@@ -331,10 +389,18 @@ def describe_validation_error(exc: ValidationError, role: str) -> str:
     return "; ".join(parts)
 
 
-def runner_for(engine: Engine, model_name: str | None = None) -> EngineRunner:
-    """The runner that serves ``engine``: tensor-native engines get the numpy codecs."""
+def runner_for(
+    engine: Engine,
+    model_name: str | None = None,
+    max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS,
+) -> EngineRunner:
+    """The runner that serves ``engine``: tensor-native engines get the numpy codecs.
+
+    ``max_tensor_elements``: a v2 input declaring more elements gets a 400
+    (``server.max_tensor_elements``).
+    """
     if isinstance(engine, TensorEngine):
         from omni_sdk._tensor_serving import TensorEngineRunner
 
-        return TensorEngineRunner(engine, model_name)
-    return EngineRunner(engine, model_name)
+        return TensorEngineRunner(engine, model_name, max_tensor_elements)
+    return EngineRunner(engine, model_name, max_tensor_elements)

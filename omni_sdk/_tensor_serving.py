@@ -15,10 +15,18 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from omni_sdk._engine import Engine
-from omni_sdk._serving import RESULT_CLOSE, RESULT_OPEN, EngineRunner, Prepared
+from omni_sdk._serving import RESULT_CLOSE, RESULT_OPEN, EngineRunner, Prepared, dump_json
 from omni_sdk._serving import describe_validation_error as _describe
 from omni_sdk._tensor_engine import DATATYPES, Tensor, TensorEngine
-from omni_sdk._tensors import InvalidInput, decode_bytes_tensor, encode_bytes_tensor
+from omni_sdk._tensors import (
+    DEFAULT_MAX_TENSOR_ELEMENTS,
+    FLOAT_NAMES,
+    INT_RANGES,
+    InvalidInput,
+    decode_bytes_tensor,
+    element_count,
+    encode_bytes_tensor,
+)
 
 __all__ = [
     "TensorEngineRunner",
@@ -50,7 +58,12 @@ def _shape_error(tensor: Tensor, shape: Sequence[int], role: str = "input") -> I
 
 
 def array_from_v2(
-    tensor: Tensor, datatype: Any, shape: Any, data: Any, raw: memoryview | None
+    tensor: Tensor,
+    datatype: Any,
+    shape: Any,
+    data: Any,
+    raw: memoryview | None,
+    max_elements: int | None = None,
 ) -> NDArray[Any]:
     """One v2 input (binary or JSON ``data``) → an array, checking datatype and shape."""
     name = tensor.name
@@ -62,18 +75,16 @@ def array_from_v2(
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
     if not _shape_ok(tensor, shape):
         raise _shape_error(tensor, shape)
-    count = 1
-    for dim in shape:
-        count *= dim
+    count = element_count(name, shape, max_elements)
     dtype = _dtype(datatype)
     if raw is not None:
         if datatype == "BYTES":
-            array = np.empty(count, dtype=object)
             items = decode_bytes_tensor(raw, name)
             if len(items) != count:
                 raise InvalidInput(
                     f"input '{name}': shape {shape} holds {count} elements, got {len(items)}"
                 )
+            array = np.empty(count, dtype=object)
             array[:] = items
         else:
             if len(raw) != count * dtype.itemsize:
@@ -108,18 +119,42 @@ def _from_json(tensor: Tensor, data: Any, dtype: np.dtype[Any]) -> NDArray[Any]:
                     )
             return array
         array = np.asarray(data)
+        if dtype.kind == "f" and array.dtype.kind in "OU":
+            array = np.asarray(_read_float_names(data))
+        if dtype.kind in "iu" and array.dtype.kind in "fO":
+            low, high = INT_RANGES[tensor.datatype]
+            raise ValueError(f"expected integers from {low} to {high}")
         if array.dtype == object or array.dtype.kind in "USV":
             raise ValueError("not a rectangular array of numbers")
         if tensor.datatype == "BOOL" and array.dtype.kind != "b":
             raise ValueError("expected true or false")
-        if dtype.kind in "iu" and array.dtype.kind == "f":
-            raise ValueError("expected integers")
+        if dtype.kind in "iu" and array.size:
+            low, high = INT_RANGES[tensor.datatype]
+            for value in (array.min(), array.max()):
+                if not low <= value <= high:
+                    raise ValueError(f"{value} is out of range ({low} to {high})")
+        if dtype.kind == "f" and array.dtype != dtype:
+            with np.errstate(over="ignore"):  # beyond FP16/FP32: ±inf, as a cast does
+                return array.astype(dtype)
         return array.astype(dtype, copy=False)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(
             f"input '{tensor.name}': cannot read it as {tensor.datatype} {list(tensor.shape)}: "
             f"{exc}"
         ) from None
+
+
+def _read_float_names(data: Any) -> Any:
+    """Nested JSON data with "NaN", "Infinity" and "-Infinity" read as floats."""
+    if isinstance(data, list):
+        return [_read_float_names(item) for item in data]
+    if isinstance(data, str):
+        if data not in FLOAT_NAMES:
+            raise ValueError(
+                f"{data!r} is not a number (strings allowed: NaN, Infinity, -Infinity)"
+            )
+        return FLOAT_NAMES[data]
+    return data
 
 
 def check_array(tensor: Tensor, value: Any, role: str) -> NDArray[Any]:
@@ -150,11 +185,17 @@ class TensorEngineRunner(EngineRunner):
 
     engine: TensorEngine
 
-    def __init__(self, engine: Engine, model_name: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str | None = None,
+        max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS,
+    ) -> None:
         assert isinstance(engine, TensorEngine)
         self.engine = engine
         cls = type(engine)
         self.model_name = model_name or cls.name
+        self.max_tensor_elements = max_tensor_elements
         self._label = f"model '{self.model_name}'"
         # After load: what the model really has (read from its file or its server).
         self.tensor_inputs = {t.name: t for t in engine.inputs}
@@ -179,7 +220,8 @@ class TensorEngineRunner(EngineRunner):
     def _decode_tensor(
         self, spec: Any, datatype: Any, shape: Any, data: Any, raw: memoryview | None
     ) -> Any:
-        return array_from_v2(self.tensor_inputs[spec.name], datatype, shape, data, raw)
+        tensor = self.tensor_inputs[spec.name]
+        return array_from_v2(tensor, datatype, shape, data, raw, self.max_tensor_elements)
 
     def _validate(self, v2: bool, values: dict[str, Any]) -> Prepared:
         if v2:
@@ -208,6 +250,7 @@ class TensorEngineRunner(EngineRunner):
             array = _from_json(tensor, values[name], _dtype(tensor.datatype))
             if not _shape_ok(tensor, array.shape):
                 raise _shape_error(tensor, array.shape)
+            element_count(name, list(array.shape), self.max_tensor_elements)
             arrays[name] = array
         return arrays
 
@@ -349,9 +392,9 @@ class TensorEngineRunner(EngineRunner):
                 response = self._check_response(outcome)
                 return 200, 0, [RESULT_OPEN, response.model_dump_json().encode(), RESULT_CLOSE]
             result = {name: _json_value(array) for name, array in outcome.items()}
-            return 200, 0, [RESULT_OPEN, json.dumps(result).encode(), RESULT_CLOSE]
-        except (TypeError, ValueError) as exc:
-            return self._error(prepared.v2, 500, f"{self._label} returned a bad response: {exc}")
+            return 200, 0, [RESULT_OPEN, dump_json(result), RESULT_CLOSE]
+        except Exception as exc:  # whatever it returned costs this request alone
+            return self._bad_response(prepared, exc)
 
     def _encode_arrays(self, prepared: Prepared, arrays: Arrays) -> tuple[int, int, list[bytes]]:
         tensors = []

@@ -18,7 +18,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["InvalidInput", "TensorSpec", "decode_bytes_tensor", "encode_bytes_tensor", "specs_of"]
+__all__ = [
+    "DEFAULT_MAX_TENSOR_ELEMENTS",
+    "InvalidInput",
+    "TensorSpec",
+    "decode_bytes_tensor",
+    "encode_bytes_tensor",
+    "specs_of",
+]
+
+# The most elements one v2 input may declare (server.max_tensor_elements): 64 MiB of FP32.
+DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 24
 
 
 class InvalidInput(ValueError):
@@ -57,6 +67,19 @@ _DATATYPE = {
     "json": "BYTES",
 }
 _ELEMENT_TYPES = {float: "float", int: "int", bool: "bool", str: "str", bytes: "bytes"}
+# The integers each integer datatype holds: JSON data outside them is refused, not wrapped.
+INT_RANGES = {
+    "INT8": (-(1 << 7), (1 << 7) - 1),
+    "INT16": (-(1 << 15), (1 << 15) - 1),
+    "INT32": (-(1 << 31), (1 << 31) - 1),
+    "INT64": (-(1 << 63), (1 << 63) - 1),
+    "UINT8": (0, (1 << 8) - 1),
+    "UINT16": (0, (1 << 16) - 1),
+    "UINT32": (0, (1 << 32) - 1),
+    "UINT64": (0, (1 << 64) - 1),
+}
+# Non-finite floats in JSON, as the protobuf JSON mapping writes them (docs/http-api.md).
+FLOAT_NAMES = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
 
 @dataclass(frozen=True)
@@ -164,14 +187,52 @@ def _count(shape: list[int]) -> int:
     return n
 
 
+def element_count(name: str, shape: list[int], max_elements: int | None) -> int:
+    """The elements ``shape`` holds; more than ``max_elements`` (server.max_tensor_elements)
+    is refused before anything is allocated for them."""
+    count = _count(shape)
+    if max_elements is not None and count > max_elements:
+        raise InvalidInput(
+            f"input '{name}' has shape {shape}: {count} elements, more than the server's limit "
+            f"of {max_elements} (server.max_tensor_elements)"
+        )
+    return count
+
+
+def check_int_range(name: str, datatype: str, items: list[Any], role: str = "input") -> None:
+    """Refuse integers that ``datatype`` cannot hold, naming the tensor: ``InvalidInput`` for
+    an input, ``ValueError`` for an output an engine made."""
+    low, high = INT_RANGES[datatype]
+    if not items:
+        return
+    try:
+        smallest, largest = min(items), max(items)
+    except (TypeError, ValueError):  # other types too: pydantic names them; check the numbers
+        numbers = [x for x in items if isinstance(x, int | float)]
+        if not numbers:
+            return
+        smallest, largest = min(numbers), max(numbers)
+    for value in (smallest, largest):
+        if not low <= value <= high:
+            error = InvalidInput if role == "input" else ValueError
+            raise error(
+                f"{role} '{name}': {value} is out of range for {datatype} ({low} to {high})"
+            )
+
+
 def tensor_to_value(
     spec: TensorSpec,
     datatype: Any,
     shape: Any,
     data: Any,
     raw: bytes | memoryview | None,
+    max_elements: int | None = None,
 ) -> Any:
-    """One v2 input tensor → the Python value of its field, checking datatype and shape."""
+    """One v2 input tensor → the Python value of its field, checking datatype and shape.
+
+    JSON integers must fit the declared datatype and the field's own (INT64 for ``int``);
+    FP data may hold "NaN", "Infinity" and "-Infinity" (pydantic reads those strings).
+    """
     name = spec.name
     if datatype not in spec.accepted:
         raise InvalidInput(
@@ -187,7 +248,7 @@ def tensor_to_value(
     elif len(shape) != spec.rank:
         expected = list(spec.shape)
         raise InvalidInput(f"input '{name}' has shape {shape}, expected {expected}")
-    count = _count(shape)
+    count = element_count(name, shape, max_elements)
 
     if raw is not None:
         if datatype == "BYTES":
@@ -209,6 +270,10 @@ def tensor_to_value(
         if data is None:
             raise InvalidInput(f"input '{name}' has neither 'data' nor binary data")
         items = _flatten(data, name)
+        if datatype in INT_RANGES:
+            check_int_range(name, datatype, items)
+            if spec.datatype != datatype and spec.datatype in INT_RANGES:
+                check_int_range(name, spec.datatype, items)
     if len(items) != count:
         raise InvalidInput(
             f"input '{name}': shape {shape} holds {count} elements, got {len(items)}"

@@ -107,3 +107,34 @@ def test_outputs() -> None:
         value_to_tensor(_spec("ffs"), [[1.0], [2.0, 3.0]])
     assert encode_binary(_spec("i"), [7]) == struct.pack("<q", 7)
     assert encode_binary(_spec("ss"), ["ab"]) == struct.pack("<I", 2) + b"ab"
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value"),
+    [("INT64", 2**63), ("INT64", -(2**63) - 1), ("INT32", 2**31), ("INT8", -129),
+     ("UINT8", 256), ("UINT8", -1), ("UINT32", 2**32), ("UINT64", 2**64)],
+)  # fmt: skip
+def test_json_integers_must_fit_their_datatype(datatype: str, value: int) -> None:
+    with pytest.raises(InvalidInput, match=rf"input 'i': {value} is out of range for {datatype}"):
+        tensor_to_value(_spec("i"), datatype, [1], [value], None)
+
+
+def test_json_integers_must_fit_the_field_too() -> None:
+    # UINT64 holds 2**63, but an int field is INT64: it cannot go out again.
+    with pytest.raises(InvalidInput, match=r"out of range for INT64"):
+        tensor_to_value(_spec("i"), "UINT64", [1], [2**63], None)
+    assert tensor_to_value(_spec("i"), "UINT64", [1], [2**63 - 1], None) == 2**63 - 1
+    assert tensor_to_value(_spec("iis"), "INT8", [1, 2], [[-128, 127]], None) == [[-128, 127]]
+    # Values of other types go on to pydantic, which names them.
+    assert tensor_to_value(_spec("iis"), "INT64", [1, 2], [["a", 2]], None) == [["a", 2]]
+    with pytest.raises(InvalidInput, match=r"input 'iis': 1180591620717411303424 is out of"):
+        tensor_to_value(_spec("iis"), "INT64", [1, 2], [["a", 2**70]], None)
+
+
+def test_shapes_over_the_element_limit_are_refused() -> None:
+    limit = 1000
+    with pytest.raises(InvalidInput, match=r"input 'fs' has shape \[1001\]: 1001 elements, more"):
+        tensor_to_value(_spec("fs"), "FP32", [1001], [1.0], None, limit)
+    with pytest.raises(InvalidInput, match=r"server.max_tensor_elements"):
+        tensor_to_value(_spec("ffs"), "FP32", [10**9, 10**9], None, b"", limit)
+    assert tensor_to_value(_spec("fs"), "FP32", [2], [1.0, 2.0], None, limit) == [1.0, 2.0]
