@@ -1,6 +1,6 @@
 """What the process boundary costs: a trivial engine in-process vs served by omni-runtime.
 
-    python bench/overhead.py [--seconds 5]
+    python bench/overhead.py [--seconds 5] [--token]
 
 Rows:
   in-process call      EngineRunner decode → infer → encode, no HTTP (one Python loop)
@@ -8,6 +8,7 @@ Rows:
   omni-runtime v2      omni-runtime serving the engine in a worker process, KServe v2 JSON
   omni-runtime ai/run  the same, through /ai/run
 HTTP rows are driven by wrk (Debian package `wrk`), one thread, at concurrency 1 and 8.
+With --token, omni-runtime runs with OMNI_API_TOKEN set and wrk sends it on every request.
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ def wait_http(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def wrk(url: str, body: str, connections: int, seconds: float) -> dict[str, float]:
+def wrk(
+    url: str, body: str, connections: int, seconds: float, token: str | None = None
+) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
             'wrk.method = "POST"\n'
             f"wrk.body = {json.dumps(body)}\n"
             'wrk.headers["Content-Type"] = "application/json"\n'
-            "done = function(summary, latency, requests)\n"
+            + (f'wrk.headers["Authorization"] = "Bearer {token}"\n' if token else "")
+            + "done = function(summary, latency, requests)\n"
             '  io.write(string.format("OMNI %d %d %d %d %d\\n", summary.requests,'
             " summary.errors.status + summary.errors.connect + summary.errors.read"
             " + summary.errors.write + summary.errors.timeout,"
@@ -105,9 +109,16 @@ def wrk(url: str, body: str, connections: int, seconds: float) -> dict[str, floa
     return {"p50_ms": p50_us / 1000, "p99_ms": p99_us / 1000, "rps": requests / (duration_us / 1e6)}
 
 
-def start(command: list[str], port: int, ready: str | None = None) -> subprocess.Popen[str]:
+def start(
+    command: list[str], port: int, ready: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=HERE.parent,
+        env=dict(os.environ, **(env or {})),
     )
     if ready:
         assert process.stdout is not None
@@ -126,7 +137,11 @@ def stop(process: subprocess.Popen[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--token", action="store_true", help="serve with OMNI_API_TOKEN; wrk sends it"
+    )
     args = parser.parse_args()
+    token = "bench-token" if args.token else None
     if shutil.which("wrk") is None:
         print("bench/overhead.py needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
@@ -151,15 +166,15 @@ def main() -> int:
     omni = start(
         [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
          "--log-level", "warning"],
-        port, ready="omni-runtime: serving",
+        port, ready="omni-runtime: serving", env={"OMNI_API_TOKEN": token} if token else None,
     )  # fmt: skip
     try:
         for c in (1, 8):
             url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-            rows.append(("omni-runtime v2", c, wrk(url, V2_BODY, c, args.seconds)))
+            rows.append(("omni-runtime v2", c, wrk(url, V2_BODY, c, args.seconds, token)))
         for c in (1, 8):
             url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
-            rows.append(("omni-runtime ai/run", c, wrk(url, AI_BODY, c, args.seconds)))
+            rows.append(("omni-runtime ai/run", c, wrk(url, AI_BODY, c, args.seconds, token)))
     finally:
         stop(omni)
 

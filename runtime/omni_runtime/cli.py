@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -208,12 +209,15 @@ def _models(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from omni_runtime.connection import limited_protocol
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
     from omni_runtime.server import OmniApp
+    from omni_runtime.tokens import Tokens
 
     started = time.monotonic()
+    tokens = Tokens.from_environ(os.environ)
     discovery, files = _discover(args)
     settings = ServerSettings()
     scheduler = SchedulerSettings()
@@ -275,6 +279,13 @@ def _serve(args: argparse.Namespace) -> int:
     sock.set_inheritable(False)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
+    if tokens.api is None and not ipaddress.ip_address(host.partition("%")[0]).is_loopback:
+        log.warning(
+            "listening on %s without OMNI_API_TOKEN: anyone who can reach it may run "
+            "inference%s; set OMNI_API_TOKEN and OMNI_ADMIN_TOKEN (docs/http-api.md)",
+            host,
+            "" if tokens.admin else " and load or unload models",
+        )
     metrics = Metrics()
     isolation = Isolation.detect(sorted(packages), state_dir=args.state_dir)
     node = Controller(discovery, settings, metrics, isolation, scheduler, gpus)
@@ -296,9 +307,10 @@ def _serve(args: argparse.Namespace) -> int:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    app = OmniApp(node, on_startup=startup, on_shutdown=node.stop)
+    app = OmniApp(node, on_startup=startup, on_shutdown=node.stop, tokens=tokens)
     config = uvicorn.Config(
         app,
+        http=limited_protocol(settings.max_header_size, settings.body_timeout),
         log_level=args.log_level,
         access_log=False,
         lifespan="on",

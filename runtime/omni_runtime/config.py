@@ -64,6 +64,23 @@ class ServerSettings(BaseModel):
     heartbeat_timeout: Seconds = Field(
         default=60.0, gt=0, description="a worker silent this long while owing an answer is killed"
     )
+    body_timeout: Seconds = Field(
+        default=30.0,
+        gt=0,
+        description="a request (its headers and body) not received within this of its first "
+        "byte gets 408 and the connection is closed",
+    )
+    max_header_size: Bytes = Field(
+        default=16 << 10,
+        gt=0,
+        description="a request line and headers larger than this get 431 and the connection "
+        "is closed",
+    )
+    max_tensor_elements: int = Field(
+        default=1 << 24,  # omni_sdk._tensors.DEFAULT_MAX_TENSOR_ELEMENTS: 64 MiB of FP32
+        gt=0,
+        description="a v2 input whose shape holds more elements gets 400",
+    )
 
 
 class SchedulerSettings(BaseModel):

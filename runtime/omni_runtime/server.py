@@ -1,8 +1,10 @@
 """The HTTP surface: KServe v2 (with Triton's extensions), ``/ai/run``, metrics, OpenAPI.
 
 A plain ASGI application rather than a framework: the infer routes are the hot path, and all
-they do here is check the request, hand its body to the model's worker untouched, and send
-back what the worker wrote. Decoding and validation happen in the worker, on its own core.
+they do here is check the request (its bearer token, once, against precomputed header values),
+hand its body to the model's worker untouched, and send back what the worker wrote. Decoding
+and validation happen in the worker, on its own core. Header size and body time limits live
+in ``connection.py``, below ASGI.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
     ServedModel,
 )
+from omni_runtime.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk._protocol import V2_PREFIX, Kind
 from omni_sdk._serving import ai_error_body, v2_error_body
@@ -39,6 +42,9 @@ JSON = b"application/json"
 _VERSIONED = re.compile(r"^(.*)/versions/([^/]+)$")
 _MODEL_SUFFIXES = ("/infer", "/ready", "/config", "/stats", "")
 _ROUTE_CACHE_LIMIT = 4096
+_BEARER = [(b"www-authenticate", b"Bearer")]
+
+Route = tuple[Any, "ServedModel | None", tuple[bytes, ...]]  # handler, model, accepted tokens
 
 
 class HTTPError(Exception):
@@ -64,6 +70,7 @@ class OmniApp:
         node: Controller,
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.node = node
         self.models = node.models
@@ -71,7 +78,9 @@ class OmniApp:
         self.max_body = node.settings.max_body_size
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
-        self._routes: dict[tuple[str, str], tuple[Any, ServedModel | None]] = {}
+        self.tokens = tokens or Tokens()
+        self._accepted = {access: self.tokens.accepted(access) for access in Access}
+        self._routes: dict[tuple[str, str], Route] = {}
         self._openapi: bytes | None = None
         self.metrics.watch_models(
             lambda: {
@@ -116,7 +125,10 @@ class OmniApp:
         route = self._routes.get((method, path))
         if route is None:
             route = self._resolve(method, path)
-        handler, model = route
+        handler, model, accepted = route
+        if accepted and not authorized(scope["headers"], accepted):
+            await self._unauthorized(scope, send)
+            return
         try:
             await handler(scope, receive, send, model)
         except HTTPError as exc:
@@ -129,7 +141,34 @@ class OmniApp:
             message = f"internal error handling {method} {path}; see the runtime's log"
             await _respond(send, 500, _error(path.startswith("/ai/"), 500, message))
 
-    def _resolve(self, method: str, path: str) -> tuple[Any, ServedModel | None]:
+    async def _unauthorized(self, scope: Scope, send: Send) -> None:
+        path: str = scope["path"]
+        sent = any(name == b"authorization" for name, _ in scope["headers"])
+        admin = path.startswith("/v2/repository") and self.tokens.admin
+        variable = "OMNI_ADMIN_TOKEN" if admin else "OMNI_API_TOKEN"
+        if sent:
+            message = f"the bearer token is not valid for {path} (it needs the server's {variable})"
+        else:
+            message = (
+                f"{path} needs a bearer token: send 'Authorization: Bearer TOKEN' with the "
+                f"server's {variable}"
+            )
+        await _respond(send, 401, _error(path.startswith("/ai/"), 401, message), extra=_BEARER)
+
+    def _resolve(self, method: str, path: str) -> Route:
+        handler, model = self._handler(method, path)
+        if path.startswith("/v2/repository"):
+            access = Access.ADMIN
+        elif getattr(handler, "__name__", "") in _OPEN_HANDLERS:
+            access = Access.OPEN
+        else:
+            access = Access.API
+        route = (handler, model, self._accepted[access])
+        if model is not None and len(self._routes) < _ROUTE_CACHE_LIMIT:
+            self._routes[(method, path)] = route
+        return route
+
+    def _handler(self, method: str, path: str) -> tuple[Any, ServedModel | None]:
         route: tuple[Any, ServedModel | None] | None = None
         fixed = _FIXED_ROUTES.get((method, path))
         if fixed is not None:
@@ -151,11 +190,7 @@ class OmniApp:
                 if rest.endswith("/" + action) and model:
                     route = (getattr(self, f"repository_{action}"), model)
             route = route or (self.unknown_model, None)
-        if route is None:
-            return (self.not_found, None)
-        if route[1] is not None and len(self._routes) < _ROUTE_CACHE_LIMIT:
-            self._routes[(method, path)] = route
-        return route
+        return route or (self.not_found, None)
 
     def _resolve_model(self, method: str, rest: str) -> tuple[Any, ServedModel | None]:
         for suffix in _MODEL_SUFFIXES:
@@ -408,7 +443,8 @@ class OmniApp:
     async def openapi(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         if self._openapi is None:
             specs = [m.spec for m in self.models.values()]
-            self._openapi = json.dumps(build_openapi(specs, __version__)).encode()
+            auth = bool(self._accepted[Access.API])
+            self._openapi = json.dumps(build_openapi(specs, __version__, auth)).encode()
         await _respond(send, 200, self._openapi)
 
     async def unknown_model(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
@@ -446,6 +482,7 @@ _FIXED_ROUTES = {
     ("GET", "/metrics"): "metrics_page",
     ("GET", "/openapi.json"): "openapi",
 }
+_OPEN_HANDLERS = {"live", "ready", "metrics_page"}  # health, and what Prometheus scrapes
 _MODEL_ROUTES = {
     ("POST", "/infer"): "v2_infer",
     ("GET", "/ready"): "model_ready",

@@ -108,3 +108,14 @@ def serve(
                 process.wait()
         pump.join(5)
         process.stdout.close()
+
+
+def worker_deaths(metrics: str) -> float:
+    """Workers that crashed, were OOM-killed or hung, over all models, from the /metrics page."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("omni_model_evictions_total{") and any(
+            f'reason="{reason}"' in line for reason in ("crash", "oom", "hung")
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from omni_runtime.config import ConfigError, load_omni_file
+from omni_runtime.config import ConfigError, ServerSettings, load_omni_file
 from omni_runtime.discovery import DiscoveryError, config_files, discover_all, find_packages
+from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 
 
 def _write(path: Path, text: str) -> Path:
@@ -31,7 +32,7 @@ def _write(path: Path, text: str) -> Path:
         (
             "[server]\nmax_body = 1\n",
             "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold, "
-            "heartbeat_timeout)",
+            "heartbeat_timeout, body_timeout, max_header_size, max_tensor_elements)",
         ),
         ("[wat]\n", "unknown field 'wat' (allowed here: server, scheduler, models)"),
         ("models = [", "not valid TOML"),
@@ -136,3 +137,23 @@ def test_a_package_file_never_touches_a_neighbours_models(
     discovery = asyncio.run(discover_all(packages, config_files([repository])))
     echo = next(m for m in discovery.models if m.name == "@test/echo")
     assert echo.resources.memory == 2 << 30  # the engine's default, not the neighbour's file
+
+
+def test_server_limits(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "omni.toml",
+        '[server]\nbody_timeout = "250ms"\nmax_header_size = "32KiB"\nmax_tensor_elements = 10\n',
+    )
+    server = load_omni_file(path).server
+    assert server is not None
+    assert (server.body_timeout, server.max_header_size, server.max_tensor_elements) == (
+        0.25,
+        32 << 10,
+        10,
+    )
+    defaults = ServerSettings()
+    assert (defaults.body_timeout, defaults.max_header_size) == (30.0, 16 << 10)
+    assert defaults.max_tensor_elements == DEFAULT_MAX_TENSOR_ELEMENTS
+    for bad in ("body_timeout = 0", "max_header_size = 0", "max_tensor_elements = -1"):
+        with pytest.raises(ConfigError, match=bad.split(" ")[0]):
+            load_omni_file(_write(tmp_path / "omni.toml", f"[server]\n{bad}\n"))

@@ -1,0 +1,152 @@
+"""Per-connection limits that an ASGI application cannot enforce: header size and body time.
+
+uvicorn's httptools protocol buffers a header of any size and waits for a body forever. This
+subclass refuses a request line and headers larger than ``server.max_header_size`` with 431,
+and a request not received whole within ``server.body_timeout`` of its first byte with 408;
+both close the connection. A request that arrives in one read (most do) arms no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from omni_sdk._serving import ai_error_body, v2_error_body
+
+__all__ = ["limited_protocol"]
+
+_END_OF_HEAD = b"\r\n\r\n"
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    max_header_size = 16 << 10
+    body_timeout = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # the next bytes belong to a request line or headers
+        self._head_bytes = 0
+        self._head_start = b""  # the first bytes of the head: the method and path
+        self._head_tail = b""  # the last bytes of the head so far, to find its end across reads
+        self._receiving = False  # a request has begun and is not yet whole
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()  # a connection that never sends a byte is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            if len(self._head_start) < 64:
+                self._head_start = (self._head_start + data[:64]).lstrip(b"\r\n")
+            seen = self._head_tail + data
+            end = seen.find(_END_OF_HEAD)
+            if end < 0:
+                self._head_bytes += len(data)
+            else:
+                self._head_bytes += end + len(_END_OF_HEAD) - len(self._head_tail)
+            self._head_tail = seen[-3:]
+            if self._head_bytes > self.max_header_size:
+                self._refuse(
+                    431,
+                    "the request line and headers are larger than the server's limit of "
+                    f"{self.max_header_size} bytes (server.max_header_size)",
+                )
+                return
+        super().data_received(data)
+        if self._receiving and self._deadline is None and not self.transport.is_closing():
+            self._arm()
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._receiving = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._receiving = False
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_start = self._head_tail = b""
+        self._disarm()
+
+    # -- the deadline --------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.body_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if not self._receiving:
+            if self.cycle is None:
+                self.transport.close()  # connected, and never sent a request
+            return
+        if self.flow.read_paused or (
+            self._in_head and self.cycle is not None and not self.cycle.response_complete
+        ):
+            self._arm()  # the server is not reading yet (an earlier request is in flight)
+            return
+        self._refuse(
+            408,
+            f"the request was not received within {self.body_timeout:g}s (server.body_timeout)",
+        )
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` in the route family's error shape, then close the connection."""
+        self._disarm()
+        cycle = self.cycle  # in the head, the previous request's; else this one's
+        if cycle is not None and (
+            not cycle.response_complete if self._in_head else cycle.response_started
+        ):
+            self.transport.close()  # an answer is already on its way; it cannot get another
+            return
+        if cycle is not None and not self._in_head:  # the app waits for a body that won't come
+            cycle.disconnected = True
+            cycle.message_event.set()
+        ai = self._path().startswith(b"/ai/")
+        body = ai_error_body(status, message) if ai else v2_error_body(message)
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
+        self.transport.close()
+
+    def _path(self) -> bytes:
+        if not self._in_head:
+            return self.url
+        parts = self._head_start.split(b" ", 2)
+        return parts[1] if len(parts) > 1 else b""
+
+
+def limited_protocol(max_header_size: int, body_timeout: float) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with these limits (``uvicorn.Config(http=...)``)."""
+    return type(
+        "LimitedHttpToolsProtocol",
+        (LimitedHttpToolsProtocol,),
+        {"max_header_size": max_header_size, "body_timeout": body_timeout},
+    )
