@@ -34,7 +34,7 @@ def _write(path: Path, text: str) -> Path:
             "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold, "
             "heartbeat_timeout, body_timeout, max_header_size, max_tensor_elements)",
         ),
-        ("[wat]\n", "unknown field 'wat' (allowed here: server, scheduler, models)"),
+        ("[wat]\n", "unknown field 'wat' (allowed here: server, scheduler, models, model)"),
         ("models = [", "not valid TOML"),
     ],
 )
