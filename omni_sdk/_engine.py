@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from omni_sdk._resources import Resources, Scaling
+from omni_sdk._streaming import chunk_type, is_streaming
 from omni_sdk._tensors import TensorSpec, specs_of
 
 __all__ = ["Engine", "EngineDefinitionError", "LoadContext", "Signature"]
@@ -49,7 +50,10 @@ class Engine:
     Set ``name`` (the served model name, e.g. ``"@cf/acme/sentiment"``) and ``task`` (a
     Workers AI task name), then implement ``load`` and ``infer``. ``infer`` takes one
     instance of a pydantic model and returns another; their annotations define the model's
-    JSON schema and its KServe v2 tensors. It may be ``async def``.
+    JSON schema and its KServe v2 tensors. It may be ``async def``, or a generator (or async
+    generator) of output chunks, annotated ``-> Iterator[Resp]`` (``AsyncIterator[Resp]``):
+    ``/ai/run`` with ``"stream": true`` sends each chunk as it comes (server-sent events),
+    everything else gets the chunks joined.
 
     Batching is opt-in: set ``max_batch_size`` above 1 and implement ``infer_batch``, which
     receives up to that many requests at once (waiting at most ``batch_timeout`` seconds for
@@ -98,6 +102,9 @@ class Engine:
                 "pydantic models, e.g. `def infer(self, request: Req) -> Resp`"
             )
         request_type, response_type = hints[params[0].name], hints["return"]
+        streamed = chunk_type(response_type)
+        if streamed is not None and not batched:  # a generator of output chunks
+            response_type = streamed
         if batched:
             request_type = _list_item(request_type)
             response_type = _list_item(response_type)
@@ -112,6 +119,11 @@ class Engine:
             inputs=specs_of(request_type),
             outputs=specs_of(response_type),
         )
+
+    @classmethod
+    def is_streaming(cls) -> bool:
+        """Whether ``infer`` yields output chunks (a generator or async generator)."""
+        return cls.max_batch_size <= 1 and is_streaming(cls.infer)
 
     @classmethod
     def validate_definition(cls) -> None:

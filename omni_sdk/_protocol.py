@@ -60,6 +60,9 @@ class Kind(enum.IntEnum):
     PING = 7
     PONG = 8
     PREFETCH = 9  # runtime → worker: b"device" or b"host", where its GPU memory should live
+    RUN_STREAM = 10  # runtime → worker: an /ai/run body whose answer is streamed in chunks
+    CHUNK = 11  # worker → runtime: one output chunk (JSON) of a streamed request
+    CANCEL = 12  # runtime → worker: the client of a streamed request went away; stop it
 
 
 class ProtocolError(Exception):

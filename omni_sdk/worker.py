@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import inspect
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from omni_sdk._protocol import (
 )
 from omni_sdk._resources import Resources
 from omni_sdk._serving import EngineRunner, Prepared, ai_error_body, runner_for, v2_error_body
+from omni_sdk._streaming import encode_chunk
 
 log = logging.getLogger("omni.worker")
 _PR_SET_PDEATHSIG = 1
@@ -103,7 +105,9 @@ class WorkerLoop:
                     return  # the runtime went away
                 pending.extend(self.reader.feed(data))
             self._fill_batch(pending)
-            batch, control, pending, self.stopping = split_frames(self.runner, pending, self.fds)
+            batch, streams, control, pending, self.stopping = split_frames(
+                self.runner, pending, self.fds
+            )
             if control:
                 self.sock.sendall(b"".join(control))
             if batch and self.runner.batch_size > 1:
@@ -114,6 +118,49 @@ class WorkerLoop:
                     self.sock.sendall(
                         answer(self.runner, self.shm, [item], self.runner.run([item[1]]))
                     )
+            for request_id, streamed in streams:  # (it came after the batch's requests)
+                if streamed is not None:  # None: a CANCEL for a stream already over
+                    pending = self._stream(request_id, streamed, pending)
+
+    def _stream(self, request_id: int, prepared: Prepared, pending: list[Frame]) -> list[Frame]:
+        """Send each chunk as the engine yields it; stop when the runtime says CANCEL."""
+        runner = self.runner
+        chunks: Any = None
+        try:
+            if prepared.request is None:
+                self.sock.sendall(answer(runner, self.shm, [(request_id, prepared)], [None]))
+                return pending
+            chunks = stream_of(runner.engine, prepared.request)
+            for chunk in chunks:
+                body = encode_chunk(runner.response_model, chunk)
+                self.sock.sendall(encode_frame(Kind.CHUNK, request_id, body))
+                pending, cancelled = self._poll(request_id, pending)
+                if cancelled:
+                    if hasattr(chunks, "close"):
+                        chunks.close()  # GeneratorExit inside the engine's generator
+                    self.sock.sendall(_stream_end(request_id, 499, runner, "cancelled"))
+                    return pending
+            self.sock.sendall(_stream_end(request_id, 200, runner))
+        except Exception as exc:  # whatever the engine does costs this stream alone
+            log.exception("model %r: a streamed request failed", runner.model_name)
+            self.sock.sendall(_stream_end(request_id, 500, runner, _failure(runner, exc)))
+        return pending
+
+    def _poll(self, request_id: int, pending: list[Frame]) -> tuple[list[Frame], bool]:
+        """Frames that arrived meanwhile: a CANCEL of this stream, the rest kept for later."""
+        if not select.select([self.sock], [], [], 0)[0]:
+            return pending, False
+        data = self.sock.recv(1 << 18)
+        if not data:
+            self.stopping = True
+            return pending, True  # the runtime went away
+        cancelled = False
+        for frame in self.reader.feed(data):
+            if frame[0] == Kind.CANCEL and frame[2] == request_id:
+                cancelled = True
+            else:
+                pending.append(frame)
+        return pending, cancelled
 
     def _fill_batch(self, pending: list[Frame]) -> None:
         """Wait up to the engine's batch_timeout for a batch to fill."""
@@ -148,6 +195,7 @@ class AsyncWorker(asyncio.Protocol):
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.streams: dict[int, asyncio.Future[None]] = {}
         self.stopping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,15 +205,65 @@ class AsyncWorker(asyncio.Protocol):
         assert self.transport is not None
         frames = list(self.reader.feed(data))
         while frames and not self.stopping:
-            batch, control, frames, self.stopping = split_frames(self.runner, frames, self.fds)
+            batch, streams, control, frames, self.stopping = split_frames(
+                self.runner, frames, self.fds
+            )
             if control:
                 self.transport.write(b"".join(control))
+            for request_id, item in streams:
+                if item is None:
+                    running = self.streams.pop(request_id, None)
+                    if running is not None:
+                        running.cancel()
+                    continue
+                stream = asyncio.ensure_future(self._stream(request_id, item))
+                self.streams[request_id] = stream
+                self.tasks.add(stream)
+                stream.add_done_callback(self._finished)
             if batch:
                 task = asyncio.ensure_future(self._answer(batch))
                 self.tasks.add(task)
                 task.add_done_callback(self._finished)
         if self.stopping and not self.tasks:
             self._finish()
+
+    async def _stream(self, request_id: int, prepared: Prepared) -> None:
+        runner = self.runner
+        assert self.transport is not None
+        chunks: Any = None
+        try:
+            if prepared.request is None:
+                self.transport.write(answer(runner, self.shm, [(request_id, prepared)], [None]))
+                return
+            chunks = stream_of(runner.engine, prepared.request)
+            if hasattr(chunks, "__aiter__"):
+                async for chunk in chunks:
+                    self._write(
+                        encode_frame(
+                            Kind.CHUNK, request_id, encode_chunk(runner.response_model, chunk)
+                        )
+                    )
+            else:
+                for chunk in await _maybe_await(chunks):
+                    self._write(
+                        encode_frame(
+                            Kind.CHUNK, request_id, encode_chunk(runner.response_model, chunk)
+                        )
+                    )
+            self._write(_stream_end(request_id, 200, runner))
+        except asyncio.CancelledError:  # the client went away: close the generator
+            if chunks is not None and hasattr(chunks, "aclose"):
+                await chunks.aclose()
+            self._write(_stream_end(request_id, 499, runner, "cancelled"))
+        except Exception as exc:
+            log.exception("model %r: a streamed request failed", runner.model_name)
+            self._write(_stream_end(request_id, 500, runner, _failure(runner, exc)))
+        finally:
+            self.streams.pop(request_id, None)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     async def _answer(self, batch: list[tuple[int, Prepared]]) -> None:
         outcomes = await self.runner.arun([p for _, p in batch])
@@ -190,25 +288,65 @@ Frame = tuple[int, int, int, bytes]
 
 def split_frames(
     runner: EngineRunner, frames: list[Frame], fds: socket.socket | None
-) -> tuple[list[tuple[int, Prepared]], list[bytes], list[Frame], bool]:
-    """Decode requests; answer pings. Returns (requests, replies, frames left, stopping).
+) -> tuple[
+    list[tuple[int, Prepared]], list[tuple[int, Prepared | None]], list[bytes], list[Frame], bool
+]:
+    """Decode requests; answer pings.
 
-    A request that cannot even be decoded fails alone, with an error naming the model.
+    Returns (requests, streams, replies, frames left, stopping); a stream whose Prepared is
+    None is a CANCEL of that request. A request that cannot even be decoded fails alone, with
+    an error naming the model.
     """
     batch: list[tuple[int, Prepared]] = []
+    streams: list[tuple[int, Prepared | None]] = []
     control: list[bytes] = []
     for index, (kind, flags, request_id, body) in enumerate(frames):
         if kind in (Kind.INFER_V2, Kind.RUN_JSON):
             batch.append((request_id, _prepare(runner, kind, flags, body, fds)))
+        elif kind == Kind.RUN_STREAM:
+            streams.append((request_id, _prepare(runner, Kind.RUN_JSON, flags, body, fds)))
+            return batch, streams, control, frames[index + 1 :], False
+        elif kind == Kind.CANCEL:
+            streams.append((request_id, None))
         elif kind == Kind.PING:
             control.append(encode_frame(Kind.PONG, request_id))
         elif kind == Kind.PREFETCH:
             prefetch(runner.model_name, body)
         elif kind == Kind.SHUTDOWN:
-            return batch, control, frames[index + 1 :], True
+            return batch, streams, control, frames[index + 1 :], True
         if runner.batch_size > 1 and len(batch) >= runner.batch_size:
-            return batch, control, frames[index + 1 :], False
-    return batch, control, [], False
+            return batch, streams, control, frames[index + 1 :], False
+    return batch, streams, control, [], False
+
+
+def stream_of(engine: Engine, request: Any) -> Any:
+    """The chunks of one streamed request: the engine's own generator, else its one answer."""
+    result = type(engine).infer(engine, request)
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        return result
+    return _one(result)
+
+
+async def _one_async(result: Any) -> list[Any]:
+    return [await result]
+
+
+def _one(result: Any) -> Any:
+    return _one_async(result) if inspect.isawaitable(result) else [result]
+
+
+async def _maybe_await(chunks: Any) -> Any:
+    return await chunks if inspect.isawaitable(chunks) else chunks
+
+
+def _failure(runner: EngineRunner, exc: Exception) -> str:
+    return f"model '{runner.model_name}' failed while streaming: {type(exc).__name__}: {exc}"
+
+
+def _stream_end(request_id: int, status: int, runner: EngineRunner, error: str = "") -> bytes:
+    """The RESPONSE that ends a stream: empty when it went well, else the error's envelope."""
+    body = ai_error_body(status, error) if error else b""
+    return encode_frame(Kind.RESPONSE, request_id, RESPONSE_PREFIX.pack(status, 0) + body)
 
 
 def prefetch(model: str, where: bytes) -> None:

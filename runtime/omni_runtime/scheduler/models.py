@@ -201,8 +201,12 @@ class ServedModel:
         parts: list[bytes],
         reject_if_busy: bool = False,
         priority: Priority = Priority.INTERACTIVE,
+        on_chunk: Callable[[bytes], None] | None = None,
     ) -> Response:
-        """Send one request to a replica with room, waiting in the queue for one if needed."""
+        """Send one request to a replica with room, waiting in the queue for one if needed.
+
+        ``on_chunk`` gets each chunk of a streamed request (``Kind.RUN_STREAM``).
+        """
         if self.unloading or not self.wanted or self.failure or self.closing:
             raise self.unavailable()
         self.arrived += 1
@@ -218,7 +222,7 @@ class ServedModel:
             replica = await self._wait(priority)
         else:
             self._reserve(replica)
-        return await self._send(replica, kind, parts)
+        return await self._send(replica, kind, parts, on_chunk)
 
     def _busy(self) -> bool:
         """At or over its autoscaling target: rejectIfBusy requests are refused."""
@@ -304,7 +308,13 @@ class ServedModel:
             self._reserve(replica)
             waiter.set_result(replica)
 
-    async def _send(self, replica: Replica, kind: int, parts: list[bytes]) -> Response:
+    async def _send(
+        self,
+        replica: Replica,
+        kind: int,
+        parts: list[bytes],
+        on_chunk: Callable[[bytes], None] | None = None,
+    ) -> Response:
         worker = replica.worker
         channel = worker.channel
         try:
@@ -315,7 +325,7 @@ class ServedModel:
                 worker.prefetch("device")  # ahead of the request on the same socket
             first = not replica.served
             sent = time.monotonic()
-            response = await channel.request(kind, parts)
+            response = await channel.request(kind, parts, on_chunk)
             done = time.monotonic()
             replica.served += 1
             if first:

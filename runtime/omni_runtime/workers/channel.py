@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from omni_sdk._protocol import (
@@ -41,6 +42,7 @@ class WorkerChannel(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader = FrameReader()
         self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._streams: dict[int, Callable[[bytes], None]] = {}
         self._next_id = 0
         self._loop = asyncio.get_running_loop()
         self.gone_reason = ""
@@ -61,6 +63,7 @@ class WorkerChannel(asyncio.Protocol):
             for kind, flags, request_id, body in self._reader.feed(data):
                 if kind == Kind.RESPONSE:
                     future = self._pending.pop(request_id, None)
+                    self._streams.pop(request_id, None)
                     try:
                         raw = payload(flags, body, self.fds)
                     except PayloadError as exc:  # that answer is lost; the worker goes on
@@ -73,6 +76,10 @@ class WorkerChannel(asyncio.Protocol):
                         future.set_result(
                             (status, header_length, bytes(raw[RESPONSE_PREFIX.size :]))
                         )
+                elif kind == Kind.CHUNK:
+                    on_chunk = self._streams.get(request_id)
+                    if on_chunk is not None:
+                        on_chunk(bytes(payload(flags, body, self.fds)))
                 elif kind == Kind.PONG:
                     self._ping_outstanding = False
                 elif kind in (Kind.HELLO, Kind.LOAD_FAILED) and not self.hello.done():
@@ -97,8 +104,16 @@ class WorkerChannel(asyncio.Protocol):
             self.closed.set_result(None)
 
     def request(
-        self, kind: int, parts: list[bytes] | tuple[bytes, ...]
+        self,
+        kind: int,
+        parts: list[bytes] | tuple[bytes, ...],
+        on_chunk: Callable[[bytes], None] | None = None,
     ) -> asyncio.Future[Response]:
+        """Send one request; the future resolves with its RESPONSE.
+
+        A streamed request (RUN_STREAM) passes each CHUNK to ``on_chunk`` as it arrives;
+        cancelling its future tells the worker to stop (CANCEL).
+        """
         self._next_id += 1
         request_id = self._next_id
         future: asyncio.Future[Response] = self._loop.create_future()
@@ -114,10 +129,19 @@ class WorkerChannel(asyncio.Protocol):
             future.set_result((503, 0, body))
             return future
         self._pending[request_id] = future
+        if on_chunk is not None:
+            self._streams[request_id] = on_chunk
+            future.add_done_callback(lambda f: self._cancelled(request_id, f))
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         transport.write(frame)
         return future
+
+    def _cancelled(self, request_id: int, future: asyncio.Future[Response]) -> None:
+        if future.cancelled() and self._pending.pop(request_id, None) is not None:
+            self._streams.pop(request_id, None)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(encode_frame(Kind.CANCEL, request_id))
 
     def ping(self) -> None:
         """Ask an idle worker for a PONG, so a worker hung while idle is noticed too."""
