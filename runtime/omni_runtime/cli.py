@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -34,6 +35,10 @@ __all__ = ["main"]
 log = logging.getLogger("omni.runtime")
 
 
+if TYPE_CHECKING:
+    from grpc.aio import Server as GrpcServer
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omni-runtime", description="Serve many AI models on few GPUs."
@@ -51,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also serve KServe v2 over gRPC on this port (0 picks a free one), on --host",
+    )
     serve.add_argument("--config", type=Path, help="an omni.toml to apply before the others")
     serve.add_argument("--max-body-size", help="largest request body, e.g. 64MiB")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -301,13 +312,27 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     tasks: set[asyncio.Task[None]] = set()
+    grpc_servers: list[GrpcServer] = []
 
     async def startup() -> None:
+        if args.grpc_port is not None:
+            from omni_runtime.grpc_service import grpc_authorizer, start_grpc_server
+
+            server, grpc_port = await start_grpc_server(
+                node, args.host, args.grpc_port, grpc_authorizer(tokens)
+            )
+            grpc_servers.append(server)
+            print(f"omni-runtime: KServe v2 gRPC at {args.host}:{grpc_port}", flush=True)
         task = asyncio.create_task(load_then_announce())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    app = OmniApp(node, on_startup=startup, on_shutdown=node.stop, tokens=tokens)
+    async def shutdown() -> None:
+        for server in grpc_servers:
+            await server.stop(settings.drain_timeout)
+        await node.stop()
+
+    app = OmniApp(node, on_startup=startup, on_shutdown=shutdown, tokens=tokens)
     config = uvicorn.Config(
         app,
         http=limited_protocol(settings.max_header_size, settings.body_timeout),

@@ -1,0 +1,362 @@
+"""KServe v2 over gRPC: ``inference.GRPCInferenceService``, as ``tritonclient.grpc`` speaks it.
+
+The service definitions are the ones tritonclient ships (``tritonclient.grpc.service_pb2``),
+served with grpcio's asyncio server on the runtime's event loop. An infer request is turned into
+the v2 binary-extension body the HTTP route would have received (a JSON header, then the raw
+tensors) and goes through the same scheduler queue to the same worker; the worker's answer is
+turned back into ``raw_output_contents``. Errors are the HTTP route's, mapped to status codes:
+an unknown model is NOT_FOUND and names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+# The runtime forks (to start workers) while grpcio's threads run: its fork handlers are for
+# processes that go on using gRPC in the child, which workers never do, and they can crash the
+# child between fork and exec. Off, before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from omni_runtime.scheduler import Controller, ModelBusy, ModelState, ModelUnavailable, ServedModel
+from omni_runtime.tokens import Access, Tokens, authorized
+from omni_sdk import __version__
+from omni_sdk._protocol import V2_PREFIX, Kind
+
+__all__ = ["InferenceService", "grpc_authorizer", "start_grpc_server"]
+
+log = logging.getLogger("omni.grpc")
+
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+# Typed contents fields, by v2 datatype, and the numpy type their values take.
+_CONTENTS = {
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int8),
+    "INT16": ("int_contents", np.int16),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint8),
+    "UINT16": ("uint_contents", np.uint16),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+}
+_NUMPY = {**{k: v[1] for k, v in _CONTENTS.items()}, "FP16": np.float16}
+_LENGTH = struct.Struct("<I")
+
+
+class RequestError(Exception):
+    """A request that cannot be turned into a v2 body: INVALID_ARGUMENT, naming the field."""
+
+
+def _bytes_of(datatype: str, contents: Any, name: str) -> bytes:
+    """Typed contents as the raw bytes of the binary tensor extension."""
+    if datatype == "BYTES":
+        return b"".join(_LENGTH.pack(len(v)) + v for v in contents.bytes_contents)
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise RequestError(
+            f"input '{name}': {datatype} has no typed contents field; send it in raw_input_contents"
+        )
+    return np.asarray(list(getattr(contents, field[0])), dtype=field[1]).tobytes()
+
+
+def infer_body(request: Any) -> tuple[bytes, int]:
+    """A ``ModelInferRequest`` as a v2 binary-extension body and its JSON header's length."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send every input raw or none"
+        )
+    inputs, chunks = [], []
+    for index, tensor in enumerate(request.inputs):
+        data = raw[index] if raw else _bytes_of(tensor.datatype, tensor.contents, tensor.name)
+        inputs.append(
+            {
+                "name": tensor.name,
+                "datatype": tensor.datatype,
+                "shape": list(tensor.shape),
+                "parameters": {"binary_data_size": len(data)},
+            }
+        )
+        chunks.append(data)
+    header: dict[str, Any] = {"inputs": inputs}
+    if request.id:
+        header["id"] = request.id
+    if request.outputs:
+        header["outputs"] = [
+            {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
+        ]
+    else:
+        header["parameters"] = {"binary_data_output": True}
+    encoded = json.dumps(header).encode()
+    return encoded + b"".join(chunks), len(encoded)
+
+
+def infer_response(model: str, request_id: str, body: bytes, header_length: int) -> Any:
+    """The worker's v2 answer as a ``ModelInferResponse`` with ``raw_output_contents``."""
+    header = json.loads(body[:header_length] if header_length else body)
+    response = service_pb2.ModelInferResponse(
+        model_name=model, model_version="1", id=header.get("id", request_id)
+    )
+    offset = header_length
+    for output in header.get("outputs", []):
+        tensor = response.outputs.add(
+            name=output["name"], datatype=output["datatype"], shape=output["shape"]
+        )
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            response.raw_output_contents.append(body[offset : offset + size])
+            offset += size
+        else:
+            response.raw_output_contents.append(_raw_of(output, tensor.datatype))
+    return response
+
+
+def _raw_of(output: dict[str, Any], datatype: str) -> bytes:
+    """JSON ``data`` of an output as raw bytes (a worker that answered without binary data)."""
+    data = output.get("data", [])
+    if datatype == "BYTES":
+        values = [v.encode() if isinstance(v, str) else bytes(v) for v in np.ravel(data)]
+        return b"".join(_LENGTH.pack(len(v)) + v for v in values)
+    return np.asarray(data, dtype=_NUMPY.get(datatype, np.float32)).tobytes()
+
+
+def _tensor_metadata(t: dict[str, Any]) -> Any:
+    return service_pb2.ModelMetadataResponse.TensorMetadata(
+        name=t["name"], datatype=t["datatype"], shape=t["shape"]
+    )
+
+
+def _config_tensor(t: dict[str, Any], cls: Any) -> Any:
+    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
+    return cls(
+        name=t["name"],
+        data_type=model_config_pb2.DataType.Value(f"TYPE_{datatype}"),
+        dims=t["shape"],
+    )
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The v2 gRPC service over the runtime's ``Controller``."""
+
+    def __init__(self, node: Controller, authorize: Callable[[Any, bool], str | None]) -> None:
+        self.node = node
+        self.metrics = node.metrics
+        self.authorize = authorize  # (context, admin) -> an error message, or None
+
+    async def _guard(self, context: Any, admin: bool = False) -> None:
+        error = self.authorize(context, admin)
+        if error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, error)
+
+    async def _model(self, context: Any, name: str, version: str = "") -> ServedModel:
+        model = self.node.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.node.models)) or "none"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown model '{name}' (served models: {known})"
+            )
+        if version not in ("", "1"):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model version {version!r} does not exist; Omni serves version '1'",
+            )
+        return model  # type: ignore[return-value]
+
+    # -- health and metadata -------------------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self.node.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        await self._guard(context)
+        model = await self._model(context, request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=model.state is ModelState.READY)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        await self._guard(context)
+        return service_pb2.ServerMetadataResponse(
+            name="omni",
+            version=__version__,
+            extensions=["binary_tensor_data", "model_repository", "statistics"],
+        )
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        await self._guard(context)
+        spec = (await self._model(context, request.name, request.version)).spec
+        return service_pb2.ModelMetadataResponse(
+            name=spec.name,
+            versions=["1"],
+            platform="omni",
+            inputs=[_tensor_metadata(t) for t in spec.inputs],
+            outputs=[_tensor_metadata(t) for t in spec.outputs],
+        )
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        await self._guard(context)
+        spec = (await self._model(context, request.name, request.version)).spec
+        config = model_config_pb2.ModelConfig(
+            name=spec.name,
+            platform="omni",
+            backend="omni",
+            max_batch_size=spec.max_batch_size,
+            input=[_config_tensor(t, model_config_pb2.ModelInput) for t in spec.inputs],
+            output=[_config_tensor(t, model_config_pb2.ModelOutput) for t in spec.outputs],
+        )
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        await self._guard(context)
+        if request.name:
+            models = [await self._model(context, request.name, request.version)]
+        else:
+            models = list(self.node.models.values())
+        response = service_pb2.ModelStatisticsResponse()
+        for model in models:
+            s = model.stats
+            entry = response.model_stats.add(
+                name=model.name,
+                version="1",
+                last_inference=s.last_inference_ms,
+                inference_count=s.success_count,
+                execution_count=s.success_count,
+            )
+            entry.inference_stats.success.count = s.success_count
+            entry.inference_stats.success.ns = s.success_ns
+            entry.inference_stats.fail.count = s.fail_count
+            entry.inference_stats.fail.ns = s.fail_ns
+            entry.inference_stats.queue.count = s.queue_count
+            entry.inference_stats.queue.ns = s.queue_ns
+        return response
+
+    # -- inference -----------------------------------------------------------------------
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        await self._guard(context)
+        started = time.perf_counter()
+        model = await self._model(context, request.model_name, request.model_version)
+        try:
+            body, header_length = infer_body(request)
+        except (RequestError, ValueError, OverflowError, TypeError) as exc:
+            self.metrics.observe(model.name, 400, 0.0)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model '{model.name}': {exc}")
+        if len(body) > self.node.settings.max_body_size:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model '{model.name}': the request is larger than the server's limit of "
+                f"{self.node.settings.max_body_size} bytes (server.max_body_size in omni.toml)",
+            )
+        try:
+            status, out_length, answer = await model.call(
+                Kind.INFER_V2, [V2_PREFIX.pack(header_length), body]
+            )
+        except ModelBusy as exc:
+            status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
+        except ModelUnavailable as exc:
+            status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
+        elapsed = time.perf_counter() - started
+        model.stats.record(status == 200, int(elapsed * 1e9))
+        self.metrics.observe(model.name, status, elapsed)
+        if status != 200:
+            try:
+                message = str(json.loads(answer)["error"])
+            except (ValueError, KeyError, TypeError):
+                message = answer.decode(errors="replace")
+            await context.abort(_STATUS.get(status, grpc.StatusCode.INTERNAL), message)
+        return infer_response(model.name, request.id, answer, out_length)
+
+    # -- repository extension ------------------------------------------------------------
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        await self._guard(context, admin=True)
+        response = service_pb2.RepositoryIndexResponse()
+        for model in self.node.models.values():
+            if request.ready and model.state is not ModelState.READY:
+                continue
+            response.models.add(
+                name=model.name, version="1", state=model.state.value, reason=model.reason
+            )
+        return response
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        await self._guard(context, admin=True)
+        model = await self._model(context, request.model_name)
+        error = await self.node.load(model)
+        if error:
+            code = grpc.StatusCode.UNAVAILABLE if model.closing else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"failed to load model '{model.name}': {error}")
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self._guard(context, admin=True)
+        model = await self._model(context, request.model_name)
+        await self.node.unload(model)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+
+def grpc_authorizer(tokens: Tokens) -> Callable[[Any, bool], str | None]:
+    """The token check: ``authorization: Bearer TOKEN`` metadata, as the header is on HTTP."""
+
+    def authorize(context: Any, admin: bool) -> str | None:
+        accepted = tokens.accepted(Access.ADMIN if admin else Access.API)
+        if not accepted:
+            return None
+        headers = [
+            (key.encode(), value.encode())
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        ]
+        if authorized(headers, accepted):
+            return None
+        which = "OMNI_ADMIN_TOKEN" if admin else "OMNI_API_TOKEN"
+        return f"missing or wrong token: send the metadata 'authorization: Bearer <{which}>'"
+
+    return authorize
+
+
+async def start_grpc_server(
+    node: Controller,
+    host: str,
+    port: int,
+    authorize: Callable[[Any, bool], str | None] | None = None,
+) -> tuple[Any, int]:
+    """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
+    max_message = int(node.settings.max_body_size) + (1 << 20)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", -1),
+        ]
+    )
+    service = InferenceService(node, authorize or (lambda context, admin: None))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    await server.start()
+    return server, bound
