@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from omni_sdk._engine import Engine
+from omni_sdk._streaming import ajoin, sync_join
 from omni_sdk._tensor_engine import TensorEngine
 from omni_sdk._tensors import (
     DEFAULT_MAX_TENSOR_ELEMENTS,
@@ -116,7 +118,16 @@ class EngineRunner:
         cls = type(engine)
         self.batch_size = cls.max_batch_size if cls.max_batch_size > 1 else 1
         call = engine.infer_batch if self.batch_size > 1 else engine.infer
-        self.is_async = inspect.iscoroutinefunction(call)
+        self.is_async = inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+        # A streaming engine's chunks, joined into one answer for whoever did not ask for a
+        # stream (the worker streams by calling the engine's own infer).
+        self._infer: Callable[[Any], Any] = engine.infer
+        if cls.is_streaming():
+            model = self.response_model
+            if inspect.isasyncgenfunction(engine.infer):
+                self._infer = lambda request: ajoin(model, engine.infer(request))
+            else:
+                self._infer = lambda request: sync_join(model, engine.infer(request))
         self._label = f"model '{self.model_name}'"
 
     # -- decoding ------------------------------------------------------------------------
@@ -266,7 +277,7 @@ class EngineRunner:
                     outcomes.extend([exc] * len(chunk))
             return outcomes
         outcomes = []
-        infer = self.engine.infer
+        infer = self._infer
         for request in requests:
             try:
                 outcomes.append(infer(request))
@@ -293,7 +304,7 @@ class EngineRunner:
                     outcomes.extend([exc] * len(chunk))
             return outcomes
         return list(
-            await asyncio.gather(*(self.engine.infer(r) for r in requests), return_exceptions=True)
+            await asyncio.gather(*(self._infer(r) for r in requests), return_exceptions=True)
         )
 
     def _check_batch(self, result: Any, expected: int) -> list[Any]:

@@ -34,7 +34,9 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         "max_batch_size": engine.max_batch_size,
         "async": inspect.iscoroutinefunction(
             engine.infer_batch if engine.max_batch_size > 1 else engine.infer
-        ),
+        )
+        or inspect.isasyncgenfunction(engine.infer),
+        "streaming": engine.is_streaming(),
     }
 
 

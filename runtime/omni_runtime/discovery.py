@@ -53,6 +53,7 @@ class ModelSpec:
     max_batch_size: int = 0
     device: str = "cpu"
     is_async: bool = False
+    streaming: bool = False  # infer yields chunks
     env: dict[str, str] = field(default_factory=dict)  # [models."X".env]
     network: str = "loopback"  # or "host"
     # Where each overridden setting came from ("scaling.min_replicas" -> the omni.toml's path),
@@ -313,6 +314,7 @@ async def discover_all(
                     max_batch_size=engine["max_batch_size"],
                     device=device,
                     is_async=bool(engine.get("async", False)),
+                    streaming=bool(engine.get("streaming", False)),
                     env=env,
                     network=network,
                     sources=sources,

@@ -9,6 +9,7 @@ in ``connection.py``, below ASGI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -240,7 +241,83 @@ class OmniApp:
         started = time.perf_counter()
         body = await self._read_body(scope, receive, model)
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
+        if b'"stream"' in body and _wants_stream(body):
+            await self._stream(receive, send, model, body, started, reject)
+            return
         await self._forward(send, model, Kind.RUN_JSON, [body], started, True, reject)
+
+    async def _stream(
+        self,
+        receive: Receive,
+        send: Send,
+        model: ServedModel,
+        body: bytes,
+        started: float,
+        reject_if_busy: bool,
+    ) -> None:
+        """``"stream": true``: server-sent events, one ``data: {chunk}`` per chunk as the
+        engine yields it, then ``data: [DONE]``. Until the first chunk nothing is sent, so an
+        error before it (bad input, a full queue) is an ordinary JSON error response; one after
+        it is an ``event: error`` in the stream. A client that goes away cancels the engine's
+        generator."""
+        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        call = asyncio.ensure_future(
+            model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=chunks.put_nowait)
+        )
+        gone = asyncio.ensure_future(_disconnected(receive))
+        opened = False
+        status = 200
+        try:
+            while True:
+                getter = asyncio.ensure_future(chunks.get())
+                await asyncio.wait({getter, call, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    getter.cancel()
+                    call.cancel()
+                    status = 499  # the client closed the connection
+                    return
+                if getter.done():
+                    ready = [getter.result()]
+                else:
+                    getter.cancel()
+                    ready = []
+                while not chunks.empty():
+                    ready.append(chunks.get_nowait())
+                for chunk in ready:
+                    if not opened:
+                        opened = True
+                        await send(_SSE_START)
+                    await send(_event(b"data: " + chunk + b"\n\n"))
+                if call.done():
+                    break
+            try:
+                status, _, final = call.result()
+            except ModelBusy as exc:
+                status, final = 429, _error(True, 429, str(exc))
+            except ModelUnavailable as exc:
+                status, final = 503, _error(True, 503, str(exc))
+            if not opened and status != 200:
+                await _respond(send, status, final)
+                return
+            if not opened:
+                await send(_SSE_START)
+            if status == 200:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            else:
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"event: error\ndata: " + final + b"\n\n",
+                    }
+                )
+        except OSError:  # the client went away while we wrote
+            call.cancel()
+            status = 499
+        finally:
+            gone.cancel()
+            elapsed = time.perf_counter() - started
+            model.stats.record(status == 200, int(elapsed * 1e9))
+            self.metrics.observe(model.name, status, elapsed)
 
     async def _forward(
         self,
@@ -495,6 +572,35 @@ _MODEL_ROUTES = {
 def _error(ai: bool, status: int, message: str) -> bytes:
     """An error body in the envelope of the route's family: Workers AI or KServe v2."""
     return ai_error_body(status, message) if ai else v2_error_body(message)
+
+
+_SSE_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [
+        (b"content-type", b"text/event-stream"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+    ],
+}
+
+
+def _event(data: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has closed the connection (its body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _wants_stream(body: bytes) -> bool:
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False  # the worker reports the malformed body
+    return isinstance(request, dict) and request.get("stream") is True
 
 
 def _reject_if_busy(body: bytes) -> bool:
