@@ -91,9 +91,9 @@ def worker_prefetch(hooks: Hooks) -> dict[str, object]:
     kept = [hooks.lib.omni_ort_alloc(MIB) for _ in range(3)]
     runner = SimpleNamespace(model_name="@test/gpu", batch_size=1)
     frames = [(Kind.PREFETCH, 0, 0, b"host"), (Kind.PING, 0, 7, b"")]
-    batch, control, rest, stopping = split_frames(runner, frames, "omni-x")  # type: ignore[arg-type]
+    batch, _, control, rest, stopping = split_frames(runner, frames, None)  # type: ignore[arg-type]
     to_host = fake_counter("prefetch_to_host")
-    split_frames(runner, [(Kind.PREFETCH, 0, 0, b"device")], "omni-x")  # type: ignore[arg-type]
+    split_frames(runner, [(Kind.PREFETCH, 0, 0, b"device")], None)  # type: ignore[arg-type]
     return {
         "kept": sum(p != ffi.NULL for p in kept),
         "to_host": to_host,
