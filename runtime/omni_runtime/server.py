@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from omni_runtime.metrics import ModelGauges
+from omni_runtime.openai_api import OpenAIRoutes, openai_error
 from omni_runtime.openapi import build_openapi
 from omni_runtime.scheduler import (
     Controller,
@@ -83,6 +84,7 @@ class OmniApp:
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
         self._routes: dict[tuple[str, str], Route] = {}
         self._openapi: bytes | None = None
+        self.openai = OpenAIRoutes(node, _respond, self._observe)
         self.metrics.watch_models(
             lambda: {
                 name: ModelGauges(
@@ -119,6 +121,10 @@ class OmniApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def _observe(self, model: ServedModel, status: int, elapsed: float) -> None:
+        model.stats.record(status == 200, int(elapsed * 1e9))
+        self.metrics.observe(model.name, status, elapsed)
+
     # -- routing -------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -133,14 +139,15 @@ class OmniApp:
         try:
             await handler(scope, receive, send, model)
         except HTTPError as exc:
-            body = _error(path.startswith("/ai/"), exc.status, str(exc))
-            await _respond(send, exc.status, body, extra=exc.headers)
+            await _respond(
+                send, exc.status, _family_error(path, exc.status, str(exc)), extra=exc.headers
+            )
         except ClientGone:
             pass  # nobody is left to answer
         except Exception:  # a bug here must cost one request, never the server
             log.exception("%s %s failed", method, path)
             message = f"internal error handling {method} {path}; see the runtime's log"
-            await _respond(send, 500, _error(path.startswith("/ai/"), 500, message))
+            await _respond(send, 500, _family_error(path, 500, message))
 
     async def _unauthorized(self, scope: Scope, send: Send) -> None:
         path: str = scope["path"]
@@ -154,7 +161,7 @@ class OmniApp:
                 f"{path} needs a bearer token: send 'Authorization: Bearer TOKEN' with the "
                 f"server's {variable}"
             )
-        await _respond(send, 401, _error(path.startswith("/ai/"), 401, message), extra=_BEARER)
+        await _respond(send, 401, _family_error(path, 401, message), extra=_BEARER)
 
     def _resolve(self, method: str, path: str) -> Route:
         handler, model = self._handler(method, path)
@@ -184,6 +191,9 @@ class OmniApp:
                 route = (
                     (self.ai_run, model) if method == "POST" else (self.method_not_allowed, None)
                 )
+        elif path.startswith("/v1/"):
+            openai = self.openai.handler(method, path)
+            route = (openai, None) if openai is not None else (self.not_found, None)
         elif path.startswith("/v2/repository/models/") and method == "POST":
             rest = path[len("/v2/repository/models/") :]
             for action in ("load", "unload"):
@@ -567,6 +577,13 @@ _MODEL_ROUTES = {
     ("GET", "/stats"): "model_stats",
     ("GET", ""): "model_metadata",
 }
+
+
+def _family_error(path: str, status: int, message: str) -> bytes:
+    """An error body in the shape of the route's family: OpenAI, Workers AI or KServe v2."""
+    if path.startswith("/v1/"):
+        return openai_error(status, message)
+    return _error(path.startswith("/ai/"), status, message)
 
 
 def _error(ai: bool, status: int, message: str) -> bytes:
