@@ -7,7 +7,12 @@ Rows:
   plain ASGI app       Starlette on uvicorn, the engine in the same process (bench/baseline_app.py)
   omni-runtime v2      omni-runtime serving the engine in a worker process, KServe v2 JSON
   omni-runtime ai/run  the same, through /ai/run
-HTTP rows are driven by wrk (Debian package `wrk`), one thread, at concurrency 1 and 8.
+  omni-runtime gRPC    the same engine over KServe v2 gRPC (--grpc-port)
+HTTP rows are driven by wrk (Debian package `wrk`), one thread, at concurrency 1 and 8. gRPC
+rows by tritonclient.grpc.aio in one process with that many requests in flight: on two cores
+the Python driver shares the CPU with the runtime, so gRPC figures are a floor.
+Then time to first event of a streamed /ai/run (server-sent events) from a model that yields
+a word every 20 ms.
 With --token, omni-runtime runs with OMNI_API_TOKEN set and wrk sends it on every request.
 """
 
@@ -109,6 +114,61 @@ def wrk(
     return {"p50_ms": p50_us / 1000, "p99_ms": p99_us / 1000, "rps": requests / (duration_us / 1e6)}
 
 
+def grpc_load(address: str, connections: int, seconds: float) -> dict[str, float]:
+    """Requests in flight over KServe v2 gRPC from one asyncio process."""
+    import asyncio
+
+    import numpy as np
+    import tritonclient.grpc.aio as grpcclient
+
+    async def run() -> list[int]:
+        client = grpcclient.InferenceServerClient(address)
+        text = grpcclient.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+        samples: list[int] = []
+
+        async def one(until: float) -> None:
+            while time.perf_counter() < until:
+                start = time.perf_counter_ns()
+                await client.infer(MODEL, [text])
+                samples.append(time.perf_counter_ns() - start)
+
+        await asyncio.gather(*(one(time.perf_counter() + 1.0) for _ in range(connections)))
+        samples.clear()  # warm-up
+        await asyncio.gather(*(one(time.perf_counter() + seconds) for _ in range(connections)))
+        await client.close()
+        return samples
+
+    samples = sorted(asyncio.run(run()))
+    return {
+        "p50_ms": samples[len(samples) // 2] / 1e6,
+        "p99_ms": samples[int(len(samples) * 0.99)] / 1e6,
+        "rps": len(samples) / seconds,
+    }
+
+
+def first_event(url: str, runs: int = 20) -> dict[str, float]:
+    """Median time to the first server-sent event and to [DONE] of a streamed /ai/run."""
+    import httpx
+
+    body = {"prompt": "one two three", "max_tokens": 10, "delay": 0.02, "stream": True}
+    firsts, totals = [], []
+    with httpx.Client(timeout=60) as client:
+        for index in range(runs + 2):
+            started = time.perf_counter()
+            first = 0.0
+            with client.stream("POST", url, json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and not first:
+                        first = time.perf_counter() - started
+            if index >= 2:  # the first two start the replica
+                firsts.append(first)
+                totals.append(time.perf_counter() - started)
+    firsts.sort()
+    totals.sort()
+    return {"first_ms": firsts[len(firsts) // 2] * 1e3, "done_ms": totals[len(totals) // 2] * 1e3}
+
+
 def start(
     command: list[str], port: int, ready: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
@@ -162,10 +222,10 @@ def main() -> int:
     finally:
         stop(baseline)
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     omni = start(
         [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
-         "--log-level", "warning"],
+         "--grpc-port", str(grpc_port), "--log-level", "warning"],
         port, ready="omni-runtime: serving", env={"OMNI_API_TOKEN": token} if token else None,
     )  # fmt: skip
     try:
@@ -175,8 +235,24 @@ def main() -> int:
         for c in (1, 8):
             url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
             rows.append(("omni-runtime ai/run", c, wrk(url, AI_BODY, c, args.seconds, token)))
+        if not token:
+            for c in (1, 8):
+                address = f"127.0.0.1:{grpc_port}"
+                rows.append(("omni-runtime gRPC", c, grpc_load(address, c, args.seconds)))
     finally:
         stop(omni)
+
+    port = free_port()
+    streams = start(
+        [sys.executable, "-m", "omni_runtime.cli", "serve",
+         str(HERE.parent / "tests" / "fixtures" / "packages" / "stream-models"),
+         "--port", str(port), "--log-level", "warning"],
+        port, ready="omni-runtime: serving",
+    )  # fmt: skip
+    try:
+        sse = first_event(f"http://127.0.0.1:{port}/ai/run/@test/words")
+    finally:
+        stop(streams)
 
     base = {c: r for name, c, r in rows if name == "plain ASGI app"}
     direct = rows[0][2]
@@ -187,6 +263,10 @@ def main() -> int:
         ratio = f"{r['rps'] / base[c]['rps']:.2f}" if name.startswith("omni") else "-"
         print(f"{name:<22}{c:>5}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['rps']:>9.0f}"
               f"{added:>14}{ratio:>15}")  # fmt: skip
+    print(
+        f"\nstreamed /ai/run, 10 words 20 ms apart: first event {sse['first_ms']:.1f} ms, "
+        f"[DONE] {sse['done_ms']:.1f} ms (median of 20)"
+    )
     omni_c1 = next(r for name, c, r in rows if name == "omni-runtime v2" and c == 1)
     plain_c1 = base[1]
     print(
