@@ -13,6 +13,7 @@ import typing
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 __all__ = ["ajoin", "chunk_type", "encode_chunk", "is_streaming", "join_chunks", "sync_join"]
@@ -66,11 +67,12 @@ def join_chunks(model: type[BaseModel], chunks: list[Any]) -> BaseModel:
 
 def encode_chunk(model: type[BaseModel], chunk: Any) -> bytes:
     """One chunk as JSON, checked against the output model (a dict is validated)."""
-    if isinstance(chunk, model):
-        return chunk.model_dump_json().encode()
     if isinstance(chunk, dict):
-        return model.model_validate(chunk).model_dump_json().encode()
-    raise TypeError(f"expected {model.__name__} chunks, got {type(chunk).__name__}")
+        chunk = model.model_validate(chunk)
+    if not isinstance(chunk, model):
+        raise TypeError(f"expected {model.__name__} chunks, got {type(chunk).__name__}")
+    # NaN and ±inf as strings, as in every other answer (protobuf's JSON mapping).
+    return bytes(pydantic_core.to_json(chunk.model_dump(mode="python"), inf_nan_mode="strings"))
 
 
 def sync_join(model: type[BaseModel], chunks: Iterator[Any]) -> BaseModel:

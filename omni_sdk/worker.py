@@ -41,6 +41,7 @@ from omni_sdk._protocol import (
 from omni_sdk._resources import Resources
 from omni_sdk._serving import EngineRunner, Prepared, ai_error_body, runner_for, v2_error_body
 from omni_sdk._streaming import encode_chunk
+from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 
 log = logging.getLogger("omni.worker")
 _PR_SET_PDEATHSIG = 1
@@ -427,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", default="{}", help="Resources as JSON")
     parser.add_argument("--fd-channel", type=int, help="the socket large payloads' memfds use")
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
+    parser.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        default=DEFAULT_MAX_TENSOR_ELEMENTS,
+        help="a v2 input whose shape holds more elements gets 400",
+    )
     args = parser.parse_args(argv)
     main_started = time.monotonic()  # the runtime compares it with when it spawned us
     global _cuda_device
@@ -443,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resources = Resources.model_validate(json.loads(args.resources))
         engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
-        runner = runner_for(engine, args.model)
+        runner = runner_for(engine, args.model, max_tensor_elements=args.max_tensor_elements)
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("model %r failed to load:\n%s", args.model, traceback.format_exc())

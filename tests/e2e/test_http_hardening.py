@@ -21,7 +21,7 @@ from tests.e2e.runtime import RunningRuntime, serve, worker_deaths
 API = "api-secret"
 ADMIN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {API}"}
-CONFIG = '[server]\nbody_timeout = "1s"\nmax_header_size = "8KiB"\n'
+CONFIG = '[server]\nbody_timeout = "1s"\nmax_header_size = "8KiB"\nmax_tensor_elements = 1000000\n'
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +206,13 @@ def _v2(http: httpx.Client, model: str, inputs: list[dict[str, object]], **extra
 
 
 def test_a_shape_over_max_tensor_elements_is_400(http: httpx.Client) -> None:
-    huge = 1 << 25  # over the default server.max_tensor_elements (16 Mi)
+    huge = 1 << 21  # over this runtime's server.max_tensor_elements, 1000000
     tensor = {"name": "fp32", "datatype": "FP32", "shape": [huge], "data": [1.0]}
     response = _v2(http, "@test/identity", [tensor])
     assert response.status_code == 400
     assert (
         f"input 'fp32' has shape [{huge}]: {huge} elements, more than the server's limit of "
-        "16777216 (server.max_tensor_elements)" in response.json()["error"]
+        "1000000 (server.max_tensor_elements)" in response.json()["error"]
     )
     header = json.dumps(
         {

@@ -127,6 +127,7 @@ class WorkerProcess:
             "--resources", spec.resources.model_dump_json(),
             "--fd-channel", str(fds_child.fileno()),
             "--shm-threshold", str(self.settings.shm_threshold),
+            "--max-tensor-elements", str(self.settings.max_tensor_elements),
         ]  # fmt: skip
         environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
         cache = self.isolation.cache_dir(spec.name)
