@@ -220,6 +220,7 @@ def _models(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from omni_runtime.batch import BatchRunner, SqliteBatchStore
     from omni_runtime.connection import limited_protocol
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, host_budget
@@ -314,7 +315,12 @@ def _serve(args: argparse.Namespace) -> int:
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []
 
+    batches = BatchRunner(SqliteBatchStore(args.state_dir / "batch.sqlite3"), node,
+                          settings.batch_retention)  # fmt: skip
+    metrics.watch_batches(batches.store.counts)
+
     async def startup() -> None:
+        batches.start()
         if args.grpc_port is not None:
             from omni_runtime.grpc_service import grpc_authorizer, start_grpc_server
 
@@ -330,9 +336,10 @@ def _serve(args: argparse.Namespace) -> int:
     async def shutdown() -> None:
         for server in grpc_servers:
             await server.stop(settings.drain_timeout)
+        await batches.stop()  # items still running are run again at the next start
         await node.stop()
 
-    app = OmniApp(node, on_startup=startup, on_shutdown=shutdown, tokens=tokens)
+    app = OmniApp(node, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches)
     config = uvicorn.Config(
         app,
         http=limited_protocol(settings.max_header_size, settings.body_timeout),

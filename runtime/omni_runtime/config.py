@@ -81,6 +81,16 @@ class ServerSettings(BaseModel):
         gt=0,
         description="a v2 input whose shape holds more elements gets 400",
     )
+    batch_max_size: Bytes = Field(
+        default=10 << 20,
+        gt=0,
+        description="the largest asynchronous batch submission (queueRequest); larger get 413",
+    )
+    batch_retention: Seconds = Field(
+        default=86400.0,
+        gt=0,
+        description="how long a finished batch's results are kept before they expire",
+    )
 
 
 class SchedulerSettings(BaseModel):

@@ -55,6 +55,21 @@ class _ModelCollector(Collector):
         yield memory
 
 
+class _BatchCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        items = GaugeMetricFamily(
+            "omni_batch_items",
+            "Items of asynchronous batches on this node, by state (queued, running, done, failed)",
+            labels=["state"],
+        )
+        for state, count in self._counts().items():
+            items.add_metric([state], count)
+        yield items
+
+
 class Metrics:
     """Every metric the runtime exports, in a registry of its own."""
 
@@ -94,6 +109,10 @@ class Metrics:
     def watch_models(self, gauges: Callable[[], dict[str, ModelGauges]]) -> None:
         """``gauges()`` gives each model's replicas, queue depth and memory at scrape time."""
         self.registry.register(_ModelCollector(gauges))
+
+    def watch_batches(self, counts: Callable[[], dict[str, int]]) -> None:
+        """``counts()`` gives batch items by state (queued, running, done, failed) at scrape."""
+        self.registry.register(_BatchCollector(counts))
 
     def observe(self, model: str, status: int, seconds: float) -> None:
         """Count one answered request; label children are cached for the hot path."""

@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from omni_runtime.batch import api as batch_api
+from omni_runtime.batch.runner import BatchRunner
 from omni_runtime.metrics import ModelGauges
 from omni_runtime.openai_api import OpenAIRoutes, openai_error
 from omni_runtime.openapi import build_openapi
@@ -73,8 +75,10 @@ class OmniApp:
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         tokens: Tokens | None = None,
+        batches: BatchRunner | None = None,
     ) -> None:
         self.node = node
+        self.batches = batches
         self.models = node.models
         self.metrics = node.metrics
         self.max_body = node.settings.max_body_size
@@ -165,7 +169,7 @@ class OmniApp:
 
     def _resolve(self, method: str, path: str) -> Route:
         handler, model = self._handler(method, path)
-        if path.startswith("/v2/repository"):
+        if path.startswith(("/v2/repository", "/ai/batch")):
             access = Access.ADMIN
         elif getattr(handler, "__name__", "") in _OPEN_HANDLERS:
             access = Access.OPEN
@@ -250,6 +254,21 @@ class OmniApp:
     async def ai_run(self, scope: Scope, receive: Receive, send: Send, model: ServedModel) -> None:
         started = time.perf_counter()
         body = await self._read_body(scope, receive, model)
+        if self.batches is not None:
+            answer = None
+            if scope["query_string"] and batch_api.is_submission(scope["query_string"]):
+                limit = self.node.settings.batch_max_size
+                answer = await batch_api.submit(self.batches, model, body, limit)
+            elif (request_id := batch_api.is_poll(body)) is not None:
+                answer = await batch_api.poll(self.batches, model, request_id)
+            if answer is not None:
+                status, content = answer
+                if status == 200:
+                    payload = {**content, "success": True, "errors": [], "messages": []}
+                    await _respond(send, 200, json.dumps(payload).encode())
+                else:
+                    await _respond(send, status, _error(True, status, content["error"]))
+                return
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
         if b'"stream"' in body and _wants_stream(body):
             await self._stream(receive, send, model, body, started, reject)
@@ -520,6 +539,14 @@ class OmniApp:
         await self.node.unload(model)
         await _respond(send, 200, b"")
 
+    async def batch_index(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        """``GET /ai/batch``: this node's asynchronous batches (the admin token guards it)."""
+        if self.batches is None:
+            raise HTTPError(404, "this runtime keeps no batch queue")
+        batches = await batch_api.batch_index(self.batches)
+        payload = {"result": batches, "success": True, "errors": [], "messages": []}
+        await _respond(send, 200, json.dumps(payload).encode())
+
     # -- the rest ------------------------------------------------------------------------
 
     async def metrics_page(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
@@ -568,6 +595,7 @@ _FIXED_ROUTES = {
     ("GET", "/v2/models/stats"): "all_stats",
     ("GET", "/metrics"): "metrics_page",
     ("GET", "/openapi.json"): "openapi",
+    ("GET", "/ai/batch"): "batch_index",
 }
 _OPEN_HANDLERS = {"live", "ready", "metrics_page"}  # health, and what Prometheus scrapes
 _MODEL_ROUTES = {

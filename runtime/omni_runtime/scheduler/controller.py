@@ -34,6 +34,7 @@ from omni_runtime.scheduler.policy import (
     SchedulerPolicy,
     StartReplica,
     StopReplica,
+    gpu_key,
 )
 from omni_runtime.scheduler.queue import ModelUnavailable
 from omni_runtime.workers import LoadFailed, WorkerProcess
@@ -537,6 +538,24 @@ class Controller:
             process.kill()
             process.cleanup()
         self.isolation.close()
+
+    def has_room_for(self, model: ServedModel) -> bool:
+        """Room to spare for one more replica of ``model``: no model waits for memory, and
+        twice its expected memory is free on the host (and on a GPU, for a CUDA model).
+        Background (batch) work starts a scaled-to-zero model only then."""
+        if any(m.blocked for m in self.models.values()):
+            return False
+        replicas = [r for m in self.models.values() for r in m.replicas]
+        free_host = self.node.host_memory - sum(r.host_bytes for r in replicas)
+        if free_host < 2 * model.expected_host:
+            return False
+        if model.spec.device.startswith("cuda") and self.node.gpu_budgets:
+            free_gpu = max(
+                budget - sum(r.gpu_bytes for r in replicas if gpu_key(r.worker.spec.device) == gpu)
+                for gpu, budget in self.node.gpu_budgets.items()
+            )
+            return free_gpu >= 2 * model.expected_gpu
+        return True
 
     @property
     def ready(self) -> bool:
