@@ -122,8 +122,14 @@ def _from_json(tensor: Tensor, data: Any, dtype: np.dtype[Any]) -> NDArray[Any]:
         if dtype.kind == "f" and array.dtype.kind in "OU":
             array = np.asarray(_read_float_names(data))
         if dtype.kind in "iu" and array.dtype.kind in "fO":
+            # Floats, or integers numpy holds in no one type (0 beside 2**63): one by one.
             low, high = INT_RANGES[tensor.datatype]
-            raise ValueError(f"expected integers from {low} to {high}")
+            for value in np.array(data, dtype=object).reshape(-1):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"expected integers from {low} to {high}")
+                if not low <= value <= high:
+                    raise ValueError(f"{value} is out of range ({low} to {high})")
+            return np.array(data, dtype=dtype)
         if array.dtype == object or array.dtype.kind in "USV":
             raise ValueError("not a rectangular array of numbers")
         if tensor.datatype == "BOOL" and array.dtype.kind != "b":

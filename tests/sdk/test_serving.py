@@ -190,3 +190,24 @@ def test_binary_bytes_with_a_lying_length_prefix() -> None:
     status, answer = _call(runner, header + struct.pack("<I", 99) + b"ab", len(header))
     assert status == 400
     assert "needs 2 bytes, got 6" in answer["error"]
+
+
+def test_uint64_lists_mixing_small_and_huge_values_are_read_exactly() -> None:
+    """numpy holds 0 beside 2**63 in no integer type; each value is checked on its own."""
+    import numpy as np
+
+    from omni_sdk import Tensor
+    from omni_sdk._tensor_serving import _from_json
+    from omni_sdk._tensors import InvalidInput
+
+    tensor = Tensor("u", "UINT64", (-1,))
+    values = [0, 15483547190988350411, 2**64 - 1]
+    array = _from_json(tensor, values, np.dtype(np.uint64))
+    assert array.dtype == np.uint64 and array.tolist() == values
+    for bad, why in (([0, 2**64], "out of range"), ([0, 1.5, 2**63], "expected integers")):
+        try:
+            _from_json(tensor, bad, np.dtype(np.uint64))
+        except InvalidInput as exc:
+            assert why in str(exc) and "input 'u'" in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
