@@ -20,6 +20,10 @@ __all__ = ["limited_protocol"]
 _END_OF_HEAD = b"\r\n\r\n"
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_header_size = 16 << 10
     body_timeout = 30.0
@@ -32,6 +36,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_tail = b""  # the last bytes of the head so far, to find its end across reads
         self._receiving = False  # a request has begun and is not yet whole
         self._deadline: asyncio.TimerHandle | None = None
+        self._parsed_head = 0  # the current request's URL and headers, as parsed
+        self._head_too_large = False
+        self._deferred: tuple[int, str] | None = None  # a refusal waiting for an answer
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -53,11 +60,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_bytes += end + len(_END_OF_HEAD) - len(self._head_tail)
             self._head_tail = seen[-3:]
             if self._head_bytes > self.max_header_size:
-                self._refuse(
-                    431,
-                    "the request line and headers are larger than the server's limit of "
-                    f"{self.max_header_size} bytes (server.max_header_size)",
-                )
+                self._refuse(431, self._too_large_message())
                 return
         super().data_received(data)
         if self._receiving and self._deadline is None and not self.transport.is_closing():
@@ -68,6 +71,29 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._receiving = True
+        self._parsed_head = 0
+
+    # The head as the parser sees it, too: a request whose head arrives in the same read as
+    # the end of the one before it (pipelined, or after an early 413) is counted here.
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._parsed_head += size
+        if self._parsed_head > self.max_header_size:
+            self._head_too_large = True
+            raise _HeadTooLarge  # stops the parser; uvicorn then calls send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse(431, self._too_large_message())
+            return
+        super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -113,9 +139,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Answer ``status`` in the route family's error shape, then close the connection."""
         self._disarm()
         cycle = self.cycle  # in the head, the previous request's; else this one's
-        if cycle is not None and (
-            not cycle.response_complete if self._in_head else cycle.response_started
-        ):
+        if self._in_head and cycle is not None and not cycle.response_complete:
+            # A pipelined request: the one before it is answered first, then this refusal.
+            self._deferred = (status, message)
+            self.transport.pause_reading()
+            return
+        if cycle is not None and not self._in_head and cycle.response_started:
             self.transport.close()  # an answer is already on its way; it cannot get another
             return
         if cycle is not None and not self._in_head:  # the app waits for a body that won't come
@@ -135,6 +164,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
         )
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        if self._deferred is not None and not self.transport.is_closing():
+            status, message = self._deferred
+            self._deferred = None
+            self.server_state.total_requests += 1
+            self._refuse(status, message)
+            return
+        super().on_response_complete()
+
+    def _too_large_message(self) -> str:
+        return (
+            "the request line and headers are larger than the server's limit of "
+            f"{self.max_header_size} bytes (server.max_header_size)"
+        )
 
     def _path(self) -> bytes:
         if not self._in_head:

@@ -198,6 +198,24 @@ def test_oversized_headers_get_431(runtime: RunningRuntime, path: str) -> None:
     assert "larger than the server's limit of 8192 bytes (server.max_header_size)" in text
 
 
+def test_a_pipelined_request_cannot_hide_oversized_headers(runtime: RunningRuntime) -> None:
+    """Its head arrives in the same read as the end of the request before it (found by
+    bench/soak.py): it is counted as parsed, and refused."""
+    body = json.dumps({"text": "x"})
+    small = (
+        f"POST /ai/run/@test/echo HTTP/1.1\r\nHost: omni\r\nAuthorization: Bearer {API}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    )
+    large = (
+        f"POST /ai/run/@test/echo HTTP/1.1\r\nHost: omni\r\nAuthorization: Bearer {API}\r\n"
+        f"X-Padding: {'p' * 20_000}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
+    response, _ = _raw(runtime, (small + large).encode())
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    assert b"HTTP/1.1 431 Request Header Fields Too Large" in response
+    assert response.count(b"HTTP/1.1 200 OK") == 1
+
+
 # -- tensors and numbers ---------------------------------------------------------------------
 
 
