@@ -72,7 +72,10 @@ def _child(
         os.chdir(request["cwd"])
         # As `python -m omni_sdk.worker` in the package directory would be set up: its path,
         # argv and SIGINT, and no descriptor but the standard ones and its socket.
-        sys.path[0] = request["cwd"]
+        if sys.flags.safe_path:  # started with -P: nothing of ours to replace
+            sys.path.insert(0, request["cwd"])
+        else:
+            sys.path[0] = request["cwd"]
         names = {"{fd}": str(worker_fd), "{fd_channel}": str(channel_fd)}
         argv = [names.get(a, a) for a in request["argv"]]
         sys.argv = [omni_sdk.worker.__file__, *argv]

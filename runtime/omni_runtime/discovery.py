@@ -163,6 +163,7 @@ async def _describe_package(
             package=package_dir,
             environment=environment,
             network=any(o.network == "host" for o in overrides),
+            cache=False,  # nothing it writes outlives it
         )
     process = await asyncio.create_subprocess_exec(
         *launcher,

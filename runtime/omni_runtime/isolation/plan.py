@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from omni_runtime.isolation import sandbox
 from omni_runtime.isolation.cgroups import Cgroups, WorkerCgroup, detect_cgroups
 
-__all__ = ["Isolation", "model_uid", "worker_environment"]
+__all__ = ["Isolation", "UserIds", "model_uid", "worker_environment"]
 
 log = logging.getLogger("omni.isolation")
 
@@ -37,11 +38,51 @@ ENV_ALLOWED = frozenset(
     }
 )  # fmt: skip
 ENV_ALLOWED_PREFIXES = ("LC_",)
+# The runtime's sys.path may hold these themselves (python started in /tmp): a worker gets
+# its own /tmp, /dev/shm and /proc, and never the whole file system bound back.
+_NEVER_KEPT = (Path("/"), Path("/tmp"), Path("/dev/shm"), Path("/proc"))
 
 
 def model_uid(name: str) -> int:
-    """The unprivileged user a model's workers run as (stable across restarts)."""
+    """Where a model's user id is first looked for: a hash of its name in the uid range."""
     return MODEL_UID_BASE + zlib.crc32(name.encode()) % MODEL_UID_RANGE
+
+
+class UserIds:
+    """A user id of its own for every model: the hash of its name, or the next free one when
+    that is taken. Kept in ``<state>/uids.json`` (under a lock, for two runtimes or a
+    ``models`` beside ``serve``), so a model keeps its user, and its cache, across restarts."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.uids: dict[str, int] = {}
+
+    def uid(self, name: str) -> int:
+        if name in self.uids:
+            return self.uids[name]
+        if self.path is None:
+            return self._allocate(name)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.uids = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.uids = {}
+            uid = self._allocate(name)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.uids, indent=1, sort_keys=True))
+            temporary.replace(self.path)
+        return uid
+
+    def _allocate(self, name: str) -> int:
+        if name not in self.uids:
+            taken = set(self.uids.values())
+            uid = model_uid(name)
+            while uid in taken:
+                uid = MODEL_UID_BASE + (uid - MODEL_UID_BASE + 1) % MODEL_UID_RANGE
+            self.uids[name] = uid
+        return self.uids[name]
 
 
 def worker_environment(
@@ -67,6 +108,9 @@ class Isolation:
     description: str = "none"
     state_dir: Path | None = None
 
+    def __post_init__(self) -> None:
+        self.user_ids = UserIds(self.state_dir / "uids.json" if self.state_dir else None)
+
     @classmethod
     def detect(cls, packages: list[Path], state_dir: Path | None = None) -> Isolation:
         """Probe the machine; warn once, here, about whatever is missing."""
@@ -90,7 +134,7 @@ class Isolation:
         """Namespaces without cgroups (discovery), where the machine allows; else None."""
         if os.geteuid() != 0 or not os.path.exists("/proc/self/ns/mnt"):
             return None
-        return cls(None, True, tuple(hidden), "namespaces", None)
+        return cls(None, True, tuple(hidden), "namespaces", state_dir)
 
     def cache_dir(self, model: str) -> Path | None:
         """The model's own writable directory (its HOME), kept across restarts."""
@@ -112,6 +156,7 @@ class Isolation:
         writable: tuple[Path, ...] = (),
         pid_namespace: bool = True,
         setenv: Mapping[str, str] | None = None,
+        cache: bool = True,
     ) -> list[str]:
         """The command that starts a model's program inside its sandbox; [] where none can be.
 
@@ -119,11 +164,11 @@ class Isolation:
         """
         if not self.namespaces:
             return []
-        cache = self.cache_dir(model)
+        cache_dir = self.cache_dir(model) if cache else None
         writable_dirs = [*writable]
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-            writable_dirs.append(cache)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            writable_dirs.append(cache_dir)
         # What the worker's interpreter reads besides its package: its environment, and the
         # runtime's own (the base layer its environment shares, editable sources).
         hide = [p for p in self.hidden if p != package]
@@ -134,7 +179,9 @@ class Isolation:
         keep += [
             str(p)
             for p in base
-            if p.is_dir() and not any(p == h or p.is_relative_to(h) for h in hide)
+            if p.is_dir()
+            and not any(p == h or p.is_relative_to(h) for h in hide)
+            and p not in _NEVER_KEPT
         ]
         spec = {
             "package": str(package),
@@ -142,7 +189,7 @@ class Isolation:
             "keep": list(dict.fromkeys(keep)),
             "writable": [str(p) for p in writable_dirs],
             "memory_limit": memory_limit,
-            "uid": model_uid(model),
+            "uid": self.user_ids.uid(model),
             "network": network,
             "cgroup_procs": [str(p) for p in cgroup.procs_files] if cgroup is not None else [],
             "keep_fds": list(keep_fds),

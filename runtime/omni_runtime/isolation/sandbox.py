@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -37,8 +39,15 @@ from collections.abc import Iterable
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64 (the generic table)
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -96,9 +105,9 @@ def _libc() -> ctypes.CDLL:
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     result = _libc().mount(
-        source.encode() if source else None,
-        target.encode(),
-        fstype.encode() if fstype else None,
+        os.fsencode(source) if source else None,
+        os.fsencode(target),
+        os.fsencode(fstype) if fstype else None,
         ctypes.c_ulong(flags),
         data.encode() if data else None,
     )
@@ -138,7 +147,8 @@ def main(argv: list[str]) -> None:
     program = argv[2:]
     try:
         _join_cgroup(spec["cgroup_procs"])
-        flags = CLONE_NEWNS | (0 if spec["network"] else CLONE_NEWNET)
+        # Its own IPC namespace too: no System V shared memory outside its cgroup, none shared.
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if spec["network"] else CLONE_NEWNET)
         if spec["pid_namespace"]:
             flags |= CLONE_NEWPID
         if _libc().unshare(flags) != 0:
@@ -260,29 +270,57 @@ def _build_view(spec: dict[str, Any]) -> None:
 
 
 def _read_only_everywhere() -> None:
-    """Remount every mount read-only and nosuid, keeping its other flags."""
-    with open("/proc/self/mountinfo") as f:
-        entries = [line.split() for line in f]
-    seen = set()
-    for fields in entries:
-        target = _unescape(fields[4])
-        if target in seen or target.startswith("/proc/") or target == "/proc":
+    """Make every mount of this namespace read-only and nosuid, shadowed ones included.
+
+    One ``mount_setattr(AT_RECURSIVE)`` on ``/`` where the kernel has it (5.12+); else each
+    mount in turn, failing closed: a mount that stays writable stops the start.
+    """
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    libc = _libc()
+    result = libc.syscall(
+        SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    if result == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.ENOSYS:
+        raise SandboxError(err, f"mount_setattr(/, read-only): {os.strerror(err)}")
+    for target, options in _mounts():
+        if target == b"/proc" or target.startswith(b"/proc/"):
             continue  # /proc is replaced by the namespace's own
-        seen.add(target)
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-        for option in fields[5].split(","):
-            flags |= _MOUNT_OPTION_FLAGS.get(option, 0)
+        for option in options.split(b","):
+            flags |= _MOUNT_OPTION_FLAGS.get(option.decode(errors="replace"), 0)
         try:
-            _mount(None, target, None, flags)
+            _mount(None, os.fsdecode(target), None, flags)
         except SandboxError as exc:
-            # A mount already gone from under another (an over-mounted path) is no way out;
-            # anything else stops the start.
-            if exc.errno not in (2, 22):  # ENOENT, EINVAL
+            if exc.errno != errno.EINVAL:  # EINVAL: not a mount point any more (shadowed)
                 raise
+    writable = [
+        t for t, o in _mounts() if b"ro" not in o.split(b",") and not t.startswith(b"/proc")
+    ]
+    if writable:
+        raise SandboxError(errno.EPERM, f"mounts still writable: {writable[:5]}")
 
 
-def _unescape(path: str) -> str:
-    return path.encode().decode("unicode_escape") if "\\" in path else path
+def _mounts() -> list[tuple[bytes, bytes]]:
+    """(mount point, per-mount options) of this namespace, from mountinfo, as bytes."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [(_unescape(fields[4]), fields[5]) for fields in (line.split() for line in f)]
+
+
+def _unescape(path: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), path)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _unreachable_ancestor(path: str, uid: int) -> str | None:

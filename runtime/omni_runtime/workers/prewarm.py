@@ -87,6 +87,7 @@ class PrewarmedProcess:
         command = [
             *(launcher(child.fileno()) if launcher else []),
             self.python,
+            "-P",  # not the package directory first on sys.path: no model module shadows ours
             "-m",
             "omni_sdk.prewarm",
             "--fd",
@@ -187,7 +188,13 @@ class PrewarmedProcess:
         if "pid" not in reply:
             os.close(log_read)
             raise OSError(reply.get("error", "the pre-warmed process did not fork"))
-        pid = int(reply["pid"])
+        try:
+            pid = self._own_child(reply["pid"])
+        except OSError:
+            os.close(log_read)
+            self.retired = True  # it runs in the model's sandbox: it is not to be believed
+            self.kill()
+            raise
         exited: asyncio.Future[int] = loop.create_future()
         self.children[pid] = exited
         reader = asyncio.StreamReader()
@@ -195,6 +202,26 @@ class PrewarmedProcess:
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(log_read, "rb", 0)
         )
         return ForkedProcess(pid, reader, exited)
+
+    def _own_child(self, named: Any) -> int:
+        """The pid the pre-warmed process names, if it really is a child of it, of its user.
+
+        It runs inside the model's sandbox and its environment's code (``.pth`` files) runs in
+        it: the runtime signals and moves only processes it has checked itself.
+        """
+        assert self.process is not None
+        if not isinstance(named, int) or isinstance(named, bool) or named <= 1:
+            raise OSError(f"the pre-warmed process named no pid ({named!r})")
+        try:
+            stat = Path(f"/proc/{named}/stat").read_text().rsplit(")", 1)[1].split()
+            uid = _uid_of(named)
+        except (OSError, IndexError, ValueError) as exc:
+            raise OSError(f"the pre-warmed process named pid {named}, which is gone") from exc
+        if int(stat[1]) != self.process.pid or uid != _uid_of(self.process.pid):
+            raise OSError(
+                f"the pre-warmed process named pid {named}, which is not a child of its own"
+            )
+        return named
 
     async def stopped(self, pid: int) -> bool:
         """Wait until the child has reached its SIGSTOP (it must not run before its cgroup)."""
@@ -238,6 +265,13 @@ class PrewarmedProcess:
             self.cgroup.kill()
             self.cgroup.remove()
             self.cgroup = None
+
+
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise ValueError(f"no Uid line for pid {pid}")
 
 
 def _entry_point_modules(package_dir: Path) -> set[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from omni_runtime.isolation import Isolation
-from omni_runtime.isolation.plan import MODEL_UID_BASE, model_uid, worker_environment
+from omni_runtime.isolation.plan import MODEL_UID_BASE, UserIds, model_uid, worker_environment
 from omni_runtime.isolation.sandbox import (
     _outermost,
     _unreachable_ancestor,
@@ -46,10 +46,18 @@ def test_a_spec_with_an_unknown_field_is_refused() -> None:
         parse_spec('{"package": "/pkg", "netwrok": true}')
 
 
-def test_each_model_has_its_own_stable_unprivileged_user() -> None:
-    a, b = model_uid("@cf/acme/a"), model_uid("@cf/acme/b")
-    assert a != b and min(a, b) >= MODEL_UID_BASE
-    assert model_uid("@cf/acme/a") == a
+def test_each_model_has_its_own_stable_unprivileged_user(tmp_path: Path) -> None:
+    seen: dict[int, str] = {}
+    name = 0
+    while model_uid(f"@t/m{name}") not in seen:  # two names whose hashes collide
+        seen[model_uid(f"@t/m{name}")] = f"@t/m{name}"
+        name += 1
+    first, second = seen[model_uid(f"@t/m{name}")], f"@t/m{name}"
+    ids = UserIds(tmp_path / "uids.json")
+    a, b = ids.uid(first), ids.uid(second)
+    assert a != b and min(a, b) >= MODEL_UID_BASE  # the second gets the next free one
+    again = UserIds(tmp_path / "uids.json")  # a restart: the same users
+    assert (again.uid(second), again.uid(first)) == (b, a)
 
 
 def test_the_environment_is_reduced_to_the_allow_list_and_the_models_own(tmp_path: Path) -> None:
@@ -75,7 +83,7 @@ def test_the_launcher_runs_isolated_with_the_runtimes_interpreter(tmp_path: Path
     command = isolation.launcher(model="@t/m", package=tmp_path, environment=None, keep_fds=(7,))
     assert command[1:3] == ["-I", "-S"] and command[-1] == "--"
     spec = json.loads(command[4])
-    assert spec["uid"] == model_uid("@t/m") and spec["keep_fds"] == [7]
+    assert spec["uid"] == isolation.user_ids.uid("@t/m") and spec["keep_fds"] == [7]
     assert spec["network"] is False and spec["hide"] == [str(tmp_path / "other")]
     assert os.path.isdir(spec["writable"][0])  # its cache directory, made for it
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from omni_runtime.workers.prewarm import trusted_modules
 
 
@@ -83,3 +85,22 @@ def test_what_a_trusted_module_imports_cannot_come_from_the_models_environment(
     parent.close()
     process.wait(30)
     assert not mark.exists()
+
+
+def test_only_a_real_child_of_the_prewarmed_process_is_believed() -> None:
+    """It runs the model's environment's code: a pid it names is checked, never taken."""
+    import types
+
+    from omni_runtime.workers.prewarm import PrewarmedProcess
+
+    prewarmed = PrewarmedProcess(sys.executable, [])
+    prewarmed.process = types.SimpleNamespace(pid=os.getpid())  # type: ignore[assignment]
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert prewarmed._own_child(child.pid) == child.pid
+        for named in (os.getppid(), 1, -5, "12", True):
+            with pytest.raises(OSError, match="pre-warmed process named"):
+                prewarmed._own_child(named)
+    finally:
+        child.kill()
+        child.wait()
