@@ -187,8 +187,18 @@ def read_payload(fd: int, size: int, limit: int = MAX_PAYLOAD) -> bytearray:
     is not what its frame said (too short, over ``limit``)."""
     if size > limit:
         raise PayloadError(f"a payload of {size} bytes is over the limit of {limit}")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise PayloadError("a payload descriptor is not a memfd") from None
+    if seals & _SEALS != _SEALS:
+        raise PayloadError("a payload memfd is not sealed against change")
     if os.fstat(fd).st_size < size:
         raise PayloadError("a payload file is shorter than its frame says")
+    # Every page written, none a hole: the sender paid (in its own memory limit) for what
+    # this side is about to copy.
+    if size and os.lseek(fd, 0, os.SEEK_HOLE) < size:
+        raise PayloadError("a payload memfd has holes (it was never written)")
     buffer = bytearray(size)
     view = memoryview(buffer)
     offset = 0

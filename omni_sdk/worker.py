@@ -131,10 +131,15 @@ class WorkerLoop:
             if prepared.request is None:
                 self.sock.sendall(answer(runner, self.shm, [(request_id, prepared)], [None]))
                 return pending
+            cancel = (Kind.CANCEL, 0, request_id)
+            if any(frame[:3] == cancel for frame in pending):  # cancelled before it began
+                pending = [frame for frame in pending if frame[:3] != cancel]
+                self.sock.sendall(_stream_end(request_id, 499, runner, "cancelled"))
+                return pending
             chunks = stream_of(runner.engine, prepared.request)
             for chunk in chunks:
                 body = encode_chunk(runner.response_model, chunk)
-                self.sock.sendall(encode_frame(Kind.CHUNK, request_id, body))
+                self.sock.sendall(self.shm.frame(Kind.CHUNK, request_id, [body]))
                 pending, cancelled = self._poll(request_id, pending)
                 if cancelled:
                     if hasattr(chunks, "close"):
@@ -239,18 +244,10 @@ class AsyncWorker(asyncio.Protocol):
             chunks = stream_of(runner.engine, prepared.request)
             if hasattr(chunks, "__aiter__"):
                 async for chunk in chunks:
-                    self._write(
-                        encode_frame(
-                            Kind.CHUNK, request_id, encode_chunk(runner.response_model, chunk)
-                        )
-                    )
+                    self._chunk(request_id, chunk)
             else:
                 for chunk in await _maybe_await(chunks):
-                    self._write(
-                        encode_frame(
-                            Kind.CHUNK, request_id, encode_chunk(runner.response_model, chunk)
-                        )
-                    )
+                    self._chunk(request_id, chunk)
             self._write(_stream_end(request_id, 200, runner))
         except asyncio.CancelledError:  # the client went away: close the generator
             if chunks is not None and hasattr(chunks, "aclose"):
@@ -261,6 +258,10 @@ class AsyncWorker(asyncio.Protocol):
             self._write(_stream_end(request_id, 500, runner, _failure(runner, exc)))
         finally:
             self.streams.pop(request_id, None)
+
+    def _chunk(self, request_id: int, chunk: Any) -> None:
+        body = encode_chunk(self.runner.response_model, chunk)
+        self._write(self.shm.frame(Kind.CHUNK, request_id, [body]))
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

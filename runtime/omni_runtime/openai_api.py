@@ -278,7 +278,15 @@ class OpenAIRoutes:
                 while not chunks.empty():
                     ready.append(chunks.get_nowait())
                 for raw in ready:
-                    text = _response_text(model, json.loads(raw))
+                    try:
+                        text = _response_text(model, json.loads(raw))
+                    except (OpenAIError, ValueError) as exc:
+                        if not opened:
+                            raise OpenAIError(500, str(exc)) from None
+                        status = 500
+                        error = b"data: " + openai_error(500, str(exc)) + b"\n\n"
+                        await send({"type": "http.response.body", "body": error})
+                        return
                     if not opened:
                         opened = True
                         await send(_SSE_START)
@@ -311,6 +319,8 @@ class OpenAIRoutes:
             status = 499
         finally:
             gone.cancel()
+            if not call.done():  # whatever ended this, the engine's generator stops too
+                call.cancel()
             self.observe(model, status, time.perf_counter() - started)
 
     # -- helpers -------------------------------------------------------------------------

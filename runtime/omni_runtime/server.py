@@ -344,6 +344,8 @@ class OmniApp:
             status = 499
         finally:
             gone.cancel()
+            if not call.done():  # whatever ended this, the engine's generator stops too
+                call.cancel()
             elapsed = time.perf_counter() - started
             model.stats.record(status == 200, int(elapsed * 1e9))
             self.metrics.observe(model.name, status, elapsed)

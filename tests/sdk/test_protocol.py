@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 
@@ -66,15 +67,33 @@ def test_a_sealed_payload_cannot_be_shrunk_by_its_sender() -> None:
 
 
 def test_a_payload_that_is_not_what_its_frame_says_fails_alone() -> None:
-    fd = os.memfd_create("short")
+    fd = write_memfd([b"abc"], 3)
     try:
-        os.write(fd, b"abc")
         with pytest.raises(PayloadError, match="shorter"):
             read_payload(fd, 100)
         with pytest.raises(PayloadError, match="over the limit"):
             read_payload(fd, 3, limit=2)
     finally:
         os.close(fd)
+
+
+def test_only_sealed_fully_written_memfds_are_read() -> None:
+    """A peer may not make this side allocate and copy memory it never paid for."""
+    unsealed = os.memfd_create("unsealed")
+    sparse = os.memfd_create("sparse", os.MFD_ALLOW_SEALING)
+    try:
+        os.write(unsealed, b"abc")
+        with pytest.raises(PayloadError, match="not sealed"):
+            read_payload(unsealed, 3)
+        os.ftruncate(sparse, 1 << 30)  # a gigabyte of nothing
+        fcntl.fcntl(sparse, fcntl.F_ADD_SEALS, 0xF)
+        with pytest.raises(PayloadError, match="holes"):
+            read_payload(sparse, 1 << 30)
+    finally:
+        os.close(unsealed)
+        os.close(sparse)
+    with open(os.devnull, "rb") as plain, pytest.raises(PayloadError, match="not a memfd"):
+        read_payload(plain.fileno(), 0)
 
 
 def test_a_frame_naming_a_descriptor_that_never_came_is_refused() -> None:

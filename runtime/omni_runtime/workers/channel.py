@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
 from omni_sdk._protocol import (
+    FLAG_FD,
     RESPONSE_PREFIX,
     FrameReader,
     Kind,
@@ -18,12 +22,20 @@ from omni_sdk._protocol import (
     ProtocolError,
     encode_frame,
     payload,
+    receive_fd,
 )
 from omni_sdk._serving import ai_error_body, v2_error_body
 
 __all__ = ["WorkerChannel", "WorkerGone"]
 
 Response = tuple[int, int, bytes]  # HTTP status, Inference-Header-Content-Length, body
+
+
+def _discard(flags: int, fds: socket.socket | None) -> None:
+    """Take a frame's memfd off the side channel unread, so the next frame gets its own."""
+    if flags & FLAG_FD and fds is not None:
+        with contextlib.suppress(ProtocolError):
+            os.close(receive_fd(fds))
 
 
 class WorkerGone(Exception):
@@ -64,22 +76,26 @@ class WorkerChannel(asyncio.Protocol):
                 if kind == Kind.RESPONSE:
                     future = self._pending.pop(request_id, None)
                     self._streams.pop(request_id, None)
-                    try:
-                        raw = payload(flags, body, self.fds)
-                    except PayloadError as exc:  # that answer is lost; the worker goes on
-                        if future is not None and not future.done():
-                            message = f"{self.label}: its answer could not be read: {exc}"
-                            future.set_result((502, 0, json.dumps({"error": message}).encode()))
+                    if future is None or future.done():
+                        _discard(flags, self.fds)  # its caller is gone: never read
                         continue
-                    if future is not None and not future.done():
+                    try:
+                        raw = memoryview(payload(flags, body, self.fds))
                         status, header_length = RESPONSE_PREFIX.unpack_from(raw)
-                        future.set_result(
-                            (status, header_length, bytes(raw[RESPONSE_PREFIX.size :]))
-                        )
+                    except (PayloadError, struct.error) as exc:  # that answer alone is lost
+                        message = f"{self.label}: its answer could not be read: {exc}"
+                        future.set_result((502, 0, json.dumps({"error": message}).encode()))
+                        continue
+                    future.set_result((status, header_length, bytes(raw[RESPONSE_PREFIX.size :])))
                 elif kind == Kind.CHUNK:
                     on_chunk = self._streams.get(request_id)
-                    if on_chunk is not None:
+                    if on_chunk is None:
+                        _discard(flags, self.fds)
+                        continue
+                    try:
                         on_chunk(bytes(payload(flags, body, self.fds)))
+                    except PayloadError:
+                        continue  # a chunk that cannot be read is dropped; the stream goes on
                 elif kind == Kind.PONG:
                     self._ping_outstanding = False
                 elif kind in (Kind.HELLO, Kind.LOAD_FAILED) and not self.hello.done():
