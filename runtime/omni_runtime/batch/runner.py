@@ -89,6 +89,11 @@ class BatchRunner:
         for name in queued:
             model = self.node.models.get(name)
             if model is None or self._backoff.get(name, 0.0) > now:
+                continue  # (a model no longer served: its items wait for it to come back)
+            if model.failure:  # it cannot start: its items fail with the reason
+                for item in await self.db(self.store.claim, name, 256):
+                    error = {"code": 3042, "message": model.failure}
+                    await self.db(self.store.record, item.batch_id, item.index, False, error)
                 continue
             free = self._slots(model) - self.in_flight[name]
             if free <= 0:
@@ -117,21 +122,28 @@ class BatchRunner:
                 status, _, body = await model.call(
                     Kind.RUN_JSON, [item.body], priority=Priority.BATCH
                 )
-            except (ModelBusy, ModelUnavailable) as exc:
+            except ModelBusy:  # its queue is full of interactive work: later, at no cost
+                await self.db(self.store.release, [item], False)
+                self._backoff[model.name] = time.monotonic() + 0.5
+                return
+            except ModelUnavailable as exc:
                 await self._not_run(model, item, str(exc))
                 return
-            try:
-                envelope = json.loads(body)
-            except ValueError:
-                envelope = {"errors": [{"code": 3043, "message": body.decode(errors="replace")}]}
-            if status == 200:
-                await self.db(
-                    self.store.record, item.batch_id, item.index, True, envelope["result"]
-                )
-            elif status == 503:  # the worker died under it: at least once, so again
+            envelope = _envelope(body)
+            if status == 503:  # the worker died under it: at least once, so again
                 await self._not_run(model, item, _message(envelope))
+            elif status == 200 and "result" in envelope:
+                result = envelope["result"]
+                await self.db(self.store.record, item.batch_id, item.index, True, result)
             else:
-                error = (envelope.get("errors") or [{"code": status, "message": str(envelope)}])[0]
+                errors = envelope.get("errors") or [{"code": status, "message": str(envelope)}]
+                await self.db(self.store.record, item.batch_id, item.index, False, errors[0])
+        except asyncio.CancelledError:
+            raise  # the runtime stops: the item stays running, and runs again at the next start
+        except Exception as exc:  # nothing an item does may stall its batch
+            log.exception("batch item %s/%d failed", item.batch_id, item.index)
+            error = {"code": 3043, "message": f"the item could not be run: {exc}"}
+            with contextlib.suppress(Exception):
                 await self.db(self.store.record, item.batch_id, item.index, False, error)
         finally:
             self.in_flight[model.name] -= 1
@@ -150,6 +162,17 @@ class BatchRunner:
             return
         await self.db(self.store.release, [item])
         self._backoff[model.name] = time.monotonic() + 1.0
+
+
+def _envelope(body: bytes) -> dict[str, Any]:
+    """The worker's Workers AI envelope, or an error one around whatever it sent."""
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        envelope = None
+    if not isinstance(envelope, dict):
+        return {"errors": [{"code": 3043, "message": body.decode(errors="replace")[:1000]}]}
+    return envelope
 
 
 def _message(envelope: dict[str, Any]) -> str:

@@ -61,7 +61,7 @@ class BatchStore(Protocol):
 
     def submit(self, model: str, items: list[tuple[bytes, str | None]]) -> str: ...
     def claim(self, model: str, limit: int) -> list[BatchItem]: ...
-    def release(self, items: list[BatchItem]) -> None: ...
+    def release(self, items: list[BatchItem], attempted: bool = True) -> None: ...
     def record(self, batch_id: str, index: int, success: bool, outcome: Any) -> bool: ...
     def status(self, batch_id: str) -> BatchStatus | None: ...
     def results(self, batch_id: str) -> list[dict[str, Any]]: ...
@@ -152,13 +152,15 @@ class SqliteBatchStore:
                 raise
         return [BatchItem(r[0], r[1], model, bytes(r[2]), r[3] + 1) for r in rows]
 
-    def release(self, items: list[BatchItem]) -> None:
-        """Put claimed items back in the queue (they could not be sent)."""
+    def release(self, items: list[BatchItem], attempted: bool = True) -> None:
+        """Put claimed items back in the queue (they did not run); ``attempted=False``: the
+        claim does not count against them (the model was only busy)."""
+        refund = 0 if attempted else 1
         with self._lock:
             self._db.executemany(
-                "UPDATE items SET state = 'queued' WHERE batch_id = ? AND idx = ? "
-                "AND state = 'running'",
-                [(i.batch_id, i.index) for i in items],
+                "UPDATE items SET state = 'queued', attempts = attempts - ? "
+                "WHERE batch_id = ? AND idx = ? AND state = 'running'",
+                [(refund, i.batch_id, i.index) for i in items],
             )
 
     def record(self, batch_id: str, index: int, success: bool, outcome: Any) -> bool:
