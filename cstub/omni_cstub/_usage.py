@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,18 @@ def region_path(pid: int, directory: Path = REGION_DIR) -> Path:
 
 
 def read_usage(path: str | os.PathLike[str]) -> Usage:
-    """Reads a usage region; raises ValueError when the file is not one."""
-    data = Path(path).read_bytes()
+    """Reads a usage region; raises ValueError when the file is not one.
+
+    The file lives where the model's own process can write: it is opened without following a
+    link or waiting on a FIFO, must be a regular file, and only the region's bytes are read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = os.pread(fd, LAYOUT.size, 0)
+    finally:
+        os.close(fd)
     if len(data) < LAYOUT.size:
         raise ValueError(f"{path} holds {len(data)} bytes, not a {LAYOUT.size}-byte usage region")
     magic, version, pid, quota, used, peak, count, failures, _ = LAYOUT.unpack_from(data)

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -370,11 +371,11 @@ class WorkerProcess:
         if exited and self.pid is not None:
             self.kill()  # whatever it started and left behind
         if exited and self.pid is not None and self.spec.device.startswith("cuda"):
-            with contextlib.suppress(OSError):
-                self.gpu_region.unlink()
-            if self.gpu_region.name == "usage":
+            if self.gpu_region.name == "usage":  # its directory, and whatever it left there
+                shutil.rmtree(self.gpu_region.parent, ignore_errors=True)
+            else:
                 with contextlib.suppress(OSError):
-                    self.gpu_region.parent.rmdir()
+                    self.gpu_region.unlink()
         if self.cgroup is not None and exited:
             self.oom_killed = self.oom_killed or self.cgroup.oom_killed()
             self.cgroup.remove()
