@@ -137,9 +137,15 @@ def _raw_of(output: dict[str, Any], datatype: str) -> bytes:
     """JSON ``data`` of an output as raw bytes (a worker that answered without binary data)."""
     data = output.get("data", [])
     if datatype == "BYTES":
-        values = [v.encode() if isinstance(v, str) else bytes(v) for v in np.ravel(data)]
+        values = [_element_bytes(v) for v in np.ravel(np.array(data, dtype=object))]
         return b"".join(_LENGTH.pack(len(v)) + v for v in values)
     return np.asarray(data, dtype=_NUMPY.get(datatype, np.float32)).tobytes()
+
+
+def _element_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return (value if isinstance(value, str) else json.dumps(value)).encode()
 
 
 def _tensor_metadata(t: dict[str, Any]) -> Any:
