@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from omni_runtime import sse
 from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
 from omni_sdk._protocol import Kind
 
@@ -261,7 +262,7 @@ class OpenAIRoutes:
         call = asyncio.ensure_future(
             model.call(Kind.RUN_STREAM, [body], on_chunk=chunks.put_nowait)
         )
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(sse.disconnected(receive))
         opened = False
         status = 200
         try:
@@ -289,10 +290,10 @@ class OpenAIRoutes:
                         return
                     if not opened:
                         opened = True
-                        await send(_SSE_START)
-                        await send(_more(event(text, None, first=True)))
+                        await send(sse.START)
+                        await send(sse.event(event(text, None, first=True)))
                     else:
-                        await send(_more(event(text, None)))
+                        await send(sse.event(event(text, None)))
                 if call.done():
                     break
             try:
@@ -310,8 +311,8 @@ class OpenAIRoutes:
                 await send({"type": "http.response.body", "body": error})
                 return
             if not opened:
-                await send(_SSE_START)
-                await send(_more(event("", None, first=True)))
+                await send(sse.START)
+                await send(sse.event(event("", None, first=True)))
             closing = event(None, "stop") + b"data: [DONE]\n\n"
             await send({"type": "http.response.body", "body": closing})
         except OSError:
@@ -394,26 +395,6 @@ class OpenAIRoutes:
         if status != 200:
             raise OpenAIError(status, _message_of(body))
         return json.loads(body)["result"]
-
-
-_SSE_START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [
-        (b"content-type", b"text/event-stream"),
-        (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no"),
-    ],
-}
-
-
-def _more(data: bytes) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": True}
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _message(message: Any) -> dict[str, Any]:

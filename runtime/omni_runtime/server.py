@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from omni_runtime import sse
 from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
 from omni_runtime.metrics import ModelGauges
@@ -293,7 +294,7 @@ class OmniApp:
         call = asyncio.ensure_future(
             model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=chunks.put_nowait)
         )
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(sse.disconnected(receive))
         opened = False
         status = 200
         try:
@@ -315,8 +316,8 @@ class OmniApp:
                 for chunk in ready:
                     if not opened:
                         opened = True
-                        await send(_SSE_START)
-                    await send(_event(b"data: " + chunk + b"\n\n"))
+                        await send(sse.START)
+                    await send(sse.event(b"data: " + chunk + b"\n\n"))
                 if call.done():
                     break
             try:
@@ -329,7 +330,7 @@ class OmniApp:
                 await _respond(send, status, final)
                 return
             if not opened:
-                await send(_SSE_START)
+                await send(sse.START)
             if status == 200:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             else:
@@ -619,27 +620,6 @@ def _family_error(path: str, status: int, message: str) -> bytes:
 def _error(ai: bool, status: int, message: str) -> bytes:
     """An error body in the envelope of the route's family: Workers AI or KServe v2."""
     return ai_error_body(status, message) if ai else v2_error_body(message)
-
-
-_SSE_START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [
-        (b"content-type", b"text/event-stream"),
-        (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no"),
-    ],
-}
-
-
-def _event(data: bytes) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": data, "more_body": True}
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Returns once the client has closed the connection (its body was read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _wants_stream(body: bytes) -> bool:
