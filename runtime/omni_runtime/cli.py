@@ -85,6 +85,23 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="what isolation this machine supports")
     doctor.add_argument("--json", action="store_true")
 
+    new = commands.add_parser(
+        "new",
+        help="start a model package from the template (no cookiecutter needed on your PATH)",
+        description="Render Omni's model template into a new package directory. Asks for "
+        "what is not given when run on a terminal; otherwise uses the defaults.",
+    )
+    new.add_argument(
+        "--engine",
+        choices=["python", "torch", "onnx", "zero-code"],
+        help="python: a plain Engine; torch/onnx: a tensor engine whose tests build its "
+        "weights or graph; zero-code: an omni.toml and a graph, no Python (default: python)",
+    )
+    new.add_argument("--name", metavar="@ORG/NAME", help="the served model name")
+    new.add_argument("--task", help="a Workers AI task name, e.g. text-classification")
+    new.add_argument("--output-dir", type=Path, default=Path("."), metavar="DIR")
+    new.add_argument("--no-input", action="store_true", help="ask nothing; defaults for the rest")
+
     simulate = commands.add_parser(
         "simulate",
         help="replay a request trace through the scheduler: how many GPUs does it need?",
@@ -160,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "new":
+            return _new(args)
         return _doctor(args)
     except (DiscoveryError, ConfigError, TraceError) as exc:
         print(f"omni-runtime: {exc}", file=sys.stderr)
@@ -366,6 +385,49 @@ def _serve(args: argparse.Namespace) -> int:
         DrainingServer(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         return 130
+    return 0
+
+
+def template_dir() -> Path:
+    """The model template: packaged with the runtime, or in the source tree beside it."""
+    for candidate in (
+        Path(__file__).resolve().parent / "templates" / "model",
+        Path(__file__).resolve().parents[2] / "templates" / "model",
+    ):
+        if (candidate / "cookiecutter.json").is_file():
+            return candidate
+    raise ConfigError("the model template is missing from this installation of omni-runtime")
+
+
+def _new(args: argparse.Namespace) -> int:
+    from cookiecutter.exceptions import CookiecutterException, FailedHookException
+    from cookiecutter.main import cookiecutter
+
+    logging.getLogger("cookiecutter").setLevel(logging.CRITICAL)  # its errors come as ours
+    context = {"engine": args.engine, "model_name": args.name, "task": args.task}
+    extra = {k: v for k, v in context.items() if v is not None}
+    try:
+        package = Path(
+            cookiecutter(
+                str(template_dir()),
+                no_input=args.no_input or not sys.stdin.isatty(),
+                output_dir=str(args.output_dir),
+                extra_context=extra,
+            )
+        )
+    except FailedHookException:
+        return 2  # the template's check said what was wrong, on stderr
+    except (CookiecutterException, OSError) as exc:
+        print(f"omni-runtime new: {exc}", file=sys.stderr)
+        return 2
+    zero_code = not (package / "pyproject.toml").exists()
+    print(f"created {package}")
+    if zero_code:
+        print(f"next: omni-runtime serve {package}")
+    else:
+        print(
+            f"next: cd {package} && pip install -e '.[test]' && pytest, then omni-runtime serve ."
+        )
     return 0
 
 

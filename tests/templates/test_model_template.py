@@ -1,4 +1,7 @@
-"""The cookiecutter template renders a package that tests, discovers and serves."""
+"""Every variant of the model template renders a package that tests, discovers and serves.
+
+Rendered through `omni-runtime new`, as a user without cookiecutter on their PATH would.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +12,83 @@ import sys
 from pathlib import Path
 
 import httpx
-from cookiecutter.main import cookiecutter
+import numpy as np
+import pytest
+import tritonclient.http as triton
 
-from tests.conftest import REPO
 from tests.e2e.runtime import serve
 
-TEMPLATE = REPO / "templates" / "model"
+ENGINES = ["python", "torch", "onnx", "zero-code"]
 
 
-def _render(tmp_path: Path) -> Path:
-    out = cookiecutter(
-        str(TEMPLATE),
-        no_input=True,
-        output_dir=str(tmp_path),
-        extra_context={"model_name": "@cf/acme/tiny-sentiment", "memory": "512MiB"},
-    )
-    return Path(out)
+def _new(tmp_path: Path, engine: str, name: str) -> Path:
+    result = subprocess.run(
+        [sys.executable, "-m", "omni_runtime.cli", "new", "--engine", engine, "--name", name,
+         "--output-dir", str(tmp_path), "--no-input"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    package = tmp_path / name.rsplit("/", 1)[1]
+    assert f"created {package}" in result.stdout
+    return package
 
 
-def test_the_rendered_package_passes_its_own_tests(tmp_path: Path) -> None:
-    package = _render(tmp_path)
-    assert package.name == "tiny-sentiment"
-    assert (package / "tiny_sentiment" / "__init__.py").is_file()
+def _own_tests(package: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
         cwd=package,
         env=dict(os.environ, PYTHONPATH=str(package)),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
 
 
-def test_the_rendered_package_is_discovered_and_served(tmp_path: Path) -> None:
-    package = _render(tmp_path)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_variant_tests_itself_and_serves(tmp_path: Path, engine: str) -> None:
+    name = f"@cf/acme/tiny-{engine}"
+    package = _new(tmp_path, engine, name)
+    if engine == "zero-code":
+        assert sorted(p.name for p in package.iterdir()) == ["README.md", "model.onnx", "omni.toml"]
+    else:
+        _own_tests(package)  # the torch and onnx variants write their weights or graph here
     listed = subprocess.run(
         [sys.executable, "-m", "omni_runtime.cli", "models", str(package), "--json",
          "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
     [model] = json.loads(listed)["models"]
-    assert model["name"] == "@cf/acme/tiny-sentiment"
-    assert model["resources"]["memory"] == 512 << 20  # from the package's omni.toml
+    assert model["name"] == name
     with serve(package, extra=["--state-dir", str(tmp_path / "state")]) as runtime:
-        response = httpx.post(
-            f"{runtime.url}/ai/run/@cf/acme/tiny-sentiment", json={"text": "a great day"}
-        )
+        client = triton.InferenceServerClient(runtime.url.removeprefix("http://"))
+        if engine == "python":
+            response = httpx.post(f"{runtime.url}/ai/run/{name}", json={"text": "a great day"})
+            assert response.status_code == 200, response.text
+            assert response.json()["result"]["label"] == "positive"
+            text = triton.InferInput("text", [1], "BYTES")
+            text.set_data_from_numpy(np.array([b"meh"], dtype=np.object_))
+            assert client.infer(name, [text]).as_numpy("label")[0] == b"negative"
+            return
+        x = [[1.0, 2.0, 3.0, 4.0]]
+        response = httpx.post(f"{runtime.url}/ai/run/{name}", json={"x": x}, timeout=60)
         assert response.status_code == 200, response.text
-        assert response.json()["result"]["label"] == "positive"
+        tensor = triton.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array(x, dtype=np.float32))
+        y = client.infer(name, [tensor]).as_numpy("y")
+        np.testing.assert_allclose(y, np.array(response.json()["result"]["y"]), rtol=1e-6)
+        if engine != "torch":  # the graph is y = 2x + 1
+            np.testing.assert_allclose(y, [[3.0, 5.0, 7.0, 9.0]])
+
+
+def test_a_bad_model_name_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "omni_runtime.cli", "new", "--name", "Not A Name",
+         "--output-dir", str(tmp_path), "--no-input"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is not a model name like '@cf/acme/my-model'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
