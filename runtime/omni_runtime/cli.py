@@ -46,7 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"omni-runtime {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve model packages over HTTP")
+    serve = commands.add_parser(
+        "serve",
+        help="serve model packages over HTTP (and gRPC)",
+        description="Serve every model the packages register: KServe v2, /ai/run, /v1 and "
+        "/metrics on --host:--port. Models start on their first request and scale with "
+        "traffic; OMNI_API_TOKEN and OMNI_ADMIN_TOKEN guard the routes (docs/http-api.md).",
+    )
     serve.add_argument(
         "paths",
         nargs="+",
@@ -54,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a model package, or a directory whose subdirectories are packages",
     )
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; set tokens before using a public one)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument(
         "--grpc-port",
@@ -62,24 +72,49 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="also serve KServe v2 over gRPC on this port (0 picks a free one), on --host",
     )
-    serve.add_argument("--config", type=Path, help="an omni.toml to apply before the others")
-    serve.add_argument("--max-body-size", help="largest request body, e.g. 64MiB")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="an omni.toml applied to every package, before their own (docs/cli.md)",
+    )
+    serve.add_argument(
+        "--max-body-size", metavar="SIZE", help="largest request body, e.g. 64MiB (default)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the runtime logs (default info)",
+    )
 
-    models = commands.add_parser("models", help="list the engines that packages register")
-    models.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    models = commands.add_parser(
+        "models",
+        help="list the engines that packages register",
+        description="Build each package's environment if needed, then list its models with "
+        "their task and v2 inputs and outputs.",
+    )
+    models.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="a model package, or a directory whose subdirectories are packages",
+    )
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for command in (serve, models):
         command.add_argument(
             "--state-dir",
             type=Path,
             default=_default_state_dir(),
-            help="where package environments are cached (default $OMNI_STATE_DIR or ~/.cache/omni)",
+            metavar="DIR",
+            help="where environments, model caches and batches live "
+            "(default $OMNI_STATE_DIR or ~/.cache/omni)",
         )
         command.add_argument(
             "--shared-env",
             action="store_true",
-            help="run every package in the runtime's own environment",
+            help="run every package in the runtime's own environment (no per-package build)",
         )
 
     doctor = commands.add_parser("doctor", help="what isolation this machine supports")
