@@ -16,7 +16,7 @@ from tests.e2e.runtime import RunningRuntime, serve
 @pytest.fixture(scope="session")
 def examples() -> Iterator[RunningRuntime]:
     """One runtime serving every package in examples/, shared by the example tests."""
-    with serve(REPO / "examples") as running:
+    with serve(REPO / "examples", extra=["--grpc-port", "0"]) as running:
         yield running
 
 

@@ -5,7 +5,7 @@ A fenced block preceded by an HTML comment (invisible on the site) is run:
     <!-- test -->             a Python block, on its own, in a fresh interpreter
     <!-- test: continue -->   appended to the file's previous test block (it uses its names)
     <!-- test: examples -->   a Python or shell block against the runtime serving examples/
-                              (its http://127.0.0.1:8000 becomes that runtime's address)
+                              (127.0.0.1:8000 becomes its HTTP address, 127.0.0.1:8001 its gRPC)
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def test_block_runs_against_the_examples(
 ) -> None:
     if language == "bash" and "curl" in code and shutil.which("curl") is None:
         pytest.skip("curl is not installed here")
-    code = code.replace("127.0.0.1:8000", examples.host_port)
+    grpc = examples.wait_for_line(r"KServe v2 gRPC at \S+").rsplit(" ", 1)[1]
+    code = code.replace("127.0.0.1:8000", examples.host_port).replace("127.0.0.1:8001", grpc)
     command = [sys.executable, "-c", code] if language == "python" else ["bash", "-ec", code]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
