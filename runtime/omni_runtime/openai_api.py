@@ -13,7 +13,6 @@ and goes through the model's queue like any other; errors use OpenAI's shape
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
@@ -258,46 +257,29 @@ class OpenAIRoutes:
         event: Callable[..., bytes],
     ) -> None:
         started = time.perf_counter()
-        chunks: asyncio.Queue[bytes] = asyncio.Queue()
-        call = asyncio.ensure_future(
-            model.call(Kind.RUN_STREAM, [body], on_chunk=chunks.put_nowait)
-        )
-        gone = asyncio.ensure_future(sse.disconnected(receive))
+        stream = sse.StreamedCall(model, body, receive)
         opened = False
         status = 200
         try:
-            while True:
-                getter = asyncio.ensure_future(chunks.get())
-                await asyncio.wait({getter, call, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if gone.done():
-                    getter.cancel()
-                    call.cancel()
-                    status = 499
-                    return
-                ready = [getter.result()] if getter.done() else []
-                getter.cancel()
-                while not chunks.empty():
-                    ready.append(chunks.get_nowait())
-                for raw in ready:
-                    try:
-                        text = _response_text(model, json.loads(raw))
-                    except (OpenAIError, ValueError) as exc:
-                        if not opened:
-                            raise OpenAIError(500, str(exc)) from None
-                        status = 500
-                        error = b"data: " + openai_error(500, str(exc)) + b"\n\n"
-                        await send({"type": "http.response.body", "body": error})
-                        return
+            async for raw in stream:
+                try:
+                    text = _response_text(model, json.loads(raw))
+                except (OpenAIError, ValueError) as exc:
                     if not opened:
-                        opened = True
-                        await send(sse.START)
-                        await send(sse.event(event(text, None, first=True)))
-                    else:
-                        await send(sse.event(event(text, None)))
-                if call.done():
-                    break
+                        raise OpenAIError(500, str(exc)) from None
+                    status = 500
+                    error = b"data: " + openai_error(500, str(exc)) + b"\n\n"
+                    await send({"type": "http.response.body", "body": error})
+                    return
+                if not opened:
+                    await send(sse.START)
+                await send(sse.event(event(text, None, first=not opened)))
+                opened = True
+            if stream.client_gone:
+                status = 499
+                return
             try:
-                status, _, final = call.result()
+                status, _, final = stream.result()
             except ModelBusy as exc:
                 status, final = 429, openai_error(429, str(exc))
             except ModelUnavailable as exc:
@@ -316,12 +298,9 @@ class OpenAIRoutes:
             closing = event(None, "stop") + b"data: [DONE]\n\n"
             await send({"type": "http.response.body", "body": closing})
         except OSError:
-            call.cancel()
             status = 499
         finally:
-            gone.cancel()
-            if not call.done():  # whatever ended this, the engine's generator stops too
-                call.cancel()
+            stream.close()  # whatever ended this, the engine's generator stops too
             self.observe(model, status, time.perf_counter() - started)
 
     # -- helpers -------------------------------------------------------------------------

@@ -9,7 +9,6 @@ in ``connection.py``, below ASGI.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -290,38 +289,20 @@ class OmniApp:
         error before it (bad input, a full queue) is an ordinary JSON error response; one after
         it is an ``event: error`` in the stream. A client that goes away cancels the engine's
         generator."""
-        chunks: asyncio.Queue[bytes] = asyncio.Queue()
-        call = asyncio.ensure_future(
-            model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=chunks.put_nowait)
-        )
-        gone = asyncio.ensure_future(sse.disconnected(receive))
+        stream = sse.StreamedCall(model, body, receive, reject_if_busy)
         opened = False
         status = 200
         try:
-            while True:
-                getter = asyncio.ensure_future(chunks.get())
-                await asyncio.wait({getter, call, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if gone.done():
-                    getter.cancel()
-                    call.cancel()
-                    status = 499  # the client closed the connection
-                    return
-                if getter.done():
-                    ready = [getter.result()]
-                else:
-                    getter.cancel()
-                    ready = []
-                while not chunks.empty():
-                    ready.append(chunks.get_nowait())
-                for chunk in ready:
-                    if not opened:
-                        opened = True
-                        await send(sse.START)
-                    await send(sse.event(b"data: " + chunk + b"\n\n"))
-                if call.done():
-                    break
+            async for chunk in stream:
+                if not opened:
+                    opened = True
+                    await send(sse.START)
+                await send(sse.event(b"data: " + chunk + b"\n\n"))
+            if stream.client_gone:
+                status = 499  # the client closed the connection
+                return
             try:
-                status, _, final = call.result()
+                status, _, final = stream.result()
             except ModelBusy as exc:
                 status, final = 429, _error(True, 429, str(exc))
             except ModelUnavailable as exc:
@@ -341,12 +322,9 @@ class OmniApp:
                     }
                 )
         except OSError:  # the client went away while we wrote
-            call.cancel()
             status = 499
         finally:
-            gone.cancel()
-            if not call.done():  # whatever ended this, the engine's generator stops too
-                call.cancel()
+            stream.close()  # whatever ended this, the engine's generator stops too
             elapsed = time.perf_counter() - started
             model.stats.record(status == 200, int(elapsed * 1e9))
             self.metrics.observe(model.name, status, elapsed)

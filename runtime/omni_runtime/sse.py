@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["START", "disconnected", "event"]
+from omni_sdk._protocol import Kind
+
+if TYPE_CHECKING:
+    from omni_runtime.scheduler import ServedModel
+
+__all__ = ["START", "StreamedCall", "disconnected", "event"]
 
 START = {
     "type": "http.response.start",
@@ -27,3 +33,55 @@ async def disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None
     """Returns once the client has closed the connection (its body was read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class StreamedCall:
+    """One streamed request to a model: its chunks as the engine yields them, then its end.
+
+    ``async for chunk in call`` ends when the worker's answer is complete (then ``result()``
+    gives it, or raises ModelBusy / ModelUnavailable) or when the client went away
+    (``client_gone``). ``close()`` in a ``finally`` stops the engine's generator whatever ended
+    the handler.
+    """
+
+    def __init__(
+        self,
+        model: ServedModel,
+        body: bytes,
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        reject_if_busy: bool = False,
+    ) -> None:
+        self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        self._call = asyncio.ensure_future(
+            model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=self._chunks.put_nowait)
+        )
+        self._gone = asyncio.ensure_future(disconnected(receive))
+        self.client_gone = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            getter = asyncio.ensure_future(self._chunks.get())
+            await asyncio.wait(
+                {getter, self._call, self._gone}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self._gone.done():
+                getter.cancel()
+                self.client_gone = True
+                return
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+            while not self._chunks.empty():
+                yield self._chunks.get_nowait()
+            if self._call.done():
+                return
+
+    def result(self) -> tuple[int, int, bytes]:
+        """The worker's final answer: (status, header length, body)."""
+        return self._call.result()
+
+    def close(self) -> None:
+        self._gone.cancel()
+        if not self._call.done():
+            self._call.cancel()

@@ -35,7 +35,6 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
@@ -366,15 +365,6 @@ def _become(uid: int) -> None:
         os.setresuid(uid, uid, uid)  # and with it every capability
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-
-
-def _outermost(paths: Iterable[str]) -> list[str]:
-    """The given directories minus those inside another one of them."""
-    kept: list[str] = []
-    for path in sorted(set(paths), key=len):
-        if not any(_contains(outer, path) for outer in kept):
-            kept.append(path)
-    return kept
 
 
 def _contains(outer: str, inner: str) -> bool:

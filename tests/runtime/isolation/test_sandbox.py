@@ -11,7 +11,6 @@ import pytest
 from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.plan import MODEL_UID_BASE, UserIds, model_uid, worker_environment
 from omni_runtime.isolation.sandbox import (
-    _outermost,
     _unreachable_ancestor,
     meminfo_text,
     parse_spec,
@@ -33,11 +32,6 @@ def test_meminfo_is_capped_at_the_limit() -> None:
     assert values["SwapTotal"] == values["SwapFree"] == 0
     assert values["Buffers"] == 100000  # the rest is the host's
     assert meminfo_text(64 << 30, HOST).startswith("MemTotal:       24000000 kB")
-
-
-def test_only_outermost_directories_are_rebound() -> None:
-    paths = ["/tmp/co/.venv/lib/site-packages", "/tmp/co", "/tmp/co/runtime", "/tmp/other"]
-    assert _outermost(paths) == ["/tmp/co", "/tmp/other"]
 
 
 def test_a_spec_with_an_unknown_field_is_refused() -> None:
