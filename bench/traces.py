@@ -1,6 +1,6 @@
 """Request traces for `omni-runtime simulate`: Azure's arrivals or synthetic ones, on many models.
 
-    python bench/traces.py azure ../shared/traces/azure-llm-2023-conv.csv --models 100 -o conv.csv
+    python bench/traces.py azure bench/data/azure-llm-2023-conv.csv --models 100 -o conv.csv
     python bench/traces.py synthetic --pattern diurnal --models 100 --requests 20000 -o syn.csv
 
 Both write the simulator's columns: time, model, duration, memory.

@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from omni_runtime.config import ConfigError, OmniFile, SchedulerSettings, ServerSettings
+from omni_runtime.config import ConfigError, OmniFile, ServerSettings, node_config
 from omni_runtime.discovery import (
     Discovery,
     DiscoveryError,
@@ -141,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
         "simulate",
         help="replay a request trace through the scheduler: how many GPUs does it need?",
         description="Replay TRACE.csv (columns time, model, duration, memory) through the "
-        "scheduler's policy on simulated GPUs, and report the fewest GPUs that keep --target "
-        "of requests within --slo, against one model per GPU. See docs/scheduling.md.",
+        "runtime's own scheduler on a virtual clock with simulated GPUs (or a CPU node: --gpus "
+        "0), and report the fewest GPUs that keep --target of requests within --slo, against "
+        "one model per GPU. See docs/scheduling.md.",
     )
     simulate.add_argument("trace", type=Path, metavar="TRACE.csv")
     simulate.add_argument(
@@ -160,14 +159,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="X",
         type=float,
         default=25.0,
-        help="GB/s host to GPU, for a model the node holds in host memory (25)",
+        help="GB/s host to GPU: waking a parked replica, paging in an over-committed one (25)",
     )
     simulate.add_argument(
         "--disk-gbps",
         metavar="X",
         type=float,
         default=2.0,
-        help="GB/s for a model's first load (2)",
+        help="GB/s for a fresh start of a GPU replica, loading from disk (2)",
     )
     simulate.add_argument(
         "--slo",
@@ -183,7 +182,36 @@ def _parser() -> argparse.ArgumentParser:
         help="fraction of requests that must meet the SLO (0.99)",
     )
     simulate.add_argument(
-        "--gpus", metavar="N", type=int, help="report this many GPUs instead of searching"
+        "--gpus",
+        metavar="N",
+        type=int,
+        help="report this many GPUs instead of searching; 0: a CPU node (replicas in host memory)",
+    )
+    simulate.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="an omni.toml, read as serve reads it: its [scheduler] is the node, its "
+        "[models.\"NAME\"] each model's scaling and resources (default: the runtime's defaults)",
+    )
+    simulate.add_argument(
+        "--host-memory",
+        metavar="SIZE",
+        help="the node's host memory for replicas (default: [scheduler] host_memory, else this "
+        "machine's memory less 1 GiB, as serve)",
+    )
+    simulate.add_argument(
+        "--start-seconds",
+        metavar="DURATION",
+        default="0.2s",
+        help="on a CPU node, how long a replica takes to start (0.2s)",
+    )
+    simulate.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=1,
+        help="on a CPU node, requests one replica serves at once (1: a sync engine)",
     )
     simulate.add_argument("--policy", default="omni", choices=["omni", "lru", "static"])
     simulate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -281,39 +309,15 @@ def _serve(args: argparse.Namespace) -> int:
     from omni_runtime.scheduler.checks import check_models, detect_gpus
     from omni_runtime.server import OmniApp
     from omni_runtime.tokens import Tokens
+    from omni_runtime.workers import LocalWorkers
 
     started = time.monotonic()
     tokens = Tokens.from_environ(os.environ)
     discovery, files = _discover(args)
-    settings = ServerSettings()
-    scheduler = SchedulerSettings()
-    scheduler_sources: dict[str, str] = {}  # field -> the file that set it
     packages = {spec.package_dir for spec in discovery.models}
     packages |= {failure.package_dir for failure in discovery.failures}
-    for path, omni_file in files.items():
-        for table in ("server", "scheduler"):
-            if getattr(omni_file, table) is not None and path.parent in packages:
-                log.warning(
-                    "%s: [%s] applies only in the repository's omni.toml; ignored", path, table
-                )
-        if path.parent in packages:
-            continue
-        if omni_file.server is not None:
-            settings = settings.model_copy(
-                update={k: getattr(omni_file.server, k) for k in omni_file.server.model_fields_set}
-            )
-        if omni_file.scheduler is not None:
-            fields = omni_file.scheduler.model_fields_set
-            scheduler_sources |= dict.fromkeys(fields, str(path))
-            merged = scheduler.model_dump() | {k: getattr(omni_file.scheduler, k) for k in fields}
-            try:
-                scheduler = SchedulerSettings.model_validate(merged)
-            except ValidationError as exc:
-                setters = ", ".join(sorted(set(scheduler_sources.values())))
-                message = "; ".join(
-                    e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)
-                )
-                raise ConfigError(f"[scheduler] as {setters} set it: {message}") from None
+    node_settings = node_config(files, packages)
+    settings, scheduler = node_settings.server, node_settings.scheduler
     if args.max_body_size:
         try:
             settings = settings.model_copy(
@@ -324,7 +328,9 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--max-body-size: {exc}") from None
     gpus = detect_gpus()
-    check_models(discovery.models, scheduler, host_budget(scheduler), scheduler_sources, gpus)
+    check_models(
+        discovery.models, scheduler, host_budget(scheduler), node_settings.scheduler_sources, gpus
+    )
     for failure in discovery.failures:
         log.error("%s", failure.error)
     if not discovery.models:
@@ -354,7 +360,16 @@ def _serve(args: argparse.Namespace) -> int:
         )
     metrics = Metrics()
     isolation = Isolation.detect(sorted(packages), state_dir=args.state_dir)
-    node = Controller(discovery, settings, metrics, isolation, scheduler, gpus)
+    node = Controller(
+        discovery.models,
+        settings,
+        metrics,
+        LocalWorkers(settings, scheduler, isolation),
+        scheduler,
+        gpus,
+        failures=discovery.failures,
+        env_seconds={path: env.seconds for path, env in discovery.environments.items()},
+    )
 
     async def load_then_announce() -> None:
         await node.start()
@@ -371,7 +386,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     batches = BatchRunner(SqliteBatchStore(args.state_dir / "batch.sqlite3"), node,
                           settings.batch_retention)  # fmt: skip
-    metrics.watch_batches(batches.store.counts)
+    metrics.watch_batches(lambda: batches.counts)
 
     async def startup() -> None:
         batches.start()
@@ -478,33 +493,54 @@ def _simulate(args: argparse.Namespace) -> int:
         target=args.target,
         gpus=args.gpus,
         policy=args.policy,
+        host_memory=args.host_memory,
+        start_seconds=args.start_seconds,
+        concurrency=args.concurrency,
+        config=args.config,
     )
-    result = plan(read_trace(args.trace), options)
+    trace = read_trace(args.trace)
+    print(
+        f"omni-runtime simulate: {len(trace)} requests; each run replays them through the "
+        "scheduler on a virtual clock",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = plan(trace, options, lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     p99 = result["p99_wait_seconds"]
+    cpu = result["gpus"] == 0
+    gpus = "none: a CPU node" if cpu else str(result["gpus"])
+    if result["searched"]:
+        gpus += " (fewest meeting the target)"
     rows = [
         ("requests", f"{result['requests']}"),
         ("models", f"{result['models']}"),
-        (
-            f"GPUs ({result['policy']})",
-            f"{result['gpus']}" + (" (fewest meeting the target)" if result["searched"] else ""),
-        ),
+        (f"GPUs ({result['policy']})", gpus),
         ("SLO attainment", f"{result['slo_attainment']:.2%} (target {result['target']:.0%})"),
-        ("one model per GPU", f"{result['baseline_gpus']} GPUs"),
+        (
+            "one replica per model" if cpu else "one model per GPU",
+            "always running" if cpu else f"{result['baseline_gpus']} GPUs",
+        ),
         ("  its SLO attainment", f"{result['baseline_slo_attainment']:.2%}"),
-        ("GPUs saved", f"{result['gpu_saving']:.1%}"),
-        ("cold starts", f"{result['cold_starts']}"),
+        ("GPUs saved", "-" if cpu else f"{result['gpu_saving']:.1%}"),
+        (
+            "cold starts",
+            f"{result['cold_starts']} ({result['cold_starts_per_1000']:g} per 1,000 requests)",
+        ),
         ("evictions", f"{result['evictions']}"),
+        ("wakes", f"{result['wakes']}"),
+        ("refused (429/503)", f"{result['refused']}"),
         ("p99 wait", "never started" if p99 is None else f"{p99:.3f}s"),
     ]
     for label, value in rows:
         print(f"{label:<22} {value}")
     if not result["meets_target"]:
+        where = "a CPU node" if cpu else f"{result['gpus']} GPUs"
         print(
-            f"omni-runtime: {result['gpus']} GPUs do not meet the target of "
-            f"{result['target']:.0%} within the SLO",
+            f"omni-runtime: {where} do not meet the target of {result['target']:.0%} "
+            "within the SLO",
             file=sys.stderr,
         )
     return 0

@@ -18,7 +18,9 @@ directory given to ``serve`` that holds the packages), which wins over the engin
 
 from __future__ import annotations
 
+import logging
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,10 +35,13 @@ __all__ = [
     "OmniFile",
     "SchedulerSettings",
     "ServerSettings",
+    "NodeConfig",
     "load_omni_file",
+    "node_config",
 ]
 
 CONFIG_NAME = "omni.toml"
+log = logging.getLogger("omni.config")
 
 
 class ConfigError(Exception):
@@ -223,3 +228,49 @@ def _allowed_fields(parent: tuple[Any, ...]) -> list[str]:
         elif model is ModelOverride and part == "scaling":
             model = Scaling
     return list(model.model_fields)
+
+
+@dataclass
+class NodeConfig:
+    """The node-wide tables, merged from every repository-level omni.toml."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    scheduler_sources: dict[str, str] = field(default_factory=dict)  # field -> file that set it
+
+
+def node_config(files: dict[Path, OmniFile], packages: set[Path] | None = None) -> NodeConfig:
+    """``[server]`` and ``[scheduler]`` from the files that are not a package's own.
+
+    ``serve`` and ``simulate --config`` both read them here, so a file means the same to both;
+    raise ``ConfigError`` naming the files when their ``[scheduler]`` tables contradict.
+    """
+    packages = packages or set()
+    node = NodeConfig()
+    for path, omni_file in files.items():
+        for table in ("server", "scheduler"):
+            if getattr(omni_file, table) is not None and path.parent in packages:
+                log.warning(
+                    "%s: [%s] applies only in the repository's omni.toml; ignored", path, table
+                )
+        if path.parent in packages:
+            continue
+        if omni_file.server is not None:
+            node.server = node.server.model_copy(
+                update={k: getattr(omni_file.server, k) for k in omni_file.server.model_fields_set}
+            )
+        if omni_file.scheduler is not None:
+            fields = omni_file.scheduler.model_fields_set
+            node.scheduler_sources |= dict.fromkeys(fields, str(path))
+            merged = node.scheduler.model_dump() | {
+                k: getattr(omni_file.scheduler, k) for k in fields
+            }
+            try:
+                node.scheduler = SchedulerSettings.model_validate(merged)
+            except ValidationError as exc:
+                setters = ", ".join(sorted(set(node.scheduler_sources.values())))
+                message = "; ".join(
+                    e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)
+                )
+                raise ConfigError(f"[scheduler] as {setters} set it: {message}") from None
+    return node

@@ -22,6 +22,7 @@ class ModelGauges:
     """A model's state at scrape time."""
 
     replicas: int  # ready replicas (0 when scaled to zero)
+    parked: int  # replicas whose device memory waits on the host
     queued: int  # requests waiting in the runtime for a replica
     host_bytes: int  # memory its workers use
     gpu_bytes: int
@@ -37,6 +38,11 @@ class _ModelCollector(Collector):
         replicas = GaugeMetricFamily(
             "omni_model_replicas", "Ready replicas (0 when scaled to zero)", labels=["model"]
         )
+        parked = GaugeMetricFamily(
+            "omni_model_parked_replicas",
+            "Replicas parked: process alive, device memory on the host until the next request",
+            labels=["model"],
+        )
         queued = GaugeMetricFamily(
             "omni_model_queue_depth",
             "Requests waiting in the runtime for a replica",
@@ -47,10 +53,12 @@ class _ModelCollector(Collector):
         )
         for model, g in self._gauges().items():
             replicas.add_metric([model], g.replicas)
+            parked.add_metric([model], g.parked)
             queued.add_metric([model], g.queued)
             memory.add_metric([model, "host"], g.host_bytes)
             memory.add_metric([model, "gpu"], g.gpu_bytes)
         yield replicas
+        yield parked
         yield queued
         yield memory
 
@@ -87,9 +95,13 @@ class Metrics:
         self.cold_starts = Counter(
             "omni_model_cold_starts", "Worker processes started", ["model"], registry=r
         )
+        self.wakes = Counter(
+            "omni_model_wakes", "Parked replicas woken for a request", ["model"], registry=r
+        )
         self.evictions = Counter(
             "omni_model_evictions",
-            "Replicas stopped, not by an operator (idle, scale_down, memory, crash, oom, hung)",
+            "Replicas stopped or parked, not by an operator "
+            "(idle, scale_down, memory, crash, oom, hung)",
             ["model", "reason"], registry=r,
         )  # fmt: skip
         self.cold_start = Histogram(

@@ -19,7 +19,6 @@ from typing import Any
 from omni_runtime import sse
 from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
-from omni_runtime.metrics import ModelGauges
 from omni_runtime.openai_api import OpenAIRoutes, openai_error
 from omni_runtime.openapi import build_openapi
 from omni_runtime.scheduler import (
@@ -89,17 +88,6 @@ class OmniApp:
         self._routes: dict[tuple[str, str], Route] = {}
         self._openapi: bytes | None = None
         self.openai = OpenAIRoutes(node, _respond, self._observe)
-        self.metrics.watch_models(
-            lambda: {
-                name: ModelGauges(
-                    replicas=m.ready_replicas,
-                    queued=len(m.queue),
-                    host_bytes=sum(r.worker.memory_bytes() for r in m.replicas),
-                    gpu_bytes=sum(r.worker.gpu_memory_bytes() for r in m.replicas),
-                )
-                for name, m in self.models.items()
-            }
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -409,7 +397,7 @@ class OmniApp:
                     "statistics",
                     "model_configuration",
                 ],
-                "isolation": self.node.isolation.description,
+                "isolation": self.node.backend.description,
             },
         )
 

@@ -43,6 +43,9 @@ class BatchRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._backoff: dict[str, float] = {}
+        # Items by state, refreshed by the dispatch loop on the store's thread: a /metrics
+        # scrape reads this and never waits for SQLite on the event loop.
+        self.counts: dict[str, int] = {}
 
     async def db(self, function: Callable[..., T], *args: Any) -> T:
         """Run a store call on the store's own thread, off the event loop."""
@@ -73,6 +76,7 @@ class BatchRunner:
             self._wake.clear()
             try:
                 await self._dispatch()
+                self.counts = await self.db(self.store.counts)
                 now = time.time()
                 if now - expired_at > _EXPIRE_EVERY:
                     expired_at = now

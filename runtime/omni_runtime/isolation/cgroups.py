@@ -12,6 +12,7 @@ runtime can say "model X exceeded its memory limit of 2 GiB" rather than "killed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -57,7 +58,9 @@ class WorkerCgroup(Protocol):
     def add(self, pid: int) -> None: ...
     def kill(self) -> None: ...
     def oom_killed(self) -> bool: ...
-    def memory_bytes(self) -> int: ...
+    def memory_bytes(self) -> int:
+        """Its working set (usage less inactive page cache), as kubelet counts it."""
+
     def remove(self) -> None: ...
 
 
@@ -97,9 +100,18 @@ def _read_keyed(path: Path, key: str) -> int:
     return 0
 
 
-def _remove_dir(path: Path) -> None:
-    """rmdir a cgroup; a plain directory standing in for cgroupfs (tests) is deleted whole."""
-    for _ in range(100):  # processes just killed take a moment to leave
+def _remove_dir(path: Path, attempts: int = 100, wait: bool = False) -> None:
+    """rmdir a cgroup; a plain directory standing in for cgroupfs (tests) is deleted whole.
+
+    Processes just killed take a moment to leave. On the event loop it tries again a little
+    later rather than sleeping on the loop; with ``wait`` (shutting down), or off the loop, it
+    waits for them.
+    """
+    loop = None
+    if not wait:
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+    while True:
         try:
             path.rmdir()
             return
@@ -109,11 +121,27 @@ def _remove_dir(path: Path) -> None:
             if exc.errno == errno.ENOTEMPTY and not _is_cgroupfs(path):
                 shutil.rmtree(path, ignore_errors=True)
                 return
-            if exc.errno != errno.EBUSY:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 log.warning("could not remove cgroup %s: %s", path, exc.strerror)
                 return
-            time.sleep(0.005)
+        attempts -= 1
+        if attempts <= 0:
+            break
+        if loop is not None:
+            loop.call_later(0.02, _remove_dir, path, attempts)
+            return
+        time.sleep(0.02)
     log.warning("could not remove cgroup %s: processes are still in it", path)
+
+
+def _remove_tree(base: Path) -> None:
+    """Remove a runtime's cgroup and whatever worker cgroups are still below it (shutdown)."""
+    with contextlib.suppress(OSError):
+        for child in base.iterdir():
+            if child.is_dir():
+                _kill_members(child)
+                _remove_dir(child, wait=True)
+    _remove_dir(base, wait=True)
 
 
 def _kill_members(path: Path) -> None:
@@ -152,10 +180,7 @@ def _sweep_stale(parent: Path) -> None:
             continue
         if int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
             continue
-        for worker in entry.iterdir():
-            if worker.is_dir():
-                _remove_dir(worker)
-        _remove_dir(entry)
+        _remove_tree(entry)
 
 
 def _own_cgroup(controller: str | None, proc_cgroup: Path = Path("/proc/self/cgroup")) -> str:
@@ -195,7 +220,9 @@ class _V2Worker:
         return _read_keyed(self.path / "memory.events", "oom_kill") > 0
 
     def memory_bytes(self) -> int:
-        return _read_int(self.path / "memory.current")
+        """Its working set: usage less the page cache the kernel may take back at once."""
+        used = _read_int(self.path / "memory.current")
+        return max(0, used - _read_keyed(self.path / "memory.stat", "inactive_file"))
 
     def remove(self) -> None:
         _remove_dir(self.path)
@@ -241,7 +268,7 @@ class CgroupsV2:
         return _V2Worker(path)
 
     def close(self) -> None:
-        _remove_dir(self.base)
+        _remove_tree(self.base)
 
 
 class _V1Worker:
@@ -265,8 +292,12 @@ class _V1Worker:
         return memory is not None and _read_keyed(memory / "memory.oom_control", "oom_kill") > 0
 
     def memory_bytes(self) -> int:
+        """Its working set: usage less the page cache the kernel may take back at once."""
         memory = self.paths.get("memory")
-        return _read_int(memory / "memory.usage_in_bytes") if memory else 0
+        if memory is None:
+            return 0
+        used = _read_int(memory / "memory.usage_in_bytes")
+        return max(0, used - _read_keyed(memory / "memory.stat", "total_inactive_file"))
 
     def remove(self) -> None:
         for path in self.paths.values():
@@ -322,7 +353,7 @@ class CgroupsV1:
 
     def close(self) -> None:
         for base in self.bases.values():
-            _remove_dir(base)
+            _remove_tree(base)
 
 
 def node_memory_bytes() -> int:

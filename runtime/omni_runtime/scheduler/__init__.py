@@ -14,11 +14,14 @@ from omni_runtime.scheduler.policy import (
     Decision,
     ModelView,
     NodeView,
+    ParkReplica,
+    Policy,
     ReplicaState,
     ReplicaView,
     SchedulerPolicy,
     StartReplica,
     StopReplica,
+    WakeReplica,
 )
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
 
@@ -33,6 +36,8 @@ __all__ = [
     "ModelUnavailable",
     "ModelView",
     "NodeView",
+    "ParkReplica",
+    "Policy",
     "Priority",
     "Replica",
     "ReplicaState",
@@ -43,5 +48,6 @@ __all__ = [
     "ServedModel",
     "StartReplica",
     "StopReplica",
+    "WakeReplica",
     "host_budget",
 ]

@@ -67,6 +67,9 @@ class Autoscaler:
         value = float(ongoing)
         if self._last_time is not None and now < self._last_time:
             now = self._last_time  # a clock that went back: treat it as the same instant
+        if self._times and value == self._last_value:
+            self._last_time = now  # the step function goes on as it was: nothing to record
+            return
         if self._times and now == self._times[-1]:
             self._values[-1] = value  # the same instant: the newest value wins
         else:

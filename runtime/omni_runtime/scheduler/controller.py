@@ -1,9 +1,11 @@
-"""The controller: the one reconcile loop that starts, stops and restarts replicas.
+"""The controller: the one reconcile loop that starts, stops, parks and wakes replicas.
 
 Every tick (and at once when a request has to wait) it measures each replica's memory, shows
-the policy a view of the node, and applies what the policy decides: starting replicas,
-draining and stopping them, logging each with its reason and counting it in the metrics. It
-also watches for workers that crashed or stopped answering.
+the policy a view of the node, and applies what the policy decides, logging each decision
+with its reason and counting it in the metrics. It touches workers only through a
+``WorkersBackend`` and reads time only from its clock, so the same code serves live (worker
+processes, ``time.monotonic``) and in ``omni-runtime simulate`` (simulated workers, a
+virtual clock).
 """
 
 from __future__ import annotations
@@ -12,43 +14,44 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import sys
+import math
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
 from omni_runtime.config import SchedulerSettings, ServerSettings
-from omni_runtime.discovery import Discovery, PackageFailure
-from omni_runtime.isolation import CgroupError, Isolation, node_memory_bytes
-from omni_runtime.isolation.plan import worker_environment
-from omni_runtime.metrics import Metrics
-from omni_runtime.scheduler.models import ModelState, Replica, ServedModel
+from omni_runtime.discovery import ModelSpec, PackageFailure
+from omni_runtime.isolation import node_memory_bytes
+from omni_runtime.metrics import Metrics, ModelGauges
+from omni_runtime.scheduler.backend import Clock, LoadFailed, Worker, WorkersBackend
+from omni_runtime.scheduler.models import Replica, ServedModel
 from omni_runtime.scheduler.policy import (
     Blocked,
     ModelView,
     NodeView,
+    ParkReplica,
+    Policy,
     ReplicaState,
     SchedulerPolicy,
     StartReplica,
     StopReplica,
+    WakeReplica,
     gpu_key,
 )
 from omni_runtime.scheduler.queue import ModelUnavailable
-from omni_runtime.workers import LoadFailed, WorkerProcess
-from omni_runtime.workers.prewarm import PrewarmedProcess, trusted_modules
 
 __all__ = ["Controller", "host_budget"]
 
 log = logging.getLogger("omni.scheduler")
-TICK = 0.25  # seconds between reconciles when nothing wakes the loop
+TICK = 1.0  # seconds between reconciles when nothing wakes the loop (Knative: 2 s)
 _MEASURE_EVERY = 1.0
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 30.0  # a worker that lived this long resets the backoff
 _RUNTIME_RESERVE = 1 << 30
+PCIE_GBPS = 25.0  # host <-> GPU, GB/s: what waking a parked replica is estimated to cost
 
 
 def host_budget(settings: SchedulerSettings) -> int:
@@ -58,44 +61,72 @@ def host_budget(settings: SchedulerSettings) -> int:
     return max(_RUNTIME_RESERVE, node_memory_bytes() - _RUNTIME_RESERVE)
 
 
+def backoff(attempt: int) -> float:
+    """Seconds before the next start after ``attempt`` failures in a row (0.2 s doubling)."""
+    return float(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, attempt - 1)))
+
+
 class Controller:
-    """Every model this runtime serves, and the loop that sizes their replicas."""
+    """Every model this node serves, and the loop that sizes their replicas."""
 
     def __init__(
         self,
-        discovery: Discovery,
+        specs: Iterable[ModelSpec],
         settings: ServerSettings,
         metrics: Metrics,
-        isolation: Isolation | None = None,
+        backend: WorkersBackend,
         scheduler: SchedulerSettings | None = None,
         gpus: dict[str, int] | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        policy: Policy | None = None,
+        host_memory: int | None = None,
+        failures: list[PackageFailure] | None = None,
+        env_seconds: dict[Path, float] | None = None,
+        pcie_gbps: float = PCIE_GBPS,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler or SchedulerSettings()
         self.metrics = metrics
-        self.isolation = isolation or Isolation()
+        self.backend = backend
+        self.clock = clock
         self.models = {
-            spec.name: ServedModel(spec, settings, metrics, self.wake) for spec in discovery.models
+            spec.name: ServedModel(spec, settings, metrics, self.wake, clock) for spec in specs
         }
-        self.failures: list[PackageFailure] = discovery.failures
-        self.env_seconds = {path: env.seconds for path, env in discovery.environments.items()}
-        self.policy = SchedulerPolicy(self.scheduler.stable_window, self.scheduler.panic_window)
+        self.failures: list[PackageFailure] = failures or []
+        self.env_seconds = dict(env_seconds or {})  # paid once per package, at discovery
+        self.policy: Policy = policy or SchedulerPolicy(
+            self.scheduler.stable_window, self.scheduler.panic_window
+        )
         overcommit = self.scheduler.gpu_overcommit
         self.node = NodeView(
-            host_memory=host_budget(self.scheduler),
+            host_memory=host_memory or host_budget(self.scheduler),
             gpu_budgets={k: int(v * overcommit) for k, v in (gpus or {}).items()},
         )
+        self.pcie_gbps = pcie_gbps
+        self.started = False  # start() has run: the node answers ready
+        self.closing = False
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._loop: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
         self._next_replica = 0
-        self._next_prewarm = 0
-        self._measured_at = 0.0
+        self._measured_at = -math.inf
         self._arrivals: dict[str, deque[tuple[float, int]]] = {m: deque() for m in self.models}
         self._starting: list[asyncio.Task[None]] | None = None  # collected during start()
-        self.prewarmed: dict[str, PrewarmedProcess] = {}  # the current one, by model
-        self._prewarmed_all: set[PrewarmedProcess] = set()  # current and retiring ones
+        metrics.watch_models(self._gauges)
+
+    def _gauges(self) -> dict[str, ModelGauges]:
+        """Each model's replicas, queue and memory, read when ``/metrics`` is scraped."""
+        return {
+            name: ModelGauges(
+                replicas=m.ready_replicas,
+                parked=sum(1 for r in m.replicas if r.state is ReplicaState.PARKED),
+                queued=len(m.queue),
+                host_bytes=sum(r.worker.memory_bytes() for r in m.replicas),
+                gpu_bytes=sum(r.worker.gpu_memory_bytes() for r in m.replicas),
+            )
+            for name, m in self.models.items()
+        }
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -105,12 +136,15 @@ class Controller:
 
     async def start(self) -> None:
         """Start the loops and the replicas ``min_replicas`` asks for; wait for those."""
-        self._loop = asyncio.create_task(self._run())
-        self._watchdog = asyncio.create_task(self._watch_heartbeats())
+        self._loops = [
+            asyncio.create_task(self._run()),
+            asyncio.create_task(self.backend.run(self._ready_workers)),
+        ]
         self._starting = []
         self.reconcile()
         starting, self._starting = self._starting, None
         await asyncio.gather(*starting, return_exceptions=True)
+        self.started = True
 
     async def _run(self) -> None:
         while True:
@@ -122,34 +156,51 @@ class Controller:
             except Exception:  # a bug here must not stop scheduling for every model
                 log.exception("the scheduler's reconcile failed; trying again next tick")
 
+    def _ready_workers(self) -> list[Worker]:
+        return [
+            r.worker
+            for m in self.models.values()
+            for r in m.replicas
+            if r.state is ReplicaState.READY
+        ]
+
     def reconcile(self) -> None:
         """Measure, ask the policy, apply its decisions."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self._measured_at >= _MEASURE_EVERY:
             self._measured_at = now
             for model in self.models.values():
-                for replica in model.replicas:
-                    if replica.state is ReplicaState.READY:
-                        self._measure(model, replica)
-        views = [self._view(model, now) for model in self.models.values()]
+                if model.replicas:
+                    self._measure(model)
+        # A model with nothing running, nothing asked of it and nothing wanted stays that way
+        # until a request arrives: the policy need not look at it (this keeps a node with
+        # hundreds of idle models, and a long simulation, cheap).
+        views = [self._view(m, now) for m in self.models.values() if not self._quiet(m)]
         self.policy.observe(now, views)
-        # Pre-warmed processes hold memory too: the replicas' budget is what they leave.
-        budget = self.node.host_memory
-        self.node.host_memory = budget - sum(p.memory_bytes() for p in self._prewarmed_all)
-        try:
-            decisions = self.policy.decide(now, self.node, views)
-        finally:
-            self.node.host_memory = budget
+        # What the backend holds beside the replicas (pre-warmed processes) is not theirs.
+        node = dataclasses.replace(
+            self.node, host_memory=self.node.host_memory - self.backend.reserved_host_bytes()
+        )
+        decisions = self.policy.decide(now, node, views)
         blocked = {d.model: d.reason for d in decisions if isinstance(d, Blocked)}
-        self._retire_prewarmed(now, any("host_memory" in r for r in blocked.values()))
+        memory_short = any("host_memory" in r for r in blocked.values())
+        self.backend.reconcile(now, memory_short, self.policy.last_request)
         for decision in decisions:
             model = self.models[decision.model]
             if isinstance(decision, StartReplica):
                 self._start_replica(model, decision.device, decision.reason)
-            elif isinstance(decision, StopReplica):
-                victim = next((r for r in model.replicas if r.id == decision.replica), None)
-                if victim is not None:
-                    self._spawn(self._stop(model, victim, decision.reason, decision.cause))
+                continue
+            if isinstance(decision, Blocked):
+                continue
+            replica = next((r for r in model.replicas if r.id == decision.replica), None)
+            if replica is None:
+                continue
+            if isinstance(decision, StopReplica):
+                self._spawn(self._stop(model, replica, decision.reason, decision.cause))
+            elif isinstance(decision, ParkReplica):
+                self._spawn(self._park(model, replica, decision.reason))
+            elif isinstance(decision, WakeReplica):
+                self._spawn(self._wake_replica(model, replica, decision.reason))
         for model in self.models.values():
             reason = blocked.get(model.name, "")
             if reason and not model.blocked:
@@ -160,15 +211,28 @@ class Controller:
             elif model.blocked and not reason:
                 log.info("model '%s' has room again", model.name)
             model.blocked = reason
-            self._prefetch_idle(model, now)
+
+    def _quiet(self, model: ServedModel) -> bool:
+        target = self.policy.targets.get(model.name)
+        return (
+            target is not None
+            and target.replicas == 0
+            and not model.replicas
+            and not model.queue
+            and not model.in_flight
+            and not model.arrived
+            and model.spec.scaling.min_replicas == 0
+        )
 
     def _view(self, model: ServedModel, now: float) -> ModelView:
         arrivals = self._arrivals[model.name]
         arrived, model.arrived = model.arrived, 0
         if arrived:
             arrivals.append((now, arrived))
-        while arrivals and arrivals[0][0] < now - self.scheduler.stable_window:
-            arrivals.popleft()
+            model.recent_requests += arrived
+        horizon = now - self.scheduler.stable_window
+        while arrivals and arrivals[0][0] < horizon:
+            model.recent_requests -= arrivals.popleft()[1]
         return ModelView(
             name=model.name,
             scaling=model.spec.scaling,
@@ -179,44 +243,32 @@ class Controller:
             in_flight=model.in_flight,
             arrived=arrived,
             load_seconds=model.load_seconds or 1.0,
-            recent_requests=float(sum(n for _, n in arrivals)),
-            serving=model.wanted
-            and not model.failure
-            and not model.closing
-            and not model.unloading,
+            wake_seconds=model.expected_gpu / (self.pcie_gbps * 1e9),
+            recent_requests=float(model.recent_requests),
+            serving=model.wanted and not model.closing and not model.unloading,
             not_before=model.not_before,
             replicas=[r.view() for r in model.replicas],
         )
 
-    def _measure(self, model: ServedModel, replica: Replica) -> None:
-        """Its measured footprint replaces the reservation, and is remembered for next time."""
-        host = replica.worker.memory_bytes()
-        if host:
-            replica.peak_host = max(replica.peak_host, host)
-            replica.host_bytes = replica.peak_host
-            model.measured_host = max(model.measured_host, replica.peak_host)
-            model.expected_host = model.measured_host
-        gpu = replica.worker.gpu_memory_bytes()
-        if gpu:
-            replica.peak_gpu = max(replica.peak_gpu, gpu)
-            replica.gpu_bytes = replica.peak_gpu
-            model.measured_gpu = max(model.measured_gpu, replica.peak_gpu)
-            model.expected_gpu = model.measured_gpu
-
-    def _prefetch_idle(self, model: ServedModel, now: float) -> None:
-        """On a GPU, an idle replica's memory goes to the host; the next request brings it back."""
-        if not model.spec.device.startswith("cuda"):
-            return
+    def _measure(self, model: ServedModel) -> None:
+        """What each ready replica holds now replaces its reservation, and is what the next
+        replica of the model reserves."""
+        host_seen, gpu_seen = [], []
         for replica in model.replicas:
-            idle_for = now - replica.idle_since
-            if (
-                replica.state is ReplicaState.READY
-                and not replica.in_flight
-                and not replica.on_host
-                and idle_for >= self.scheduler.panic_window
-            ):
-                replica.on_host = True
-                replica.worker.prefetch("host")
+            if replica.state is not ReplicaState.READY:
+                continue
+            host = replica.worker.memory_bytes()
+            if host:
+                replica.host_bytes = host
+                host_seen.append(host)
+            gpu = replica.worker.gpu_memory_bytes()
+            if gpu:
+                replica.gpu_bytes = gpu
+                gpu_seen.append(gpu)
+        if host_seen:
+            model.expected_host = max(host_seen)
+        if gpu_seen:
+            model.expected_gpu = max(gpu_seen)
 
     # -- starting and stopping -----------------------------------------------------------
 
@@ -225,11 +277,8 @@ class Controller:
         spec = model.spec
         if device != spec.device:  # "cuda" placed on one GPU of several
             spec = dataclasses.replace(spec, device=device)
-        prewarmed = self.prewarmed.get(spec.name)
-        if prewarmed is not None and not prewarmed.alive:
-            prewarmed = None
-        worker = WorkerProcess(spec, self.settings, self.isolation, prewarmed)
-        replica = Replica(self._next_replica, worker, model.capacity)
+        worker = self.backend.worker(spec)
+        replica = Replica(self._next_replica, worker, model.capacity, self.clock())
         replica.host_bytes = model.expected_host
         replica.gpu_bytes = model.expected_gpu
         model.replicas.append(replica)
@@ -259,10 +308,14 @@ class Controller:
             await worker.stop(timeout=5)
             self._remove(model, replica, ReplicaState.STOPPED)
             return
+        if model.failure:
+            log.info("model '%s' started again after failing: %s", model.name, model.failure)
+        model.failure = ""
+        model.restarts = 0
         self._record_cold_start(model, worker)
         replica.state = ReplicaState.READY
-        replica.idle_since = time.monotonic()
-        self._measure(model, replica)
+        replica.idle_since = self.clock()
+        self._measure(model)
         model.changed.set()
         log.info(
             "model '%s' ready: replica %d, worker pid %s, %s in %.2fs (%s)",
@@ -270,109 +323,29 @@ class Controller:
             "forked from a pre-warmed process" if worker.forked else "started",
             worker.load_seconds, reason,
         )  # fmt: skip
-        if self.scheduler.prewarm_timeout and not worker.spec.device.startswith("cuda"):
-            self._prewarm(worker)
+        self.backend.started(worker, any(m.blocked for m in self.models.values()))
         self._spawn(self._watch(model, replica))
         model.hand_over(replica)
 
     def _start_failed(self, model: ServedModel, error: str) -> None:
+        """Back off, then try again when the model is wanted: a failed start is not final."""
+        model.restarts += 1
+        delay = backoff(model.restarts)
+        model.not_before = self.clock() + delay
         others = [
             r for r in model.replicas if r.state in (ReplicaState.READY, ReplicaState.STARTING)
         ]
         if others:
-            # The model still serves: back off before trying another replica.
-            model.restarts += 1
-            delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, model.restarts - 1))
-            model.not_before = time.monotonic() + delay
             log.error(
                 "%s; %d other replicas serve, trying again in %.1fs", error, len(others), delay
             )
             return
         model.failure = error
         model.changed.set()
-        log.error("%s", error)
-        model.fail_waiting(ModelUnavailable(error, 5))
+        log.error("%s; trying again in %.1fs if it is still wanted", error, delay)
+        model.fail_waiting(ModelUnavailable(error, max(1, math.ceil(delay))))
 
-    def _prewarm(self, worker: WorkerProcess) -> None:
-        """Keep a pre-warmed process for this worker's model, preloading what it used.
-
-        One per model, not per environment: it runs inside the model's sandbox (its user, its
-        view of the files, its network), which its forks share.
-        """
-        spec = worker.spec
-        wanted = trusted_modules(worker.modules, spec.package_dir)
-        current = self.prewarmed.get(spec.name)
-        if current is not None and current.alive and set(wanted) <= set(current.preload):
-            return
-        if any(m.blocked for m in self.models.values()):
-            return  # memory is short: no process that only holds memory
-        if current is not None:
-            current.retire()
-        preload = sorted(set(wanted) | set(current.preload if current else []))
-        process = PrewarmedProcess(spec.python, preload, label=f"model '{spec.name}'")
-        self.prewarmed[spec.name] = process
-        self._prewarmed_all.add(process)
-        isolation = self.isolation
-        environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
-        if isolation.cgroups is not None:
-            self._next_prewarm += 1
-            try:
-                process.cgroup = isolation.cgroups.create(
-                    f"prewarm-{self._next_prewarm}", spec.resources
-                )
-            except (CgroupError, OSError) as exc:
-                log.warning("pre-warmed process for model '%s': no cgroup: %s", spec.name, exc)
-
-        def launcher(fd: int) -> list[str]:
-            return isolation.launcher(
-                model=spec.name,
-                package=spec.package_dir,
-                environment=environment,
-                memory_limit=spec.resources.memory,
-                network=spec.network == "host",
-                cgroup=process.cgroup,
-                keep_fds=(fd,),
-                pid_namespace=False,  # its forks' pids are the ones the runtime sees
-            )
-
-        env = worker_environment(os.environ, spec.env, isolation.cache_dir(spec.name))
-
-        async def start() -> None:
-            try:
-                await process.start(env, launcher)
-            except OSError as exc:
-                log.warning("no pre-warmed process for model '%s': %s", spec.name, exc)
-                process.retired = True
-                process.cleanup()
-                return
-            outside_stdlib = [m for m in preload if m not in sys.stdlib_module_names]
-            log.info(
-                "pre-warmed process for model '%s': pid %s, preloading %d modules (%s)",
-                spec.name, process.process.pid if process.process else "?", len(preload),
-                ", ".join(outside_stdlib) or "the standard library",
-            )  # fmt: skip
-
-        self._spawn(start())
-
-    def _retire_prewarmed(self, now: float, memory_short: bool) -> None:
-        """Retire a pre-warmed process when memory is short or its model has gone idle."""
-        for process in list(self._prewarmed_all):
-            if process.ended:
-                process.cleanup()
-                self._prewarmed_all.discard(process)
-        for name, process in list(self.prewarmed.items()):
-            if not process.alive:
-                del self.prewarmed[name]  # retiring: tracked in _prewarmed_all until it ends
-                continue
-            scaler = self.policy.autoscalers.get(name)
-            last = scaler.last_request if scaler is not None else None
-            idle = now - max(last or 0.0, process.started_at) >= self.scheduler.prewarm_timeout
-            if memory_short or idle:
-                why = "memory is short" if memory_short else "its model is idle"
-                log.info("retiring the pre-warmed process for model '%s': %s", name, why)
-                process.retire()
-
-    def _record_cold_start(self, model: ServedModel, worker: WorkerProcess) -> None:
+    def _record_cold_start(self, model: ServedModel, worker: Worker) -> None:
         phases = self.metrics.cold_start
         env = self.env_seconds.pop(model.spec.package_dir, 0.0)  # paid once, at discovery
         t = worker.timings
@@ -388,10 +361,10 @@ class Controller:
             self._remove(model, replica, ReplicaState.STOPPED)  # stopped on purpose
             return
         self._remove(model, replica, ReplicaState.FAILED)
-        lived = time.monotonic() - worker.started_at
+        lived = self.clock() - worker.started_at
         model.restarts = 0 if lived > _STABLE_AFTER else model.restarts + 1
-        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, model.restarts - 1))
-        model.not_before = time.monotonic() + delay
+        delay = backoff(model.restarts)
+        model.not_before = self.clock() + delay
         cause = "hung" if worker.hung_after else "oom" if worker.oom_killed else "crash"
         self.metrics.evictions.labels(model.name, cause).inc()
         log.warning(
@@ -400,17 +373,48 @@ class Controller:
         )  # fmt: skip
         self.wake()
 
+    async def _park(self, model: ServedModel, replica: Replica, reason: str) -> None:
+        """Move an idle replica's device memory to the host; its process stays."""
+        if replica.state is not ReplicaState.READY or replica.in_flight:
+            return
+        replica.state = ReplicaState.PARKED
+        self.metrics.evictions.labels(model.name, "memory").inc()
+        log.info("model '%s': parked replica %d (%s)", model.name, replica.id, reason)
+        await replica.worker.park()
+
+    async def _wake_replica(self, model: ServedModel, replica: Replica, reason: str) -> None:
+        """Bring a parked replica's memory back to its device, then give it requests."""
+        if replica.state is not ReplicaState.PARKED:
+            return
+        replica.state = ReplicaState.STARTING
+        replica.waking = True
+        started = self.clock()
+        try:
+            await replica.worker.wake()
+        finally:
+            replica.waking = False
+        if replica.state is not ReplicaState.STARTING:
+            return  # stopped meanwhile
+        replica.state = ReplicaState.READY
+        self.metrics.wakes.labels(model.name).inc()
+        log.info(
+            "model '%s': woke replica %d in %.3fs (%s)",
+            model.name, replica.id, self.clock() - started, reason,
+        )  # fmt: skip
+        model.changed.set()
+        model.hand_over(replica)
+
     async def _stop(self, model: ServedModel, replica: Replica, reason: str, cause: str) -> None:
         """Drain the replica (no new requests; those in flight finish), then stop it."""
         if replica.stop_reason is not None:
             await replica.gone.wait()
             return
         worker = replica.worker
-        if worker.process is not None and worker.process.returncode is not None:
+        if worker.returncode is not None:
             await replica.gone.wait()  # it died by itself: its watcher reports how
             return
         replica.stop_reason = reason
-        if replica.state is ReplicaState.STARTING:
+        if replica.state is ReplicaState.STARTING and not replica.waking:
             worker.abort()  # its start fails, and _start removes it
             await replica.gone.wait()
             return
@@ -464,13 +468,13 @@ class Controller:
             model.failure = ""
             model.not_before = 0.0
             model.restarts = 0
-        deadline = time.monotonic() + self.settings.load_timeout
+        deadline = self.clock() + self.settings.load_timeout
         while not model.ready_replicas:
             if model.failure:
                 return model.failure
             if model.closing or not model.wanted or model.unloading:
                 return f"model '{model.name}' was unloaded while it loaded"
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 return (
                     f"model '{model.name}' did not become ready within "
@@ -500,6 +504,7 @@ class Controller:
 
     async def drain(self) -> None:
         """Shutting down: refuse new requests, give those admitted ``drain_timeout`` to finish."""
+        self.closing = True
         for model in self.models.values():
             model.closing = True
             model.changed.set()
@@ -507,10 +512,8 @@ class Controller:
                 if replica.state is ReplicaState.STARTING:
                     replica.stop_reason = "runtime shutting down"
                     replica.worker.abort()  # nobody will be served by it
-        deadline = time.monotonic() + self.settings.drain_timeout
-        while time.monotonic() < deadline and any(
-            m.in_flight or m.queue for m in self.models.values()
-        ):
+        deadline = self.clock() + self.settings.drain_timeout
+        while self.clock() < deadline and any(m.in_flight or m.queue for m in self.models.values()):
             await asyncio.sleep(0.05)
         for model in self.models.values():
             model.fail_waiting(model.unavailable())
@@ -526,18 +529,15 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop the loops and every replica."""
-        for task in (self._loop, self._watchdog):
-            if task is not None:
-                task.cancel()
+        self.closing = True
+        for task in self._loops:
+            task.cancel()
         for model in self.models.values():
             model.closing = True
         await asyncio.gather(
             *(self.unload(m, "runtime shutting down") for m in self.models.values())
         )
-        for process in self._prewarmed_all:
-            process.kill()
-            process.cleanup()
-        self.isolation.close()
+        await self.backend.close()
 
     def has_room_for(self, model: ServedModel) -> bool:
         """Room to spare for one more replica of ``model``: no model waits for memory, and
@@ -545,13 +545,18 @@ class Controller:
         Background (batch) work starts a scaled-to-zero model only then."""
         if any(m.blocked for m in self.models.values()):
             return False
-        replicas = [r for m in self.models.values() for r in m.replicas]
-        free_host = self.node.host_memory - sum(r.host_bytes for r in replicas)
+        views = [r.view() for m in self.models.values() for r in m.replicas]
+        free_host = self.node.host_memory - sum(v.host_bytes for v in views)
         if free_host < 2 * model.expected_host:
             return False
         if model.spec.device.startswith("cuda") and self.node.gpu_budgets:
             free_gpu = max(
-                budget - sum(r.gpu_bytes for r in replicas if gpu_key(r.worker.spec.device) == gpu)
+                budget
+                - sum(
+                    v.gpu_bytes
+                    for v in views
+                    if v.state is not ReplicaState.PARKED and gpu_key(v.device) == gpu
+                )
                 for gpu, budget in self.node.gpu_budgets.items()
             )
             return free_gpu >= 2 * model.expected_gpu
@@ -559,38 +564,6 @@ class Controller:
 
     @property
     def ready(self) -> bool:
-        return all(m.state is ModelState.READY for m in self.models.values())
-
-    # -- hung workers --------------------------------------------------------------------
-
-    async def _watch_heartbeats(self) -> None:
-        """Kill workers that owe an answer and have said nothing for heartbeat_timeout."""
-        timeout = self.settings.heartbeat_timeout
-        interval = max(0.05, min(5.0, timeout / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for model in self.models.values():
-                for replica in list(model.replicas):
-                    if replica.state is not ReplicaState.READY:
-                        continue  # a load is bounded by server.load_timeout instead
-                    try:
-                        _check_heartbeat(model, replica.worker, now, timeout)
-                    except Exception:  # one odd worker must not end the watch for all
-                        log.exception("heartbeat check of model '%s' failed", model.name)
-
-
-def _check_heartbeat(model: ServedModel, worker: WorkerProcess, now: float, timeout: float) -> None:
-    channel = worker.channel
-    if channel is None or worker.hung_after:
-        return
-    silent = channel.silent_for(now)
-    if silent > timeout:
-        worker.hung_after = silent
-        log.error(
-            "model '%s': worker pid %s has not answered for %.0fs; killing it",
-            model.name, worker.pid, silent,
-        )  # fmt: skip
-        worker.kill()
-    else:
-        channel.ping()
+        """The node serves: started and not shutting down (a model's own trouble is its
+        own: ``/v2/models/{name}/ready`` tells)."""
+        return self.started and not self.closing

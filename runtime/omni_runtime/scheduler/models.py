@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.metrics import Metrics
+from omni_runtime.scheduler.backend import Clock, Response, Worker, WorkerGone
 from omni_runtime.scheduler.policy import ReplicaState, ReplicaView
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
-from omni_runtime.workers import Response, WorkerGone, WorkerProcess
 
 __all__ = ["ModelState", "ModelStats", "Replica", "ServedModel", "replica_capacity"]
 
@@ -79,7 +80,7 @@ def pipelines(spec: ModelSpec) -> bool:
 class Replica:
     """One worker process of a model, and what the scheduler knows of it."""
 
-    def __init__(self, id: int, worker: WorkerProcess, capacity: int) -> None:
+    def __init__(self, id: int, worker: Worker, capacity: int, now: float) -> None:
         self.id = id
         self.worker = worker
         self.capacity = capacity
@@ -87,13 +88,11 @@ class Replica:
         self.in_flight = 0
         self.served = 0
         self.last_done = 0.0  # when it last answered
-        self.idle_since = time.monotonic()
-        self.host_bytes = 0  # its reservation while starting; its measured peak once ready
+        self.idle_since = now
+        self.host_bytes = 0  # its reservation while starting; what it holds now once ready
         self.gpu_bytes = 0
-        self.peak_host = 0
-        self.peak_gpu = 0
-        self.on_host = False  # its GPU memory was prefetched to the host while idle
         self.stop_reason: str | None = None  # set when it is stopped on purpose
+        self.waking = False  # parked, and its memory is on its way back to its device
         self.gone = asyncio.Event()  # set once it has left its model's replica list
         self.idle = asyncio.Event()
         self.idle.set()
@@ -118,8 +117,10 @@ class ServedModel:
         settings: ServerSettings,
         metrics: Metrics,
         wake: Callable[[], None],
+        clock: Clock,
     ) -> None:
         self.spec = spec
+        self.clock = clock
         self.name = spec.name
         self.settings = settings
         self.metrics = metrics
@@ -137,19 +138,19 @@ class ServedModel:
         self.service_seconds = 1.0  # running mean of one request's engine time; "slow" at first
         self.in_flight = 0
         self.arrived = 0  # since the controller last looked
+        self.recent_requests = 0  # over the stable window, as the controller counts them
         self.stats = ModelStats()
         self.wanted = True  # False once an operator unloads it
         self.unloading = False
-        self.failure = ""  # why its last start failed; it waits for an explicit load
+        self.failure = ""  # why its last start failed, until a start succeeds
         self.blocked = ""  # why a replica it needs does not fit, while that lasts
         self.closing = False  # the runtime is shutting down
         self.not_before = 0.0
         self.restarts = 0
         self.load_seconds = 0.0  # how long its last start took
-        self.expected_host = spec.resources.memory  # declared, until a replica measured it
+        # What a new replica reserves: declared, until a replica measured what it holds.
+        self.expected_host = spec.resources.memory
         self.expected_gpu = spec.resources.gpu_memory
-        self.measured_host = 0  # the largest footprint any of its replicas reached
-        self.measured_gpu = 0
         self.lifecycle = asyncio.Lock()  # one operator load or unload at a time
         self.changed = asyncio.Event()  # set whenever a replica becomes ready or a start fails
 
@@ -159,9 +160,13 @@ class ServedModel:
     def state(self) -> ModelState:
         if self.unloading:
             return ModelState.UNLOADING
-        if not self.wanted or self.failure:
-            return ModelState.UNAVAILABLE
+        if not self.wanted or (self.failure and not self.ready_replicas):
+            return ModelState.UNAVAILABLE  # (a failed one still tries again when asked)
         return ModelState.READY
+
+    def backing_off(self) -> bool:
+        """Its last start failed and the next try is not due yet: requests get 503 now."""
+        return bool(self.failure) and self.clock() < self.not_before and not self.ready_replicas
 
     @property
     def ready_replicas(self) -> int:
@@ -173,13 +178,19 @@ class ServedModel:
             return "unloading: waiting for requests in flight"
         if not self.wanted:
             return "unloaded"
-        if self.failure:
-            return self.failure
+        if self.failure and not self.ready_replicas:
+            wait = self.not_before - self.clock()
+            if wait > 0:
+                return f"{self.failure}; trying again in {wait:.0f}s"
+            return f"{self.failure}; it tries again on the next request"
         ready = self.ready_replicas
         starting = sum(1 for r in self.replicas if r.state is ReplicaState.STARTING)
         parts = []
+        parked = sum(1 for r in self.replicas if r.state is ReplicaState.PARKED)
         if ready:
             parts.append(f"{ready} replica{'s' if ready > 1 else ''} ready")
+        if parked:
+            parts.append(f"{parked} parked (memory on the host; woken by the next request)")
         if starting:
             parts.append(f"{starting} starting")
         if self.blocked:
@@ -191,7 +202,10 @@ class ServedModel:
     def unavailable(self) -> ModelUnavailable:
         if self.closing:
             return ModelUnavailable(f"model '{self.name}' is unavailable: the runtime is stopping")
-        return ModelUnavailable(f"model '{self.name}' is unavailable: {self.reason}", 5)
+        retry_after = 5
+        if self.backing_off():
+            retry_after = max(1, math.ceil(self.not_before - self.clock()))
+        return ModelUnavailable(f"model '{self.name}' is unavailable: {self.reason}", retry_after)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -207,7 +221,7 @@ class ServedModel:
 
         ``on_chunk`` gets each chunk of a streamed request (``Kind.RUN_STREAM``).
         """
-        if self.unloading or not self.wanted or self.failure or self.closing:
+        if self.unloading or not self.wanted or self.closing or self.backing_off():
             raise self.unavailable()
         self.arrived += 1
         replica = None if self.queue else self._free_replica()
@@ -257,7 +271,7 @@ class ServedModel:
         if not any(r.state in _ACTIVE for r in self.replicas):
             self._wake()  # a cold start: no need to wait for the next tick
         timeout = self.settings.load_timeout
-        waited = time.monotonic()
+        waited = self.clock()
         handle = asyncio.get_running_loop().call_later(timeout, self._expire, future, timeout)
         try:
             return await future
@@ -268,7 +282,7 @@ class ServedModel:
         finally:
             handle.cancel()
             self.stats.queue_count += 1
-            self.stats.queue_ns += int((time.monotonic() - waited) * 1e9)
+            self.stats.queue_ns += int((self.clock() - waited) * 1e9)
 
     def _expire(self, future: asyncio.Future[Replica], timeout: float) -> None:
         if future.done():
@@ -291,7 +305,7 @@ class ServedModel:
         replica.in_flight -= 1
         self.in_flight -= 1
         if not replica.in_flight:
-            replica.idle_since = time.monotonic()
+            replica.idle_since = self.clock()
             replica.idle.set()
         self.hand_over(replica)
 
@@ -316,17 +330,19 @@ class ServedModel:
         on_chunk: Callable[[bytes], None] | None = None,
     ) -> Response:
         worker = replica.worker
-        channel = worker.channel
+        settled: asyncio.Future[Response] | None = None  # set when the caller went away
         try:
-            if channel is None:
-                raise WorkerGone(f"model '{self.name}': replica {replica.id} is not connected")
-            if replica.on_host:
-                replica.on_host = False
-                worker.prefetch("device")  # ahead of the request on the same socket
             first = not replica.served
-            sent = time.monotonic()
-            response = await channel.request(kind, parts, on_chunk)
-            done = time.monotonic()
+            sent = self.clock()
+            future = worker.request(kind, parts, on_chunk)
+            try:
+                response = await future
+            except asyncio.CancelledError:
+                # The caller went away (a disconnect, a deadline), but the worker may be
+                # running the request: it keeps its slot until the worker has answered.
+                settled = worker.abandon(future)
+                raise
+            done = self.clock()
             replica.served += 1
             if first:
                 self._first_response(replica, done - sent)
@@ -352,7 +368,10 @@ class ServedModel:
                 "while serving this request; a new replica starts while the model has traffic"
             ) from None
         finally:
-            self._release(replica)
+            if settled is None or settled.done():
+                self._release(replica)
+            else:
+                settled.add_done_callback(lambda _: self._release(replica))
 
     def _first_response(self, replica: Replica, seconds: float) -> None:
         self.metrics.cold_start.labels(self.name, "first_response").observe(seconds)
@@ -372,10 +391,10 @@ class ServedModel:
         self._wake()
 
 
-async def _returncode_soon(worker: WorkerProcess) -> int | None:
-    if worker.process is None:
+async def _returncode_soon(worker: Worker) -> int | None:
+    if worker.pid is None:
         return None
     try:
-        return await asyncio.wait_for(asyncio.shield(worker.process.wait()), 2.0)
+        return await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(worker.wait())), 2.0)
     except TimeoutError:
         return None

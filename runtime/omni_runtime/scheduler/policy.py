@@ -12,14 +12,21 @@ times ``gpu_overcommit``. When a replica does not fit, idle replicas of other mo
 evicted cheapest first, cost being load time times expected reuse (requests over the stable
 window); a replica with requests in flight, or one a model needs for ``min_replicas``, is
 never evicted. If nothing can be freed, the model is blocked and its requests wait.
+
+Memory tiers: on a GPU, an idle replica that must make room may be *parked* instead of stopped
+(its process stays, its device memory moves to the host, where it counts against host memory
+only) when the host has room for it and waking it (memory over PCIe) costs less than a start;
+a parked replica is woken, before any new one starts, when its model has requests again, and
+stopped once its model has been idle for ``idle_timeout`` or when host memory is short.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
 from omni_sdk import Scaling
@@ -30,11 +37,14 @@ __all__ = [
     "Decision",
     "ModelView",
     "NodeView",
+    "ParkReplica",
+    "Policy",
     "ReplicaState",
     "ReplicaView",
     "SchedulerPolicy",
     "StartReplica",
     "StopReplica",
+    "WakeReplica",
     "eviction_cost",
 ]
 
@@ -42,9 +52,14 @@ __all__ = [
 class ReplicaState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
+    PARKED = "parked"  # its process lives; its device memory is on the host
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+_ACTIVE = (ReplicaState.STARTING, ReplicaState.READY)
+_HOLDING = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.PARKED, ReplicaState.DRAINING)
 
 
 @dataclass
@@ -55,7 +70,7 @@ class ReplicaView:
     state: ReplicaState
     in_flight: int = 0
     host_bytes: int = 0  # reserved while starting, measured once ready
-    gpu_bytes: int = 0
+    gpu_bytes: int = 0  # on its device; on the host while it is parked
     device: str = "cpu"
 
 
@@ -72,15 +87,18 @@ class ModelView:
     in_flight: int = 0
     arrived: int = 0  # requests that arrived since the last decision
     load_seconds: float = 1.0  # how long a start took last time (the cost of a cold start)
+    wake_seconds: float = 0.0  # what waking a parked replica costs (its GPU memory over PCIe)
     recent_requests: float = 0.0  # requests over the stable window: its expected reuse
     serving: bool = True  # False when unloaded by an operator or failed to load
     not_before: float = 0.0  # no new replica before this (backoff after crashes)
     replicas: list[ReplicaView] = field(default_factory=list)
+    # Replicas that count towards its size (starting or ready), and parked ones.
+    active: list[ReplicaView] = field(init=False, repr=False)
+    parked: list[ReplicaView] = field(init=False, repr=False)
 
-    @functools.cached_property
-    def active(self) -> list[ReplicaView]:
-        """Replicas that count towards its size: starting or ready (read once per decision)."""
-        return [r for r in self.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)]
+    def __post_init__(self) -> None:
+        self.active = [r for r in self.replicas if r.state in _ACTIVE]
+        self.parked = [r for r in self.replicas if r.state is ReplicaState.PARKED]
 
 
 @dataclass
@@ -107,6 +125,24 @@ class StopReplica:
 
 
 @dataclass(frozen=True)
+class ParkReplica:
+    """Move an idle replica's device memory to the host, keeping its process."""
+
+    model: str
+    replica: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WakeReplica:
+    """Bring a parked replica's memory back to its device: it serves again."""
+
+    model: str
+    replica: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Blocked:
     """The model needs a replica and none fits, even after every possible eviction."""
 
@@ -114,12 +150,47 @@ class Blocked:
     reason: str
 
 
-Decision = StartReplica | StopReplica | Blocked
+Decision = StartReplica | StopReplica | ParkReplica | WakeReplica | Blocked
+
+
+class Policy(Protocol):
+    """What the controller asks of a policy (``SchedulerPolicy``, or a baseline to compare)."""
+
+    targets: dict[str, ScaleTarget]  # each model's wanted replicas at the last decision
+
+    def observe(self, now: float, models: Sequence[ModelView]) -> None: ...
+
+    def decide(self, now: float, node: NodeView, models: Sequence[ModelView]) -> list[Decision]:
+        """What to start, stop, park and wake now. Call ``observe`` first."""
+
+    def last_request(self, model: str) -> float | None:
+        """When ``model`` last had a request, if ever."""
 
 
 def eviction_cost(model: ModelView) -> float:
-    """What evicting one of its replicas costs: its load time times its expected reuse."""
+    """What stopping one of its replicas costs: its load time times its expected reuse."""
     return model.load_seconds * (1.0 + model.recent_requests)
+
+
+def parking_cost(model: ModelView) -> float:
+    """What parking one of its replicas costs: its wake time times its expected reuse."""
+    return model.wake_seconds * (1.0 + model.recent_requests)
+
+
+def host_held(replica: ReplicaView) -> int:
+    """Host memory the replica holds or has reserved (a parked one, its GPU memory too)."""
+    if not _holds(replica):
+        return 0
+    if replica.state is ReplicaState.PARKED:
+        return replica.host_bytes + replica.gpu_bytes
+    return replica.host_bytes
+
+
+def gpu_held(replica: ReplicaView) -> int:
+    """GPU memory the replica holds or has reserved on its device (none while parked)."""
+    if not _holds(replica) or replica.state is ReplicaState.PARKED:
+        return 0
+    return replica.gpu_bytes if replica.device.startswith("cuda") else 0
 
 
 def gpu_key(device: str) -> str:
@@ -128,7 +199,7 @@ def gpu_key(device: str) -> str:
 
 
 class SchedulerPolicy:
-    """Autoscaling, placement and eviction for every model on one node."""
+    """Autoscaling, placement, eviction and memory tiers for every model on one node."""
 
     def __init__(self, stable_window: float = 60.0, panic_window: float = 6.0) -> None:
         self.stable_window = stable_window
@@ -147,109 +218,106 @@ class SchedulerPolicy:
             self.autoscalers[model.name] = scaler
         return scaler
 
-    def observe(self, now: float, models: list[ModelView]) -> None:
+    def last_request(self, model: str) -> float | None:
+        scaler = self.autoscalers.get(model)
+        return scaler.last_request if scaler is not None else None
+
+    def observe(self, now: float, models: Sequence[ModelView]) -> None:
         """Record each model's ongoing requests at ``now`` (call once per tick)."""
         for model in models:
             self.autoscaler(model).observe(now, model.queued + model.in_flight, model.arrived > 0)
 
-    def decide(self, now: float, node: NodeView, models: list[ModelView]) -> list[Decision]:
-        """What to start and stop now. Call ``observe`` first."""
-        decisions: list[Decision] = []
-        by_name = {m.name: m for m in models}
-        host_used = sum(r.host_bytes for m in models for r in m.replicas if _holds(r))
-        gpu_used: dict[str, int] = {}
-        for m in models:
-            for r in m.replicas:
-                if _holds(r) and r.device.startswith("cuda"):
-                    gpu_used[gpu_key(r.device)] = gpu_used.get(gpu_key(r.device), 0) + r.gpu_bytes
-        stopping: set[tuple[str, int]] = set()
+    def decide(self, now: float, node: NodeView, models: Sequence[ModelView]) -> list[Decision]:
+        """What to start, stop, park and wake now. Call ``observe`` first."""
+        plan = _Plan(node, models)
 
         # Scale down first: what it frees may make room for a start below.
         for model in models:
             target = self._target(now, model)
-            surplus = len(model.active) - target.replicas
-            if surplus <= 0:
-                continue
-            # Replicas still starting go first (keeping the warm ones), then idle ready ones;
-            # newest first either way. A replica with requests in flight is never stopped.
-            starting = [r for r in model.active if r.state is ReplicaState.STARTING]
-            idle = [r for r in model.active if r.state is ReplicaState.READY and not r.in_flight]
-            if not model.serving:
-                cause = "unload"  # an operator's unload, a failed start or shutdown: not counted
-            elif target.replicas <= model.scaling.min_replicas:
-                cause = "idle"
-            else:
-                cause = "scale_down"
-            by_age = sorted(starting, key=lambda r: -r.id) + sorted(idle, key=lambda r: -r.id)
-            for replica in by_age[:surplus]:
-                decisions.append(
-                    StopReplica(model.name, replica.id, f"scale down: {target.reason}", cause)
-                )
-                stopping.add((model.name, replica.id))
-                host_used -= replica.host_bytes
-                if replica.device.startswith("cuda"):
-                    gpu_used[gpu_key(replica.device)] -= replica.gpu_bytes
+            self._scale_down(now, plan, model, target)
 
-        # Then scale up, the busiest models first, evicting idle replicas where memory is short.
+        # Then scale up, the busiest models first, making room where memory is short.
         wanting = [
             (m, self.targets[m.name])
             for m in models
             if m.serving and now >= m.not_before and self.targets[m.name].replicas > len(m.active)
         ]
         wanting.sort(key=lambda item: -(item[0].queued + item[0].in_flight))
-        gpu_load: dict[str, int] = {}
-        for m in models:
-            for r in m.active:
-                if r.device.startswith("cuda"):
-                    key = gpu_key(r.device)
-                    gpu_load[key] = gpu_load.get(key, 0) + r.in_flight
         for model, target in wanting:
-            # Only requests waiting or running may evict: a model that is merely recently used
-            # waits for its next request, so two idle models never evict each other in turn.
-            may_evict = model.queued + model.in_flight > 0
-            hosting = {gpu_key(r.device) for r in model.active}
-            for _ in range(target.replicas - len(model.active)):
-                devices = _candidate_devices(node, model, hosting, gpu_used, gpu_load)
-                if not devices:
-                    break  # one replica on every GPU already
-                device, victims, shortfall = self._place(
-                    model, devices, may_evict, by_name, stopping, node, host_used, gpu_used
-                )
-                if shortfall and (not may_evict or victims is None):
-                    if may_evict:
-                        decisions.append(Blocked(model.name, shortfall))
-                    break
-                if victims:
-                    for victim_model, victim in victims:
-                        leaving = [
-                            r for r in victim_model.active if (victim_model.name, r.id) in stopping
-                        ]
-                        if len(leaving) + 1 >= len(victim_model.active):
-                            # Its last replica: it stays at zero until a request wants it,
-                            # rather than refilling the first free memory and being evicted again.
-                            self.autoscaler(victim_model).evicted = True
-                        decisions.append(
-                            StopReplica(
-                                victim_model.name,
-                                victim.id,
-                                f"evicted to make room for '{model.name}' ({shortfall})",
-                                "memory",
-                            )
-                        )
-                        stopping.add((victim_model.name, victim.id))
-                        host_used -= victim.host_bytes
-                        if victim.device.startswith("cuda"):
-                            gpu_used[gpu_key(victim.device)] -= victim.gpu_bytes
-                decisions.append(StartReplica(model.name, device, target.reason))
-                host_used += model.host_bytes
-                if device.startswith("cuda"):
-                    gpu_used[device] = gpu_used.get(device, 0) + model.gpu_bytes
-                    hosting.add(device)
-        return decisions
+            self._scale_up(plan, model, target)
+        return plan.decisions
+
+    def _scale_down(self, now: float, plan: _Plan, model: ModelView, target: ScaleTarget) -> None:
+        # A parked replica is a cache of a model that has gone quiet: it goes once the model
+        # has been idle for idle_timeout (or at once when the model no longer serves).
+        last = self._last_request(model)
+        idle = now - last >= model.scaling.idle_timeout
+        for replica in model.parked:
+            if not model.serving or (idle and target.replicas <= len(model.active)):
+                why = "not serving" if not model.serving else target.reason
+                plan.stop(model, replica, f"parked replica no longer needed: {why}", "idle")
+        surplus = len(model.active) - target.replicas
+        if surplus <= 0:
+            return
+        # Replicas still starting go first (keeping the warm ones), then idle ready ones;
+        # newest first either way. A replica with requests in flight is never stopped.
+        starting = [r for r in model.active if r.state is ReplicaState.STARTING]
+        idle_ready = [r for r in model.active if r.state is ReplicaState.READY and not r.in_flight]
+        if not model.serving:
+            cause = "unload"  # an operator's unload, a failed start or shutdown: not counted
+        elif target.replicas <= model.scaling.min_replicas:
+            cause = "idle"
+        else:
+            cause = "scale_down"
+        by_age = sorted(starting, key=lambda r: -r.id) + sorted(idle_ready, key=lambda r: -r.id)
+        for replica in by_age[:surplus]:
+            plan.stop(model, replica, f"scale down: {target.reason}", cause)
+
+    def _scale_up(self, plan: _Plan, model: ModelView, target: ScaleTarget) -> None:
+        # Only requests waiting or running may evict: a model that is merely recently used
+        # waits for its next request, so two idle models never evict each other in turn.
+        may_evict = model.queued + model.in_flight > 0
+        hosting = {gpu_key(r.device) for r in model.active}
+        parked = sorted(model.parked, key=lambda r: r.id)
+        for _ in range(target.replicas - len(model.active)):
+            waking = parked.pop(0) if parked else None
+            if waking is not None and not may_evict:
+                return  # a parked replica waits for a request: no churn while it is quiet
+            if waking is not None:
+                devices = [gpu_key(waking.device)]
+            else:
+                devices = _candidate_devices(plan.node, model, hosting, plan.gpu_used, plan.load)
+            if not devices:
+                return  # one replica on every GPU already
+            device, victims, shortfall = self._place(model, devices, may_evict, plan, waking)
+            if shortfall and (not may_evict or victims is None):
+                if may_evict:
+                    plan.decisions.append(Blocked(model.name, shortfall))
+                return
+            for victim_model, victim, park in victims or []:
+                self._evict(plan, victim_model, victim, park, f"to make room for '{model.name}' "
+                            f"({shortfall})")  # fmt: skip
+            if waking is not None:
+                plan.wake(model, waking, target.reason)
+            else:
+                plan.start(model, device, target.reason)
+            hosting.add(device)
+
+    def _evict(
+        self, plan: _Plan, model: ModelView, replica: ReplicaView, park: bool, why: str
+    ) -> None:
+        leaving = [r for r in model.active if (model.name, r.id) in plan.leaving]
+        if replica.state is not ReplicaState.PARKED and len(leaving) + 1 >= len(model.active):
+            # Its last replica: it stays at zero until a request wants it, rather than
+            # refilling the first free memory and being evicted again.
+            self.autoscaler(model).evicted = True
+        if park:
+            plan.park(model, replica, f"parked {why}")
+        else:
+            plan.stop(model, replica, f"evicted {why}", "memory")
 
     def _last_request(self, model: ModelView) -> float:
-        scaler = self.autoscalers.get(model.name)
-        last = scaler.last_request if scaler is not None else None
+        last = self.last_request(model.name)
         return -math.inf if last is None else last
 
     def _target(self, now: float, model: ModelView) -> ScaleTarget:
@@ -265,123 +333,200 @@ class SchedulerPolicy:
         model: ModelView,
         devices: list[str],
         may_evict: bool,
-        by_name: dict[str, ModelView],
-        stopping: set[tuple[str, int]],
-        node: NodeView,
-        host_used: int,
-        gpu_used: dict[str, int],
-    ) -> tuple[str, list[tuple[ModelView, ReplicaView]] | None, str]:
+        plan: _Plan,
+        waking: ReplicaView | None,
+    ) -> tuple[str, list[tuple[ModelView, ReplicaView, bool]] | None, str]:
         """(device, replicas to evict there, why it did not fit as it was) for one replica.
 
         The first device where it fits as things are; else the one where making room is
-        cheapest; victims are None when no device can be made room on.
+        cheapest; victims are None when no device can be made room on. ``waking``: a parked
+        replica that needs only its device memory back (it frees its host share).
         """
+        need_host = 0 if waking is not None else model.host_bytes
+        need_gpu = waking.gpu_bytes if waking is not None else model.gpu_bytes
+        host_used = plan.host_used - (waking.gpu_bytes if waking is not None else 0)
         for device in devices:
-            if _fits(node, model, device, host_used, gpu_used):
+            if _fits(plan.node, need_host, need_gpu, device, host_used, plan.gpu_used):
                 return device, [], ""
-        shortfall = self._shortfall(node, model, devices[0], host_used, gpu_used)
+        shortfall = _shortfall(plan.node, need_host, need_gpu, devices[0], host_used, plan.gpu_used)
         if not may_evict:
             return devices[0], None, shortfall
-        best: tuple[float, str, list[tuple[ModelView, ReplicaView]]] | None = None
+        best: tuple[float, str, list[tuple[ModelView, ReplicaView, bool]]] | None = None
         for device in devices:
-            found = self._victims(model, device, by_name, stopping, node, host_used, gpu_used)
+            found = self._victims(model, need_host, need_gpu, device, plan, host_used)
             if found is None:
                 continue
-            cost = sum(eviction_cost(m) for m, _ in found)
+            cost = sum(parking_cost(m) if park else eviction_cost(m) for m, _, park in found)
             if best is None or cost < best[0]:
                 best = (cost, device, found)
         if best is None:
             return devices[0], None, shortfall
         return best[1], best[2], shortfall
 
-    def _shortfall(
-        self,
-        node: NodeView,
-        model: ModelView,
-        device: str,
-        host_used: int,
-        gpu_used: dict[str, int],
-    ) -> str:
-        """Why one more replica of ``model`` does not fit on ``device`` now, or "" if it does."""
-        if _fits(node, model, device, host_used, gpu_used):
-            return ""
-        if host_used + model.host_bytes > node.host_memory:
-            return (
-                f"a replica needs {format_size(model.host_bytes)} of host memory and "
-                f"{format_size(max(0, node.host_memory - host_used))} of "
-                f"{format_size(node.host_memory)} (scheduler.host_memory) is free"
-            )
-        if device.startswith("cuda") and model.gpu_bytes:
-            key = gpu_key(device)
-            budget = node.gpu_budgets.get(key)
-            if budget is not None and gpu_used.get(key, 0) + model.gpu_bytes > budget:
-                return (
-                    f"a replica needs {format_size(model.gpu_bytes)} on {key} and "
-                    f"{format_size(max(0, budget - gpu_used.get(key, 0)))} of its "
-                    f"{format_size(budget)} budget (memory × scheduler.gpu_overcommit) is free"
-                )
-        return ""
-
     def _victims(
         self,
         model: ModelView,
+        need_host: int,
+        need_gpu: int,
         device: str,
-        by_name: dict[str, ModelView],
-        stopping: set[tuple[str, int]],
-        node: NodeView,
+        plan: _Plan,
         host_used: int,
-        gpu_used: dict[str, int],
-    ) -> list[tuple[ModelView, ReplicaView]] | None:
-        """The cheapest idle replicas whose eviction makes room on ``device``, else None."""
+    ) -> list[tuple[ModelView, ReplicaView, bool]] | None:
+        """The cheapest idle replicas whose parking or eviction makes room on ``device``.
+
+        Each is (model, replica, park): parked when only GPU memory is short, the host has
+        room for its memory, and waking it costs less than starting it again; else stopped.
+        None when no choice of victims makes room.
+        """
+        node = plan.node
+        gpu_used = dict(plan.gpu_used)
         candidates: list[tuple[float, ModelView, ReplicaView]] = []
-        for other in by_name.values():
+        for other in plan.models.values():
             if other.name == model.name or other.queued:
                 continue
             keep = other.scaling.min_replicas if other.serving else 0
-            leaving = sum(1 for r in other.active if (other.name, r.id) in stopping)
+            leaving = sum(1 for r in other.active if (other.name, r.id) in plan.leaving)
             removable = len(other.active) - leaving - keep
             idle = [
                 r
                 for r in other.active
                 if r.state is ReplicaState.READY
                 and not r.in_flight
-                and (other.name, r.id) not in stopping
+                and (other.name, r.id) not in plan.leaving
             ]
             for replica in sorted(idle, key=lambda r: -r.id)[: max(0, removable)]:
                 candidates.append((eviction_cost(other), other, replica))
+            for replica in other.parked:  # they hold host memory only
+                if (other.name, replica.id) not in plan.leaving:
+                    candidates.append((eviction_cost(other), other, replica))
         # Equal costs (same load time, as many recent requests): the least recently used goes.
         candidates.sort(key=lambda c: (c[0], self._last_request(c[1]), -c[2].host_bytes))
-        chosen: list[tuple[ModelView, ReplicaView]] = []
-        gpu_used = dict(gpu_used)
+        chosen: list[tuple[ModelView, ReplicaView, bool]] = []
         for _, other, replica in candidates:
-            if _fits(node, model, device, host_used, gpu_used):
+            if _fits(node, need_host, need_gpu, device, host_used, gpu_used):
                 break
+            parked = replica.state is ReplicaState.PARKED
             frees_gpu = (
-                device.startswith("cuda")
+                not parked
+                and device.startswith("cuda")
                 and gpu_key(replica.device) == gpu_key(device)
                 and replica.gpu_bytes > 0
             )
-            host_short = host_used + model.host_bytes > node.host_memory
+            host_short = host_used + need_host > node.host_memory
             if not host_short and not frees_gpu:
                 continue  # evicting it would not help
-            chosen.append((other, replica))
-            host_used -= replica.host_bytes
-            if replica.device.startswith("cuda"):
-                gpu_used[gpu_key(replica.device)] -= replica.gpu_bytes
-        if not _fits(node, model, device, host_used, gpu_used):
+            park = (
+                frees_gpu
+                and not host_short
+                and host_used + replica.gpu_bytes + need_host <= node.host_memory
+                and parking_cost(other) < eviction_cost(other)
+            )
+            chosen.append((other, replica, park))
+            if park:
+                host_used += replica.gpu_bytes
+            else:
+                host_used -= host_held(replica)
+            gpu_used[gpu_key(replica.device)] = gpu_used.get(gpu_key(replica.device), 0) - gpu_held(
+                replica
+            )
+        if not _fits(node, need_host, need_gpu, device, host_used, gpu_used):
             return None
         return chosen
 
 
+class _Plan:
+    """The decisions of one ``decide`` so far, and the memory they leave."""
+
+    def __init__(self, node: NodeView, models: Sequence[ModelView]) -> None:
+        self.node = node
+        self.models = {m.name: m for m in models}
+        self.decisions: list[Decision] = []
+        self.leaving: set[tuple[str, int]] = set()  # stopped or parked by this decision
+        self.host_used = 0
+        self.gpu_used: dict[str, int] = {}
+        self.load: dict[str, int] = {}  # requests in flight per GPU
+        for m in models:
+            for r in m.replicas:
+                self.host_used += host_held(r)
+                if r.device == "cpu":
+                    continue
+                gpu = gpu_held(r)
+                key = gpu_key(r.device)
+                if gpu:
+                    self.gpu_used[key] = self.gpu_used.get(key, 0) + gpu
+                if r.state in _ACTIVE:
+                    self.load[key] = self.load.get(key, 0) + r.in_flight
+
+    def _free(self, replica: ReplicaView) -> None:
+        self.host_used -= host_held(replica)
+        key = gpu_key(replica.device)
+        if gpu_held(replica):
+            self.gpu_used[key] -= gpu_held(replica)
+
+    def stop(self, model: ModelView, replica: ReplicaView, reason: str, cause: str) -> None:
+        self.decisions.append(StopReplica(model.name, replica.id, reason, cause))
+        self.leaving.add((model.name, replica.id))
+        self._free(replica)
+
+    def park(self, model: ModelView, replica: ReplicaView, reason: str) -> None:
+        self.decisions.append(ParkReplica(model.name, replica.id, reason))
+        self.leaving.add((model.name, replica.id))
+        self._free(replica)
+        self.host_used += replica.host_bytes + replica.gpu_bytes
+
+    def wake(self, model: ModelView, replica: ReplicaView, reason: str) -> None:
+        self.decisions.append(WakeReplica(model.name, replica.id, reason))
+        self.host_used -= replica.gpu_bytes
+        key = gpu_key(replica.device)
+        self.gpu_used[key] = self.gpu_used.get(key, 0) + replica.gpu_bytes
+
+    def start(self, model: ModelView, device: str, reason: str) -> None:
+        self.decisions.append(StartReplica(model.name, device, reason))
+        self.host_used += model.host_bytes
+        if device.startswith("cuda"):
+            self.gpu_used[device] = self.gpu_used.get(device, 0) + model.gpu_bytes
+
+
+def _shortfall(
+    node: NodeView,
+    need_host: int,
+    need_gpu: int,
+    device: str,
+    host_used: int,
+    gpu_used: dict[str, int],
+) -> str:
+    """Why one more replica does not fit on ``device`` now, or "" if it does."""
+    if _fits(node, need_host, need_gpu, device, host_used, gpu_used):
+        return ""
+    if host_used + need_host > node.host_memory:
+        return (
+            f"a replica needs {format_size(need_host)} of host memory and "
+            f"{format_size(max(0, node.host_memory - host_used))} of "
+            f"{format_size(node.host_memory)} (scheduler.host_memory) is free"
+        )
+    key = gpu_key(device)
+    budget = node.gpu_budgets.get(key, 0)
+    return (
+        f"a replica needs {format_size(need_gpu)} on {key} and "
+        f"{format_size(max(0, budget - gpu_used.get(key, 0)))} of its "
+        f"{format_size(budget)} budget (memory × scheduler.gpu_overcommit) is free"
+    )
+
+
 def _fits(
-    node: NodeView, model: ModelView, device: str, host_used: int, gpu_used: dict[str, int]
+    node: NodeView,
+    need_host: int,
+    need_gpu: int,
+    device: str,
+    host_used: int,
+    gpu_used: dict[str, int],
 ) -> bool:
-    if host_used + model.host_bytes > node.host_memory:
+    if host_used + need_host > node.host_memory:
         return False
-    if device.startswith("cuda") and model.gpu_bytes:
+    if device.startswith("cuda") and need_gpu:
         key = gpu_key(device)
         budget = node.gpu_budgets.get(key)
-        return budget is None or gpu_used.get(key, 0) + model.gpu_bytes <= budget
+        return budget is None or gpu_used.get(key, 0) + need_gpu <= budget
     return True
 
 
@@ -410,4 +555,4 @@ def _candidate_devices(
 
 def _holds(replica: ReplicaView) -> bool:
     """Whether the replica holds (or has reserved) memory."""
-    return replica.state in (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+    return replica.state in _HOLDING

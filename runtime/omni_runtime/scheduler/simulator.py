@@ -1,45 +1,48 @@
-"""``omni-runtime simulate``: replay a request trace through the scheduler's policy.
+"""``omni-runtime simulate``: replay a request trace through the runtime's own scheduler.
 
-The clock and the GPUs are simulated; the decisions are the runtime's own
-(``SchedulerPolicy``: autoscaling, placement, eviction by cost). The physics are fixed so that
-results compare across versions:
+Nothing of the scheduler is written here: the trace's requests go through the same
+``Controller``, per-model queues (``ServedModel``) and policy as ``serve`` uses, on a virtual
+clock (``VirtualTimeLoop``), with simulated workers (``SimulatedWorkers``) whose fixed physics
+stand in for processes and GPUs. This module holds only the trace, the options, the models the
+trace names (with the deployment's omni.toml applied, as ``serve`` applies it) and the search
+for the fewest GPUs.
 
-- a GPU has ``gpu_memory`` and runs up to ``max_batch`` requests at once, each taking its
-  ``duration``; requests queue per model and a freed slot goes to the oldest waiting request
-  among the models resident on that GPU;
-- a model serves only while resident in a GPU's memory; making it resident takes
-  memory / ``pcie_gbps`` when the node holds it in host memory (it was loaded before) and
-  memory / ``disk_gbps`` the first time (GB = 10^9 bytes); host memory is not limited;
-- a request meets the SLO when it starts within ``slo`` seconds of its arrival.
-
-Policies: ``omni`` (the scheduler's policy, replicas on any GPU), ``lru`` (one replica per
-model, loaded on demand, the least recently used idle model evicted when memory is short) and
-``static`` (models packed onto GPUs at the start, first fit by decreasing size, never moved:
+Policies: ``omni`` (the scheduler's own), ``lru`` (one replica per model, on demand, the least
+recently used idle one stopped when memory is short) and ``static`` (placed once, never moved;
 the baseline puts each model alone on a GPU of its own).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
-import heapq
+import logging
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omni_runtime.scheduler.policy import (
-    Blocked,
-    Decision,
-    ModelView,
-    NodeView,
-    ReplicaState,
-    ReplicaView,
-    SchedulerPolicy,
-    StartReplica,
-    StopReplica,
+from omni_runtime.config import (
+    ConfigError,
+    ModelOverride,
+    NodeConfig,
+    OmniFile,
+    load_omni_file,
+    node_config,
 )
-from omni_sdk import Scaling
+from omni_runtime.discovery import ModelSpec
+from omni_runtime.metrics import Metrics
+from omni_runtime.scheduler.baselines import LruPolicy, StaticPolicy
+from omni_runtime.scheduler.checks import check_models
+from omni_runtime.scheduler.controller import Controller, host_budget
+from omni_runtime.scheduler.policy import Policy, SchedulerPolicy
+from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable
+from omni_runtime.scheduler.simulated import Physics, SimulatedWorkers
+from omni_runtime.scheduler.virtual_time import VirtualTimeLoop
+from omni_sdk import Resources, Scaling
+from omni_sdk._protocol import Kind
 from omni_sdk._units import format_size, parse_duration, parse_size
 
 __all__ = [
@@ -54,11 +57,8 @@ __all__ = [
 ]
 
 POLICIES = ("omni", "lru", "static")
-TICK = 1.0  # simulated seconds between policy runs (a request for a cold model runs it at once)
-_GB = 1e9
-_HOST_MEMORY = 1 << 62  # the simulated node's host memory is not a limit
-_FOREVER = 1e12
 _MOST_GPUS = 1024  # the search gives up beyond this many GPUs
+_UNLIMITED = 1 << 62
 
 
 class TraceError(Exception):
@@ -81,8 +81,13 @@ class SimulationOptions:
     disk_gbps: float = 2.0
     slo: float = 2.0
     target: float = 0.99
-    gpus: int | None = None
+    gpus: int | None = None  # None: search; 0: a CPU node
     policy: str = "omni"
+    host_memory: int | None = None  # --host-memory; else the config's, else serve's default
+    start_seconds: float = 0.2  # a start on a CPU node
+    concurrency: int = 1  # requests a CPU replica serves at once
+    config: OmniFile | None = None  # --config: the deployment's omni.toml
+    config_path: Path | None = None
 
     def check(self) -> None:
         """Raise ``TraceError`` naming the first option out of range."""
@@ -93,13 +98,33 @@ class SimulationOptions:
             ("--disk-gbps", self.disk_gbps > 0, "above 0"),
             ("--slo", self.slo > 0, "a duration above 0, e.g. 2s"),
             ("--target", 0 < self.target <= 1, "a fraction in (0, 1], e.g. 0.99"),
-            ("--gpus", self.gpus is None or self.gpus >= 1, "at least 1"),
+            ("--gpus", self.gpus is None or self.gpus >= 0, "0 (a CPU node) or more"),
             ("--policy", self.policy in POLICIES, "one of " + ", ".join(POLICIES)),
+            ("--host-memory", self.host_memory is None or self.host_memory > 0, "above 0"),
+            ("--start-seconds", self.start_seconds >= 0, "0 or more"),
+            ("--concurrency", self.concurrency >= 1, "at least 1"),
         ]
         for option, ok, allowed in problems:
             if not ok:
                 value = getattr(self, option[2:].replace("-", "_"))
                 raise TraceError(f"{option} must be {allowed}; got {value!r}")
+
+    @property
+    def physics(self) -> Physics:
+        return Physics(
+            gpu_memory=self.gpu_memory,
+            max_batch=self.max_batch,
+            pcie_gbps=self.pcie_gbps,
+            disk_gbps=self.disk_gbps,
+            start_seconds=self.start_seconds,
+            concurrency=self.concurrency,
+        )
+
+    def node(self) -> NodeConfig:
+        """``[server]`` and ``[scheduler]`` exactly as ``serve`` would read them."""
+        if self.config is None:
+            return NodeConfig()
+        return node_config({self.config_path or Path("omni.toml"): self.config})
 
 
 @dataclass
@@ -110,6 +135,9 @@ class SimulationResult:
     slo: float
     cold_starts: int = 0
     evictions: int = 0
+    wakes: int = 0
+    refused: int = 0  # answered 429 or 503 instead of served
+    host_memory: int = 0
 
     @property
     def requests(self) -> int:
@@ -137,14 +165,14 @@ _COLUMNS = ("time", "model", "duration", "memory")
 def read_trace(path: Path) -> list[TraceRequest]:
     """Parse a trace CSV; a bad row raises ``TraceError`` naming the file, line and column."""
     try:
-        handle = path.open(newline="")
+        handle = path.open(newline="", encoding="utf-8-sig")  # a spreadsheet's BOM is fine
     except OSError as exc:
         raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
     requests = []
     with handle:
         reader = csv.reader(handle)
         try:
-            header = [h.strip() for h in next(reader)]
+            header = [h.strip().lower() for h in next(reader)]
         except StopIteration:
             raise TraceError(f"{path}: empty; expected a header: {','.join(_COLUMNS)}") from None
         except (csv.Error, UnicodeDecodeError) as exc:
@@ -207,6 +235,8 @@ def model_sizes(trace: list[TraceRequest], options: SimulationOptions) -> dict[s
     sizes: dict[str, int] = {}
     for request in trace:
         sizes[request.model] = max(sizes.get(request.model, 0), request.memory)
+    if options.gpus == 0:
+        return sizes
     for name, size in sizes.items():
         if size > options.gpu_memory:
             raise TraceError(
@@ -216,294 +246,196 @@ def model_sizes(trace: list[TraceRequest], options: SimulationOptions) -> dict[s
     return sizes
 
 
+def model_specs(trace: list[TraceRequest], options: SimulationOptions) -> list[ModelSpec]:
+    """The trace's models as ``serve`` would configure them: the runtime's defaults, then the
+    ``[models."NAME"]`` tables of ``--config`` (an unknown name is an error naming the file)."""
+    sizes = model_sizes(trace, options)
+    overrides = dict(options.config.models) if options.config is not None else {}
+    source = str(options.config_path or "the --config file")
+    for name in overrides:
+        if name not in sizes:
+            known = ", ".join(sorted(sizes)[:5]) + (", ..." if len(sizes) > 5 else "")
+            raise ConfigError(
+                f'{source}: [models."{name}"] names a model the trace does not have '
+                f"(its models: {known})"
+            )
+    gpu = options.gpus != 0
+    specs = []
+    for name, size in sizes.items():
+        # On a GPU node the trace's memory is the GPU footprint and a replica's host memory is
+        # not modelled; on a CPU node it is the replica's host memory.
+        resources = Resources(memory=0, gpu_memory=size) if gpu else Resources(memory=size)
+        scaling = Scaling()
+        override = overrides.get(name, ModelOverride())
+        resources, scaling = override.apply(resources, scaling)
+        sources = {
+            f"{section}.{key}": source
+            for section in ("resources", "scaling")
+            if (value := getattr(override, section)) is not None
+            for key in value.model_fields_set
+        }
+        specs.append(
+            ModelSpec(
+                name=name,
+                task="",
+                description="",
+                package=name,
+                package_dir=Path(source),
+                python="",
+                engine_class="simulated",
+                inputs=[],
+                outputs=[],
+                input_schema={},
+                output_schema={},
+                resources=resources,
+                scaling=scaling,
+                # A GPU batches what it runs; a CPU replica serves --concurrency at once.
+                max_batch_size=options.max_batch if gpu else options.concurrency,
+                device="cuda" if gpu else "cpu",
+                sources=sources,
+            )
+        )
+    return specs
+
+
 # -- the simulation ----------------------------------------------------------------------
 
 
-@dataclass
-class _Replica:
-    id: int
-    model: _Model
-    device: str
-    state: ReplicaState = ReplicaState.STARTING
-    in_flight: int = 0
+@contextlib.contextmanager
+def _quiet_scheduler() -> Iterator[None]:
+    """The controller logs each start and stop; a simulation makes thousands."""
+    logger = logging.getLogger("omni.scheduler")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-@dataclass
-class _Model:
-    name: str
-    memory: int
-    queue: deque[int] = field(default_factory=deque)  # indexes into the trace
-    replicas: list[_Replica] = field(default_factory=list)
-    in_flight: int = 0
-    arrived: int = 0
-    in_host_memory: bool = False  # loaded once already: the next load comes over PCIe
-    last_used: float = -math.inf
-    arrivals: deque[float] = field(default_factory=deque)
+def _policy(name: str, node: NodeConfig) -> Policy:
+    if name == "lru":
+        return LruPolicy()
+    if name in ("static", "dedicated"):
+        return StaticPolicy(dedicated=name == "dedicated")
+    return SchedulerPolicy(node.scheduler.stable_window, node.scheduler.panic_window)
 
 
-class _Simulation:
-    def __init__(
-        self, trace: list[TraceRequest], options: SimulationOptions, gpus: int, policy: str
-    ) -> None:
-        self.trace = trace
-        self.options = options
-        self.gpus = {f"cuda:{i}": 0 for i in range(gpus)}  # device -> requests running
-        self.policy_name = policy
-        sizes = model_sizes(trace, options)
-        self.models = {name: _Model(name, size) for name, size in sizes.items()}
-        self.waits = [math.inf] * len(trace)
-        self.events: list[tuple[float, int, int, Any]] = []
-        self._seq = 0
-        self.cold_starts = 0
-        self.evictions = 0
-        self._next_id = 0
-        self.policy = SchedulerPolicy()
-        self.scaling = Scaling(
-            min_replicas=0,
-            max_replicas=max(1, gpus),
-            target_ongoing_requests=options.max_batch,
-            idle_timeout=_FOREVER,
-            max_queue_size=1 << 30,
-        )
-        self.node = NodeView(_HOST_MEMORY, {d: options.gpu_memory for d in self.gpus})
+async def _replay(
+    trace: list[TraceRequest], options: SimulationOptions, gpus: int, policy: str
+) -> SimulationResult:
+    loop = asyncio.get_running_loop()
+    node = options.node()
+    specs = model_specs(trace, options)
+    devices = [f"cuda:{i}" for i in range(gpus)]
+    host = options.host_memory or host_budget(node.scheduler)
+    if policy == "dedicated":
+        host = _UNLIMITED
+    cards = dict.fromkeys(devices, options.gpu_memory)
+    check_models(specs, node.scheduler, host, node.scheduler_sources, cards)
+    backend = SimulatedWorkers(options.physics, [r.duration for r in trace], loop.time, devices)
+    metrics = Metrics()
+    controller = Controller(
+        specs,
+        node.server,
+        metrics,
+        backend,
+        node.scheduler,
+        cards,
+        clock=loop.time,
+        policy=_policy(policy, node),
+        host_memory=host,
+        pcie_gbps=options.pcie_gbps,
+    )
+    await controller.start()  # a static placement is loaded before the first request
+    start = loop.time()
+    refused = 0
 
-    # event kinds, in the order ties are handled
-    _READY, _DONE, _ARRIVAL, _TICK = range(4)
+    async def request(index: int) -> None:
+        nonlocal refused
+        backend.arrivals[index] = loop.time()
+        model = controller.models[trace[index].model]
+        try:
+            await model.call(Kind.RUN_JSON, [str(index).encode()])
+        except (ModelBusy, ModelUnavailable):
+            refused += 1  # its wait stays infinite: it was never served
 
-    def push(self, time: float, kind: int, payload: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self.events, (time, kind, self._seq, payload))
+    tasks: list[asyncio.Task[None]] = []
 
-    def run(self) -> SimulationResult:
-        for index, request in enumerate(self.trace):
-            self.push(request.time, self._ARRIVAL, index)
-        if self.policy_name in ("static", "dedicated"):
-            self._place_static()
-        elif self.trace:
-            self.push(self.trace[0].time, self._TICK, None)
-        pending = len(self.trace)
-        while self.events:
-            now, kind, _, payload = heapq.heappop(self.events)
-            if kind == self._ARRIVAL:
-                model = self.models[self.trace[payload].model]
-                model.queue.append(payload)
-                model.arrived += 1
-                model.arrivals.append(now)
-                if self._dispatch_model(model, now):
-                    pass
-                elif not any(r.state is ReplicaState.READY for r in model.replicas):
-                    self._decide(now)  # a cold model: like the runtime's wake-up
-            elif kind == self._DONE:
-                replica = payload
-                replica.in_flight -= 1
-                replica.model.in_flight -= 1
-                self.gpus[replica.device] -= 1
-                pending -= 1
-                self._dispatch_gpu(replica.device, now)
-            elif kind == self._READY:
-                replica = payload
-                if replica.state is ReplicaState.STARTING:  # not stopped while it loaded
-                    replica.state = ReplicaState.READY
-                    replica.model.in_host_memory = True
-                    self._dispatch_gpu(replica.device, now)
-            elif kind == self._TICK:
-                self._decide(now)
-                if pending and (len(self.events) > 0 or self._waiting()):
-                    self.push(now + TICK, self._TICK, None)
-        return SimulationResult(
-            gpus=len(self.gpus),
-            policy=self.policy_name,
-            waits=self.waits,
-            slo=self.options.slo,
-            cold_starts=self.cold_starts,
-            evictions=self.evictions,
-        )
+    def arrive(index: int) -> None:
+        tasks.append(loop.create_task(request(index)))
 
-    def _waiting(self) -> bool:
-        return any(m.queue for m in self.models.values())
+    for index, r in enumerate(trace):
+        loop.call_at(start + r.time, arrive, index)
+    last = trace[-1].time if trace else 0.0
+    await asyncio.sleep(last)
+    while tasks:
+        batch, tasks[:] = list(tasks), []
+        await asyncio.gather(*batch)
+    await controller.stop()
+    return SimulationResult(
+        gpus=gpus,
+        policy=policy,
+        waits=backend.waits,
+        slo=options.slo,
+        cold_starts=_count(metrics, "omni_model_cold_starts_total"),
+        evictions=_count(metrics, "omni_model_evictions_total", reason="memory"),
+        wakes=_count(metrics, "omni_model_wakes_total"),
+        refused=refused,
+        host_memory=host,
+    )
 
-    # -- serving -------------------------------------------------------------------------
 
-    def _start(self, replica: _Replica, index: int, now: float) -> None:
-        model = replica.model
-        model.queue.popleft()
-        model.in_flight += 1
-        model.last_used = now
-        replica.in_flight += 1
-        self.gpus[replica.device] += 1
-        self.waits[index] = now - self.trace[index].time
-        self.push(now + self.trace[index].duration, self._DONE, replica)
-
-    def _dispatch_model(self, model: _Model, now: float) -> bool:
-        """Start the model's waiting requests on its ready replicas with a free slot."""
-        started = False
-        while model.queue:
-            free = [
-                r
-                for r in model.replicas
-                if r.state is ReplicaState.READY and self.gpus[r.device] < self.options.max_batch
-            ]
-            if not free:
-                break
-            replica = min(free, key=lambda r: self.gpus[r.device])
-            self._start(replica, model.queue[0], now)
-            started = True
-        return started
-
-    def _dispatch_gpu(self, device: str, now: float) -> None:
-        """Give the GPU's free slots to the oldest requests of the models resident on it."""
-        resident = [
-            r
-            for m in self.models.values()
-            for r in m.replicas
-            if r.device == device and r.state is ReplicaState.READY and m.queue
-        ]
-        while resident and self.gpus[device] < self.options.max_batch:
-            replica = min(resident, key=lambda r: self.trace[r.model.queue[0]].time)
-            self._start(replica, replica.model.queue[0], now)
-            if not replica.model.queue:
-                resident.remove(replica)
-
-    # -- decisions -----------------------------------------------------------------------
-
-    def _decide(self, now: float) -> None:
-        if self.policy_name in ("static", "dedicated"):
-            return
-        if self.policy_name == "lru":
-            decisions = self._decide_lru(now)
-        else:
-            views = [self._view(m, now) for m in self.models.values()]
-            self.policy.observe(now, views)
-            decisions = self.policy.decide(now, self.node, views)
-        for decision in decisions:
-            if isinstance(decision, StartReplica):
-                self._start_replica(self.models[decision.model], decision.device, now)
-            elif isinstance(decision, StopReplica):
-                self._stop_replica(self.models[decision.model], decision.replica, decision.cause)
-
-    def _view(self, model: _Model, now: float) -> ModelView:
-        arrived, model.arrived = model.arrived, 0
-        while model.arrivals and model.arrivals[0] < now - self.policy.stable_window:
-            model.arrivals.popleft()
-        return ModelView(
-            name=model.name,
-            scaling=self.scaling,
-            host_bytes=0,
-            gpu_bytes=model.memory,
-            device="cuda",
-            queued=len(model.queue),
-            in_flight=model.in_flight,
-            arrived=arrived,
-            load_seconds=model.memory / (self.options.pcie_gbps * _GB),
-            recent_requests=float(len(model.arrivals)),
-            replicas=[
-                ReplicaView(r.id, r.state, r.in_flight, 0, model.memory, r.device)
-                for r in model.replicas
-            ],
-        )
-
-    def _start_replica(self, model: _Model, device: str, now: float) -> None:
-        self._next_id += 1
-        replica = _Replica(self._next_id, model, device)
-        model.replicas.append(replica)
-        speed = self.options.pcie_gbps if model.in_host_memory else self.options.disk_gbps
-        self.cold_starts += 1
-        self.push(now + model.memory / (speed * _GB), self._READY, replica)
-
-    def _stop_replica(self, model: _Model, replica_id: int, cause: str) -> None:
-        for replica in model.replicas:
-            if replica.id == replica_id and not replica.in_flight:
-                model.replicas.remove(replica)
-                replica.state = ReplicaState.STOPPED
-                if cause == "memory":
-                    self.evictions += 1
-                return
-
-    def _decide_lru(self, now: float) -> list[Decision]:
-        """One replica per model, on demand; the least recently used idle model makes room."""
-        decisions: list[Decision] = []
-        free = {d: self.options.gpu_memory for d in self.gpus}
-        for model in self.models.values():
-            for replica in model.replicas:
-                free[replica.device] -= model.memory
-        evicted: set[int] = set()
-        for model in sorted(self.models.values(), key=lambda m: self.trace[m.queue[0]].time
-                            if m.queue else math.inf):  # fmt: skip
-            if not model.queue or model.replicas:
-                continue
-            device = max(free, key=lambda d: free[d])
-            if free[device] < model.memory:
-                idle = sorted(
-                    (
-                        (m.last_used, m, r)
-                        for m in self.models.values()
-                        for r in m.replicas
-                        if r.state is ReplicaState.READY
-                        and not r.in_flight
-                        and not m.queue
-                        and r.id not in evicted
-                    ),
-                    key=lambda item: item[0],
-                )
-                for device in free:
-                    victims = []
-                    room = free[device]
-                    for _, m, r in idle:
-                        if room >= model.memory:
-                            break
-                        if r.device == device:
-                            victims.append((m, r))
-                            room += m.memory
-                    if room >= model.memory:
-                        break
-                else:
-                    decisions.append(Blocked(model.name, "no GPU can make room"))
-                    continue
-                for m, r in victims:
-                    decisions.append(StopReplica(m.name, r.id, "least recently used", "memory"))
-                    evicted.add(r.id)
-                    free[device] += m.memory
-            decisions.append(StartReplica(model.name, device, "a request waits"))
-            free[device] -= model.memory
-        return decisions
-
-    def _place_static(self) -> None:
-        """First fit by decreasing size; resident from the start; what does not fit is lost."""
-        if self.policy_name == "dedicated":  # the baseline: model i alone on GPU i
-            for device, model in zip(self.gpus, self.models.values(), strict=False):
-                self._next_id += 1
-                model.replicas.append(_Replica(self._next_id, model, device, ReplicaState.READY))
-                model.in_host_memory = True
-            return
-        free = {d: self.options.gpu_memory for d in self.gpus}
-        for model in sorted(self.models.values(), key=lambda m: (-m.memory, m.name)):
-            for device in free:
-                if free[device] >= model.memory:
-                    free[device] -= model.memory
-                    self._next_id += 1
-                    replica = _Replica(self._next_id, model, device, ReplicaState.READY)
-                    model.replicas.append(replica)
-                    model.in_host_memory = True
-                    break
+def _count(metrics: Metrics, name: str, **labels: str) -> int:
+    """A counter summed over every model, read from the registry as ``/metrics`` shows it."""
+    total = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return int(total)
 
 
 def simulate(
     trace: list[TraceRequest], options: SimulationOptions, gpus: int, policy: str | None = None
 ) -> SimulationResult:
-    """Replay ``trace`` on ``gpus`` GPUs under ``policy`` (default: the options')."""
-    return _Simulation(trace, options, gpus, policy or options.policy).run()
+    """Replay ``trace`` on ``gpus`` GPUs (0: a CPU node) under ``policy`` (default: the
+    options'), through the runtime's controller on a virtual clock."""
+    loop = VirtualTimeLoop()
+    try:
+        with _quiet_scheduler():
+            return loop.run_until_complete(_replay(trace, options, gpus, policy or options.policy))
+    finally:
+        loop.close()
 
 
-def plan(trace: list[TraceRequest], options: SimulationOptions) -> dict[str, Any]:
-    """The fewest GPUs that meet the target under the policy, and one model per GPU."""
+def plan(
+    trace: list[TraceRequest],
+    options: SimulationOptions,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The fewest GPUs that meet the target under the policy (or the given count, 0 for a CPU
+    node), and the baseline: every model with a replica (a GPU) of its own, always."""
     options.check()
     models = model_sizes(trace, options)
-    baseline = simulate(trace, options, max(1, len(models)), "dedicated")
+    say = progress or (lambda _: None)
+
+    def run(gpus: int, policy: str | None = None) -> SimulationResult:
+        result = simulate(trace, options, gpus, policy)
+        where = f"{gpus} GPUs" if gpus else "a CPU node"
+        say(
+            f"{result.policy} on {where}: {result.slo_attainment:.2%} within the SLO, "
+            f"{result.cold_starts} cold starts"
+        )
+        return result
+
+    baseline_gpus = 0 if options.gpus == 0 else max(1, len(models))
+    baseline = run(baseline_gpus, "dedicated")
     if options.gpus is not None:
-        chosen = simulate(trace, options, options.gpus)
+        chosen = run(options.gpus)
         searched = False
     else:
-        chosen = _fewest_gpus(trace, options, max(1, len(models)))
+        chosen = _fewest_gpus(options, max(1, len(models)), run)
         searched = True
     return {
         "requests": len(trace),
@@ -518,42 +450,49 @@ def plan(trace: list[TraceRequest], options: SimulationOptions) -> dict[str, Any
         "baseline_slo_attainment": round(baseline.slo_attainment, 6),
         "gpu_saving": round(1 - chosen.gpus / baseline.gpus, 6) if baseline.gpus else 0.0,
         "cold_starts": chosen.cold_starts,
+        "cold_starts_per_1000": round(1000 * chosen.cold_starts / max(1, len(trace)), 3),
         "evictions": chosen.evictions,
+        "wakes": chosen.wakes,
+        "refused": chosen.refused,
         "p99_wait_seconds": _finite(chosen.p99_wait),
+        "host_memory": chosen.host_memory,
         "options": {
             "gpu_memory": options.gpu_memory,
             "max_batch": options.max_batch,
             "pcie_gbps": options.pcie_gbps,
             "disk_gbps": options.disk_gbps,
             "slo": options.slo,
+            "start_seconds": options.start_seconds,
+            "concurrency": options.concurrency,
+            "config": str(options.config_path) if options.config_path else None,
         },
     }
 
 
 def _fewest_gpus(
-    trace: list[TraceRequest], options: SimulationOptions, most: int
+    options: SimulationOptions, most: int, run: Callable[[int], SimulationResult]
 ) -> SimulationResult:
     """The fewest GPUs that meet ``options.target``: from 1..most, doubling past it if needed."""
     results: dict[int, SimulationResult] = {}
 
-    def run(gpus: int) -> SimulationResult:
+    def once(gpus: int) -> SimulationResult:
         if gpus not in results:
-            results[gpus] = simulate(trace, options, gpus)
+            results[gpus] = run(gpus)
         return results[gpus]
 
     low, high = 1, most
-    while run(high).slo_attainment < options.target:
+    while once(high).slo_attainment < options.target:
         more = min(_MOST_GPUS, high * 2)  # busy models may need several GPUs each
-        if high >= _MOST_GPUS or run(more).slo_attainment <= results[high].slo_attainment:
+        if high >= _MOST_GPUS or once(more).slo_attainment <= results[high].slo_attainment:
             return results[high]  # more GPUs do not help: the target cannot be met
         low, high = high + 1, more
     while low < high:
         middle = (low + high) // 2
-        if run(middle).slo_attainment >= options.target:
+        if once(middle).slo_attainment >= options.target:
             high = middle
         else:
             low = middle + 1
-    return run(low)
+    return once(low)
 
 
 def _finite(value: float) -> float | None:
@@ -569,25 +508,44 @@ def parse_options(
     target: float = 0.99,
     gpus: int | None = None,
     policy: str = "omni",
+    host_memory: str | None = None,
+    start_seconds: str = "0.2s",
+    concurrency: int = 1,
+    config: Path | None = None,
 ) -> SimulationOptions:
     """Options from the command line's strings; a bad one raises ``TraceError`` naming it."""
-    try:
-        memory = parse_size(gpu_memory)
-    except ValueError as exc:
-        raise TraceError(f"--gpu-memory: {exc}") from None
-    try:
-        seconds = parse_duration(slo)
-    except ValueError as exc:
-        raise TraceError(f"--slo: {exc}") from None
+
+    def size(option: str, text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            raise TraceError(f"{option}: {exc}") from None
+
+    def duration(option: str, text: str) -> float:
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise TraceError(f"{option}: {exc}") from None
+
+    omni_file = None
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"{config}: no such file (--config)")
+        omni_file = load_omni_file(config)
     options = SimulationOptions(
-        gpu_memory=memory,
+        gpu_memory=size("--gpu-memory", gpu_memory),
         max_batch=max_batch,
         pcie_gbps=pcie_gbps,
         disk_gbps=disk_gbps,
-        slo=seconds,
+        slo=duration("--slo", slo),
         target=target,
         gpus=gpus,
         policy=policy,
+        host_memory=size("--host-memory", host_memory) if host_memory is not None else None,
+        start_seconds=duration("--start-seconds", start_seconds),
+        concurrency=concurrency,
+        config=omni_file,
+        config_path=config,
     )
     options.check()
     return options

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from omni_runtime.workers.channel import Response, WorkerChannel, WorkerGone
-from omni_runtime.workers.supervisor import LoadFailed, StartTimings, WorkerProcess, describe_exit
+from omni_runtime.scheduler.backend import LoadFailed, Response, StartTimings, WorkerGone
+from omni_runtime.workers.backend import LocalWorkers
+from omni_runtime.workers.channel import WorkerChannel
+from omni_runtime.workers.supervisor import WorkerProcess, describe_exit
 
 __all__ = [
     "LoadFailed",
+    "LocalWorkers",
     "Response",
     "StartTimings",
     "WorkerChannel",

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from omni_runtime.scheduler.backend import Response, WorkerGone
 from omni_sdk._protocol import (
     FLAG_FD,
     RESPONSE_PREFIX,
@@ -26,9 +27,7 @@ from omni_sdk._protocol import (
 )
 from omni_sdk._serving import ai_error_body, v2_error_body
 
-__all__ = ["WorkerChannel", "WorkerGone"]
-
-Response = tuple[int, int, bytes]  # HTTP status, Inference-Header-Content-Length, body
+__all__ = ["WorkerChannel"]
 
 
 def _discard(flags: int, fds: socket.socket | None) -> None:
@@ -36,10 +35,6 @@ def _discard(flags: int, fds: socket.socket | None) -> None:
     if flags & FLAG_FD and fds is not None:
         with contextlib.suppress(ProtocolError):
             os.close(receive_fd(fds))
-
-
-class WorkerGone(Exception):
-    """The worker's socket closed while requests were waiting on it."""
 
 
 class WorkerChannel(asyncio.Protocol):
@@ -127,8 +122,8 @@ class WorkerChannel(asyncio.Protocol):
     ) -> asyncio.Future[Response]:
         """Send one request; the future resolves with its RESPONSE.
 
-        A streamed request (RUN_STREAM) passes each CHUNK to ``on_chunk`` as it arrives;
-        cancelling its future tells the worker to stop (CANCEL).
+        A streamed request (RUN_STREAM) passes each CHUNK to ``on_chunk`` as it arrives. A
+        caller that goes away calls ``abandon``: the request stays pending until answered.
         """
         self._next_id += 1
         request_id = self._next_id
@@ -147,17 +142,27 @@ class WorkerChannel(asyncio.Protocol):
         self._pending[request_id] = future
         if on_chunk is not None:
             self._streams[request_id] = on_chunk
-            future.add_done_callback(lambda f: self._cancelled(request_id, f))
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         transport.write(frame)
         return future
 
-    def _cancelled(self, request_id: int, future: asyncio.Future[Response]) -> None:
-        if future.cancelled() and self._pending.pop(request_id, None) is not None:
-            self._streams.pop(request_id, None)
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(encode_frame(Kind.CANCEL, request_id))
+    def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
+        """Tell the worker to stop a request whose caller left (CANCEL).
+
+        The worker still owes its answer (it may be running it): the request stays pending on
+        a new future, which resolves when that answer arrives or the worker goes. Its chunks,
+        if it streams, are dropped.
+        """
+        request_id = next((i for i, f in self._pending.items() if f is future), None)
+        if request_id is None:
+            return future  # already answered
+        self._streams.pop(request_id, None)
+        settled: asyncio.Future[Response] = self._loop.create_future()
+        self._pending[request_id] = settled
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_frame(Kind.CANCEL, request_id))
+        return settled
 
     def ping(self) -> None:
         """Ask an idle worker for a PONG, so a worker hung while idle is noticed too."""

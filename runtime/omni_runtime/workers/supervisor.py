@@ -12,52 +12,24 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_runtime.isolation.plan import worker_environment
-from omni_runtime.workers.channel import WorkerChannel, WorkerGone
+from omni_runtime.scheduler.backend import LoadFailed, Response, StartTimings, WorkerGone
+from omni_runtime.workers.channel import WorkerChannel
 from omni_runtime.workers.prewarm import ForkedProcess, PrewarmedProcess
 from omni_sdk._protocol import Kind, Payloads
 from omni_sdk._units import format_size
 
-__all__ = ["LoadFailed", "StartTimings", "WorkerProcess", "describe_exit"]
+__all__ = ["WorkerProcess", "describe_exit"]
 
 log = logging.getLogger("omni.supervisor")
 _worker_ids = iter(range(1, 1 << 62))
 _LOG_LINE_LIMIT = 16 << 10
-
-
-class LoadFailed(Exception):
-    """A worker did not become ready; the message says why, naming the model."""
-
-
-@dataclass(frozen=True)
-class StartTimings:
-    """Where a worker's start went, in seconds: the phases of a cold start."""
-
-    spawn: float = 0.0  # exec, interpreter start, omni_sdk import, sandbox
-    import_: float = 0.0  # the model package and its plugins
-    load: float = 0.0  # Engine.load
-    total: float = 0.0  # spawn to HELLO, as the runtime saw it
-
-    @classmethod
-    def from_hello(cls, hello: dict[str, Any], spawned_at: float, total: float) -> StartTimings:
-        timings = hello.get("timings") or {}
-        try:
-            main = float(timings.get("main", spawned_at))
-            return cls(
-                spawn=max(0.0, main - spawned_at) + float(timings.get("sandbox", 0.0)),
-                import_=float(timings.get("import", 0.0)),
-                load=float(timings.get("load", hello.get("load_seconds", 0.0))),
-                total=total,
-            )
-        except (TypeError, ValueError):  # an older worker: only the total is known
-            return cls(total=total)
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -298,6 +270,35 @@ class WorkerProcess:
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.close()
         self.cleanup()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    def request(
+        self, kind: int, parts: list[bytes], on_chunk: Callable[[bytes], None] | None = None
+    ) -> asyncio.Future[Response]:
+        """Send one request over its socket; the future resolves with the answer."""
+        channel = self.channel
+        if channel is None:
+            future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            future.set_exception(WorkerGone(f"{self.label}: its worker is not connected"))
+            return future
+        return channel.request(kind, parts, on_chunk)
+
+    def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
+        """CANCEL a request whose caller left; the returned future ends with its answer."""
+        if self.channel is None:
+            return future
+        return self.channel.abandon(future)
+
+    async def park(self) -> None:
+        """Move its GPU memory to the host (a PREFETCH the worker runs between requests)."""
+        self.prefetch("host")
+
+    async def wake(self) -> None:
+        """Bring its GPU memory back; the next request on the socket runs after it."""
+        self.prefetch("device")
 
     def prefetch(self, where: str) -> None:
         """Ask the worker to move its GPU memory to ``"device"`` or ``"host"`` (CUDA only)."""

@@ -48,6 +48,9 @@ def test_v2_writes_limits_and_enables_controllers(tmp_path: Path) -> None:
     assert worker.oom_killed()
     (worker.path / "memory.current").write_text("1048576\n")
     assert worker.memory_bytes() == 1 << 20
+    # Page cache it read (its package's files) is charged to it but is not what it holds.
+    (worker.path / "memory.stat").write_text("anon 786432\nfile 262144\ninactive_file 262144\n")
+    assert worker.memory_bytes() == 786432
 
     worker.remove()
     assert not worker.path.exists()

@@ -6,11 +6,13 @@ from omni_runtime.scheduler import (
     Blocked,
     ModelView,
     NodeView,
+    ParkReplica,
     ReplicaState,
     ReplicaView,
     SchedulerPolicy,
     StartReplica,
     StopReplica,
+    WakeReplica,
 )
 from omni_runtime.scheduler.policy import eviction_cost
 from omni_sdk import Scaling
@@ -139,19 +141,66 @@ def test_backoff_delays_a_restart() -> None:
     assert isinstance(decide(policy, 6, NodeView(1 << 30), crashed)[0], StartReplica)
 
 
-def test_gpu_budget_is_memory_times_overcommit() -> None:
+def gpu_models(count: int, gpu: int, wake_seconds: float) -> list[ModelView]:
+    return [
+        model(
+            f"m{i}",
+            ReplicaView(i, ReplicaState.READY, 0, MiB, gpu, "cuda"),
+            device="cuda",
+            gpu_bytes=gpu,
+            wake_seconds=wake_seconds,
+            recent=count - i,  # m3 is the least used
+        )
+        for i in range(count)
+    ]
+
+
+def test_gpu_budget_is_memory_times_overcommit_and_a_cheap_wake_parks() -> None:
     gpu = 1 << 30
     node = NodeView(64 << 30, {"cuda:0": 4 * gpu})  # gpu_overcommit 4 on a 1 GiB card
-    resident = [
-        model(f"m{i}", ReplicaView(i, ReplicaState.READY, 0, MiB, gpu, "cuda"), device="cuda")
-        for i in range(4)
-    ]
     new = model("new", queued=1, device="cuda", gpu_bytes=gpu)
-    decisions = decide(SchedulerPolicy(), 0, node, *resident, new)
-    stops = [d for d in decisions if isinstance(d, StopReplica)]
-    assert len(stops) == 1 and stops[0].cause == "memory"
-    assert "cuda:0" in stops[0].reason
+    decisions = decide(SchedulerPolicy(), 0, node, *gpu_models(4, gpu, 0.05), new)
+    # The host has room and waking (0.05 s) costs less than a start (1 s): parked, not stopped.
+    assert not [d for d in decisions if isinstance(d, StopReplica)]
+    (park,) = [d for d in decisions if isinstance(d, ParkReplica)]
+    assert park.model == "m3" and "cuda:0" in park.reason
     assert isinstance(decisions[-1], StartReplica)
+
+
+def test_a_full_host_stops_instead_of_parking() -> None:
+    gpu = 1 << 30
+    node = NodeView(gpu, {"cuda:0": 4 * gpu})  # no room on the host for 1 GiB more
+    new = model("new", queued=1, device="cuda", gpu_bytes=gpu, memory=MiB)
+    decisions = decide(SchedulerPolicy(), 0, node, *gpu_models(4, gpu, 0.05), new)
+    assert not [d for d in decisions if isinstance(d, ParkReplica)]
+    (stop,) = [d for d in decisions if isinstance(d, StopReplica)]
+    assert stop.cause == "memory" and stop.model == "m3"
+    assert isinstance(decisions[-1], StartReplica)
+
+
+def test_a_parked_replica_is_woken_before_a_new_one_starts() -> None:
+    gpu = 1 << 30
+    node = NodeView(64 << 30, {"cuda:0": gpu})
+    parked = ReplicaView(7, ReplicaState.PARKED, 0, MiB, gpu, "cuda:0")
+    busy = ReplicaView(8, ReplicaState.READY, 0, MiB, gpu, "cuda:0")
+    other = model("other", busy, device="cuda", gpu_bytes=gpu, wake_seconds=0.05)
+    m = model("m", parked, queued=1, device="cuda", gpu_bytes=gpu, wake_seconds=0.05)
+    decisions = decide(SchedulerPolicy(), 0, node, other, m)
+    # No room on the 1 GiB card: the idle 'other' makes room, and 'm' is woken, not started.
+    assert [type(d) for d in decisions] == [ParkReplica, WakeReplica]
+    assert decisions[0].model == "other"
+    assert decisions[1] == WakeReplica("m", 7, decisions[1].reason)
+
+
+def test_a_parked_replica_goes_once_its_model_is_idle() -> None:
+    policy = SchedulerPolicy()
+    gpu = 1 << 30
+    node = NodeView(64 << 30, {"cuda:0": gpu})
+    parked = ReplicaView(7, ReplicaState.PARKED, 0, MiB, gpu, "cuda:0")
+    decide(policy, 0, node, model("m", parked, device="cuda", arrived=1))
+    assert decide(policy, 30, node, model("m", parked, device="cuda", arrived=0)) == []
+    (stop,) = decide(policy, 61, node, model("m", parked, device="cuda", arrived=0))
+    assert stop == StopReplica("m", 7, stop.reason, "idle")
 
 
 def test_unloaded_model_scales_to_zero() -> None:
@@ -215,10 +264,13 @@ def test_a_model_on_any_gpu_goes_where_it_fits_and_least_busy() -> None:
 def test_eviction_happens_on_the_gpu_where_room_is_cheapest() -> None:
     gib = 1 << 30
     node = NodeView(1 << 40, {"cuda:0": 10 * gib, "cuda:1": 10 * gib})
-    dear = model("dear", gpu_replica(1, "cuda:0", 8 * gib), load_seconds=30.0, recent=10)
-    cheap = model("cheap", gpu_replica(2, "cuda:1", 8 * gib), load_seconds=0.5)
+    wake = 0.3  # 8 GiB over PCIe
+    dear = model(
+        "dear", gpu_replica(1, "cuda:0", 8 * gib), load_seconds=30.0, recent=10, wake_seconds=wake
+    )
+    cheap = model("cheap", gpu_replica(2, "cuda:1", 8 * gib), load_seconds=0.5, wake_seconds=wake)
     new = model("new", queued=1, device="cuda", gpu_bytes=4 * gib)
     decisions = decide(SchedulerPolicy(), 0, node, dear, cheap, new)
-    stops = [(d.model, d.cause) for d in decisions if isinstance(d, StopReplica)]
-    assert stops == [("cheap", "memory")]
+    evicted = [d.model for d in decisions if isinstance(d, StopReplica | ParkReplica)]
+    assert evicted == ["cheap"]
     assert [d.device for d in decisions if isinstance(d, StartReplica)] == ["cuda:1"]
