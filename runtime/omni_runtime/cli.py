@@ -327,7 +327,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             raise ConfigError(f"--max-body-size: {exc}") from None
-    gpus = detect_gpus()
+    gpus = dict(scheduler.gpus) if scheduler.gpus is not None else detect_gpus()
     check_models(
         discovery.models, scheduler, host_budget(scheduler), node_settings.scheduler_sources, gpus
     )

@@ -19,12 +19,20 @@ directory given to ``serve`` that holds the packages), which wins over the engin
 from __future__ import annotations
 
 import logging
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from omni_sdk import Resources, Scaling
 from omni_sdk._resources import Bytes, Seconds
@@ -118,12 +126,25 @@ class SchedulerSettings(BaseModel):
     panic_window: Seconds = Field(
         default=6.0, gt=0, description="...and reacts within this when demand doubles"
     )
+    gpus: dict[str, Bytes] | None = Field(
+        default=None,
+        description='each GPU\'s memory by device, e.g. {"cuda:0" = "80GiB"}; default: what '
+        "nvidia-smi reports (set it to plan with less than the card has)",
+    )
     prewarm_timeout: Seconds = Field(
         default=3600.0,
         ge=0,
         description="a pre-warmed process per environment that has served forks its workers "
         "until none of its models has had a request for this long; 0 turns pre-warming off",
     )
+
+    @field_validator("gpus")
+    @classmethod
+    def _devices(cls, gpus: dict[str, int] | None) -> dict[str, int] | None:
+        for device in gpus or {}:
+            if not re.fullmatch(r"cuda:\d+", device):
+                raise ValueError(f"a GPU is named like 'cuda:0', not {device!r}")
+        return gpus
 
     @model_validator(mode="after")
     def _windows(self) -> SchedulerSettings:

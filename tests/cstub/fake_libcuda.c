@@ -4,12 +4,14 @@
  *                      cuMemAdvise/cuMemPrefetchAsync to the CUmemLocation signatures.
  *   FAKE_CUDA_TOTAL    physical bytes cuMemGetInfo reports (default 8 GiB).
  *   FAKE_CUDA_FAIL     name of one entry point that fails, with FAKE_CUDA_FAIL_CODE (default 2).
+ *   FAKE_CUDA_PREFETCH_GBPS  a prefetch takes count / this many GB/s (default: no time).
  * fake_cuda_counter(name) reads the counters below, so tests can see what the hooks called.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -149,8 +151,19 @@ CUresult cuMemAdvise_v2(CUdeviceptr ptr, size_t count, int advice, CUmemLocation
     return 0;
 }
 
+/* Moving memory takes time: FAKE_CUDA_PREFETCH_GBPS (say 25 for PCIe) makes it count. */
+static void transfer(size_t count) {
+    const char *text = getenv("FAKE_CUDA_PREFETCH_GBPS");
+    double gbps = text && *text ? atof(text) : 0.0;
+    if (gbps <= 0) return;
+    double seconds = (double)count / (gbps * 1e9);
+    struct timespec pause = {(time_t)seconds, (long)((seconds - (time_t)seconds) * 1e9)};
+    nanosleep(&pause, NULL);
+}
+
 CUresult cuMemPrefetchAsync(CUdeviceptr ptr, size_t count, int device, void *stream) {
-    (void)ptr, (void)count, (void)stream;
+    (void)ptr, (void)stream;
+    transfer(count);
     bump(&counters.prefetch_device_calls, 1);
     bump(device == -1 ? &counters.prefetch_to_host : &counters.prefetch_to_gpu, 1);
     return 0;
@@ -158,8 +171,9 @@ CUresult cuMemPrefetchAsync(CUdeviceptr ptr, size_t count, int device, void *str
 
 CUresult cuMemPrefetchAsync_v2(CUdeviceptr ptr, size_t count, CUmemLocation where,
                                unsigned int flags, void *stream) {
-    (void)ptr, (void)count, (void)stream;
+    (void)ptr, (void)stream;
     if (flags != 0 || !valid_location(where)) return 1;
+    transfer(count);
     bump(&counters.prefetch_location_calls, 1);
     bump(where.type == LOCATION_HOST ? &counters.prefetch_to_host : &counters.prefetch_to_gpu, 1);
     return 0;

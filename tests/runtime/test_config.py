@@ -36,6 +36,14 @@ def _write(path: Path, text: str) -> Path:
             "batch_max_size, batch_retention)",
         ),
         ("[wat]\n", "unknown field 'wat' (allowed here: server, scheduler, models, model)"),
+        (
+            '[scheduler]\ngpus = {"gpu0" = "80GiB"}\n',
+            "field 'scheduler.gpus': a GPU is named like 'cuda:0', not 'gpu0'",
+        ),
+        (
+            '[scheduler]\ngpus = {"cuda:0" = "big"}\n',
+            "field 'scheduler.gpus.cuda:0': expected a size",
+        ),
         ("models = [", "not valid TOML"),
     ],
 )

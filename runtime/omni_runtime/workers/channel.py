@@ -57,6 +57,7 @@ class WorkerChannel(asyncio.Protocol):
         # anything; None while it owes nothing. The runtime's watchdog reads this.
         self.waiting_since: float | None = None
         self._ping_outstanding = False
+        self._roundtrips: dict[int, asyncio.Future[None]] = {}  # PINGs awaited, by id
 
     @property
     def in_flight(self) -> int:
@@ -92,7 +93,11 @@ class WorkerChannel(asyncio.Protocol):
                     except PayloadError:
                         continue  # a chunk that cannot be read is dropped; the stream goes on
                 elif kind == Kind.PONG:
-                    self._ping_outstanding = False
+                    waiter = self._roundtrips.pop(request_id, None)
+                    if waiter is None:
+                        self._ping_outstanding = False
+                    elif not waiter.done():
+                        waiter.set_result(None)
                 elif kind in (Kind.HELLO, Kind.LOAD_FAILED) and not self.hello.done():
                     self.hello.set_result((kind, json.loads(body)))
         except (ProtocolError, OSError, ValueError) as exc:
@@ -109,6 +114,10 @@ class WorkerChannel(asyncio.Protocol):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        for waiter in self._roundtrips.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._roundtrips.clear()
         if not self.hello.done():
             self.hello.set_exception(error)
         if not self.closed.done():
@@ -171,6 +180,17 @@ class WorkerChannel(asyncio.Protocol):
         self._ping_outstanding = True
         self.waiting_since = time.monotonic()
         self.send(Kind.PING)
+
+    def roundtrip(self) -> asyncio.Future[None]:
+        """A PING whose PONG resolves the future: the worker has handled every frame before it."""
+        self._next_id += 1
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._roundtrips[self._next_id] = waiter
+        if self.transport is None or self.transport.is_closing():
+            waiter.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
+        else:
+            self.transport.write(encode_frame(Kind.PING, self._next_id))
+        return waiter
 
     def silent_for(self, now: float) -> float:
         """Seconds the worker has owed an answer without saying anything."""

@@ -297,8 +297,11 @@ class WorkerProcess:
         self.prefetch("host")
 
     async def wake(self) -> None:
-        """Bring its GPU memory back; the next request on the socket runs after it."""
+        """Bring its GPU memory back, and wait until the worker has (PREFETCH, then a PING)."""
         self.prefetch("device")
+        if self.channel is not None and self.spec.device.startswith("cuda"):
+            with contextlib.suppress(WorkerGone, TimeoutError):
+                await asyncio.wait_for(self.channel.roundtrip(), self.settings.heartbeat_timeout)
 
     def prefetch(self, where: str) -> None:
         """Ask the worker to move its GPU memory to ``"device"`` or ``"host"`` (CUDA only)."""
