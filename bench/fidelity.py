@@ -123,15 +123,17 @@ def write_config(path: Path, models: dict[str, int], declared: int, host: str) -
 
 
 class Runtime:
-    def __init__(self, package: Path, config: Path) -> None:
+    def __init__(self, package: Path, config: Path, log: Path) -> None:
+        self.log = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "omni_runtime.cli", "serve", str(package), "--port", "0",
-             "--config", str(config), "--shared-env", "--log-level", "warning"],
+             "--config", str(config), "--shared-env", "--log-level", "info"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
         self.url = ""
         for line in self.process.stdout:
+            self.log.write(line)
             match = READY.search(line)
             if match:
                 self.url = match.group(1)
@@ -142,8 +144,8 @@ class Runtime:
 
     def _drain(self) -> None:
         assert self.process.stdout is not None
-        for _ in self.process.stdout:
-            pass
+        for line in self.process.stdout:
+            self.log.write(line)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=30).text
@@ -151,6 +153,7 @@ class Runtime:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(60)
+        self.log.close()
 
 
 def total(text: str, name: str, **labels: str) -> float:
@@ -208,7 +211,7 @@ def write_trace(path: Path, rows: list[tuple], memory: dict[str, int]) -> None:
 
 def calibrate(package: Path, config: Path, names: list[str]) -> tuple[float, dict[str, int]]:
     """Each model started once: the mean start in seconds, and each one's measured memory."""
-    runtime = Runtime(package, config)
+    runtime = Runtime(package, config, config.parent / "calibration.log")
     try:
         memory = {}
         with httpx.Client(base_url=runtime.url, timeout=120) as http:
@@ -244,8 +247,8 @@ async def replay(url: str, rows: list[tuple]) -> list[float]:
     return waits
 
 
-def live(package: Path, config: Path, rows: list[tuple]) -> dict[str, float]:
-    runtime = Runtime(package, config)
+def live(package: Path, config: Path, rows: list[tuple], log: Path) -> dict[str, float]:
+    runtime = Runtime(package, config, log)
     try:
         waits = asyncio.run(replay(runtime.url, rows))
         text = runtime.metrics()
@@ -316,7 +319,7 @@ def main() -> int:
         path = root / f"{label.split()[0]}.csv"
         write_trace(path, rows, memory)
         print(f"replaying {label}: {len(rows)} requests over {args.seconds:.0f}s ...", flush=True)
-        real = live(package, config, rows)
+        real = live(package, config, rows, path.with_suffix(".log"))
         sim = simulated(path, config, start, args.slo)
         met, p99 = summary(real["waits"], slo)  # type: ignore[arg-type]
         results.append((label, len(rows), met, p99, real, sim))

@@ -27,7 +27,8 @@ def test_parse_size_rejects(bad: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("5m", 300.0), ("30s", 30.0), ("250ms", 0.25), (2, 2.0)]
+    ("text", "expected"),
+    [("5m", 300.0), ("30s", 30.0), ("250ms", 0.25), (2, 2.0), ("2", 2.0), ("0.92", 0.92)],
 )
 def test_parse_duration(text: str | int, expected: float) -> None:
     assert parse_duration(text) == expected

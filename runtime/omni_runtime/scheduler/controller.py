@@ -198,7 +198,7 @@ class Controller:
             if isinstance(decision, StopReplica):
                 self._spawn(self._stop(model, replica, decision.reason, decision.cause))
             elif isinstance(decision, ParkReplica):
-                self._spawn(self._park(model, replica, decision.reason))
+                self._spawn(self._park(model, replica, decision.reason, decision.cause))
             elif isinstance(decision, WakeReplica):
                 self._spawn(self._wake_replica(model, replica, decision.reason))
         for model in self.models.values():
@@ -373,12 +373,12 @@ class Controller:
         )  # fmt: skip
         self.wake()
 
-    async def _park(self, model: ServedModel, replica: Replica, reason: str) -> None:
+    async def _park(self, model: ServedModel, replica: Replica, reason: str, cause: str) -> None:
         """Move an idle replica's device memory to the host; its process stays."""
         if replica.state is not ReplicaState.READY or replica.in_flight:
             return
         replica.state = ReplicaState.PARKED
-        self.metrics.evictions.labels(model.name, "memory").inc()
+        self.metrics.evictions.labels(model.name, cause).inc()
         log.info("model '%s': parked replica %d (%s)", model.name, replica.id, reason)
         await replica.worker.park()
 

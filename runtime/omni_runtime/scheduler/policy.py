@@ -131,6 +131,7 @@ class ParkReplica:
     model: str
     replica: int
     reason: str
+    cause: str  # the metric label: "memory" (to make room) or "idle"
 
 
 @dataclass(frozen=True)
@@ -248,14 +249,12 @@ class SchedulerPolicy:
         return plan.decisions
 
     def _scale_down(self, now: float, plan: _Plan, model: ModelView, target: ScaleTarget) -> None:
-        # A parked replica is a cache of a model that has gone quiet: it goes once the model
-        # has been idle for idle_timeout (or at once when the model no longer serves).
-        last = self._last_request(model)
-        idle = now - last >= model.scaling.idle_timeout
-        for replica in model.parked:
-            if not model.serving or (idle and target.replicas <= len(model.active)):
-                why = "not serving" if not model.serving else target.reason
-                plan.stop(model, replica, f"parked replica no longer needed: {why}", "idle")
+        # A parked replica is a cache of a model that has gone quiet: it stays while the host
+        # has room (it is let go, cheapest first, when host memory is needed), and goes at once
+        # when the model no longer serves.
+        if not model.serving:
+            for replica in model.parked:
+                plan.stop(model, replica, "parked replica no longer needed: not serving", "unload")
         surplus = len(model.active) - target.replicas
         if surplus <= 0:
             return
@@ -270,8 +269,26 @@ class SchedulerPolicy:
         else:
             cause = "scale_down"
         by_age = sorted(starting, key=lambda r: -r.id) + sorted(idle_ready, key=lambda r: -r.id)
-        for replica in by_age[:surplus]:
-            plan.stop(model, replica, f"scale down: {target.reason}", cause)
+        leaving = by_age[:surplus]
+        for replica in leaving:
+            last = replica is leaving[-1] and target.replicas == 0 and model.serving
+            if last and replica.state is ReplicaState.READY and self._parks(plan, model, replica):
+                # Idle on a GPU: its device memory goes to the host, its process stays, and its
+                # next request wakes it over PCIe instead of starting it from disk.
+                plan.park(model, replica, f"idle: {target.reason}", "idle")
+            else:
+                plan.stop(model, replica, f"scale down: {target.reason}", cause)
+
+    @staticmethod
+    def _parks(plan: _Plan, model: ModelView, replica: ReplicaView) -> bool:
+        """Whether parking the replica is possible (a GPU one, room on the host for what it
+        holds there) and cheaper than starting it again."""
+        return (
+            replica.device.startswith("cuda")
+            and replica.gpu_bytes > 0
+            and plan.host_used + replica.gpu_bytes <= plan.node.host_memory
+            and parking_cost(model) < eviction_cost(model)
+        )
 
     def _scale_up(self, plan: _Plan, model: ModelView, target: ScaleTarget) -> None:
         # Only requests waiting or running may evict: a model that is merely recently used
@@ -312,7 +329,7 @@ class SchedulerPolicy:
             # refilling the first free memory and being evicted again.
             self.autoscaler(model).evicted = True
         if park:
-            plan.park(model, replica, f"parked {why}")
+            plan.park(model, replica, f"parked {why}", "memory")
         else:
             plan.stop(model, replica, f"evicted {why}", "memory")
 
@@ -468,8 +485,8 @@ class _Plan:
         self.leaving.add((model.name, replica.id))
         self._free(replica)
 
-    def park(self, model: ModelView, replica: ReplicaView, reason: str) -> None:
-        self.decisions.append(ParkReplica(model.name, replica.id, reason))
+    def park(self, model: ModelView, replica: ReplicaView, reason: str, cause: str) -> None:
+        self.decisions.append(ParkReplica(model.name, replica.id, reason, cause))
         self.leaving.add((model.name, replica.id))
         self._free(replica)
         self.host_used += replica.host_bytes + replica.gpu_bytes

@@ -86,8 +86,12 @@ class SimulatedWorkers:
         durations: list[float],
         clock: Callable[[], float],
         gpus: list[str],
+        footprints: dict[str, int] | None = None,
     ) -> None:
         self.physics = physics
+        # What a replica of each model really holds (the trace's memory), whatever it
+        # declares in resources: the controller measures this, as it measures a live worker.
+        self.footprints = footprints or {}
         self.durations = durations  # by request index
         self.arrivals = [math.inf] * len(durations)  # set as each request arrives
         self.waits = [math.inf] * len(durations)  # start - arrival, once started
@@ -137,8 +141,11 @@ class SimulatedWorker:
         self._aborted = False
         self._slots = asyncio.Semaphore(max(1, backend.physics.concurrency))
         self._gpu = backend.gpus.get(_gpu_key(spec.device)) if spec.device != "cpu" else None
-        self.gpu_bytes = spec.resources.gpu_memory if self._gpu is not None else 0
-        self.host_bytes = spec.resources.memory if self._gpu is None else 0
+        on_gpu = self._gpu is not None
+        declared = spec.resources.gpu_memory if on_gpu else spec.resources.memory
+        footprint = backend.footprints.get(spec.name, declared)
+        self.gpu_bytes = footprint if on_gpu else 0
+        self.host_bytes = 0 if on_gpu else footprint
 
     def __hash__(self) -> int:
         return self.id

@@ -333,7 +333,13 @@ async def _replay(
         host = _UNLIMITED
     cards = dict.fromkeys(devices, options.gpu_memory)
     check_models(specs, node.scheduler, host, node.scheduler_sources, cards)
-    backend = SimulatedWorkers(options.physics, [r.duration for r in trace], loop.time, devices)
+    backend = SimulatedWorkers(
+        options.physics,
+        [r.duration for r in trace],
+        loop.time,
+        devices,
+        footprints=model_sizes(trace, options),
+    )
     metrics = Metrics()
     controller = Controller(
         specs,

@@ -192,15 +192,33 @@ def test_a_parked_replica_is_woken_before_a_new_one_starts() -> None:
     assert decisions[1] == WakeReplica("m", 7, decisions[1].reason)
 
 
-def test_a_parked_replica_goes_once_its_model_is_idle() -> None:
+def test_an_idle_gpu_replica_is_parked_and_a_cpu_one_stopped() -> None:
     policy = SchedulerPolicy()
     gpu = 1 << 30
     node = NodeView(64 << 30, {"cuda:0": gpu})
+    resident = ReplicaView(7, ReplicaState.READY, 0, MiB, gpu, "cuda:0")
+    on_gpu = model("g", resident, device="cuda", gpu_bytes=gpu, wake_seconds=0.05, arrived=1)
+    on_cpu = model("c", ready(8), arrived=1)
+    decide(policy, 0, node, on_gpu, on_cpu)
+    on_gpu.arrived = on_cpu.arrived = 0
+    assert decide(policy, 30, node, on_gpu, on_cpu) == []  # within idle_timeout (60 s)
+    park, stop = decide(policy, 61, node, on_gpu, on_cpu)
+    assert park == ParkReplica("g", 7, park.reason, "idle")
+    assert stop == StopReplica("c", 8, stop.reason, "idle")
+
+
+def test_a_parked_replica_stays_until_the_host_needs_its_memory() -> None:
+    policy = SchedulerPolicy()
+    gpu = 1 << 30
+    node = NodeView(gpu + 200 * MiB, {"cuda:0": gpu})
     parked = ReplicaView(7, ReplicaState.PARKED, 0, MiB, gpu, "cuda:0")
     decide(policy, 0, node, model("m", parked, device="cuda", arrived=1))
-    assert decide(policy, 30, node, model("m", parked, device="cuda", arrived=0)) == []
-    (stop,) = decide(policy, 61, node, model("m", parked, device="cuda", arrived=0))
-    assert stop == StopReplica("m", 7, stop.reason, "idle")
+    quiet = model("m", parked, device="cuda", arrived=0)
+    assert decide(policy, 3600, node, quiet) == []  # an hour idle: still a cheap wake away
+    # A CPU model needs 300 MiB of host memory: the parked replica is what can go.
+    (stop, start) = decide(policy, 3601, node, quiet, model("new", memory=300 * MiB, queued=1))
+    assert stop == StopReplica("m", 7, stop.reason, "memory")
+    assert start == StartReplica("new", "cpu", start.reason)
 
 
 def test_unloaded_model_scales_to_zero() -> None:

@@ -111,6 +111,20 @@ def test_a_cpu_node_is_bounded_by_host_memory(tmp_path: Path) -> None:
     assert concurrent.waits[:2] == pytest.approx([0.2, 0.2])
 
 
+def test_replicas_hold_the_traces_memory_whatever_they_declare(tmp_path: Path) -> None:
+    # a declares 900 MB (omni.toml) and holds 300 MB (the trace): once its first replica is
+    # measured, a second one fits beside it on a 1 GB node, as it would live.
+    rows = ["0,a,1,300MB", "5,a,20,300MB", "5,a,20,300MB", "5,a,20,300MB"]
+    trace = read_trace(write(tmp_path, rows))
+    options = dataclasses.replace(
+        config(tmp_path, "[models.a.resources]\nmemory = '900MB'\n"),
+        gpus=0,
+        host_memory=1_000_000_000,
+    )
+    result = simulate(trace, options, gpus=0)
+    assert result.cold_starts == 2  # with 900 MB reserved each, only one would ever fit
+
+
 def test_a_config_naming_a_model_the_trace_lacks_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, ["0,a,1,1GiB"])
     (tmp_path / "omni.toml").write_text("[models.typo.scaling]\nmax_replicas = 2\n")
