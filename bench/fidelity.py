@@ -7,14 +7,13 @@ sleeps for the duration the trace gives and says when it started) are served by 
 ``omni-runtime serve`` under a host budget smaller than their sum, with the same omni.toml
 that ``simulate --config`` then reads. Steps:
 
-  1. calibrate: one runtime starts each model once; the mean start (spawn to ready) and each
-     model's measured memory become the simulator's ``--start-seconds`` and the trace's
-     ``memory`` column;
+  1. calibrate: one runtime starts each model once; each model's measured memory becomes the
+     trace's ``memory`` column;
   2. for each trace (one Zipf-steady, one bursty; seeded), a fresh runtime replays it at the
      trace's times; each request's wait is its start (reported by the model) less its arrival;
-     cold starts and evictions come from ``/metrics``;
+     cold starts, evictions and the mean start (spawn to ready) come from ``/metrics``;
   3. ``omni-runtime simulate TRACE --gpus 0 --config omni.toml --start-seconds S --json``
-     on the same trace;
+     on the same trace, S being that replay's mean start;
 
 and prints both side by side. Target: SLO attainment within 2 percentage points, cold starts
 and evictions within 20 % (or 3).
@@ -254,10 +253,13 @@ def live(package: Path, config: Path, rows: list[tuple], log: Path) -> dict[str,
         text = runtime.metrics()
     finally:
         runtime.stop()
+    starts = total(text, "omni_model_load_duration_seconds_count")
     return {
         "waits": waits,  # type: ignore[dict-item]
         "cold_starts": total(text, "omni_model_cold_starts_total"),
         "evictions": total(text, "omni_model_evictions_total", reason="memory"),
+        # What a start cost during this replay (the machine is busier than when calibrating).
+        "start": total(text, "omni_model_load_duration_seconds_sum") / max(1, starts),
     }
 
 
@@ -320,7 +322,8 @@ def main() -> int:
         write_trace(path, rows, memory)
         print(f"replaying {label}: {len(rows)} requests over {args.seconds:.0f}s ...", flush=True)
         real = live(package, config, rows, path.with_suffix(".log"))
-        sim = simulated(path, config, start, args.slo)
+        sim = simulated(path, config, real["start"], args.slo)
+        print(f"  a start took {real['start']:.3f}s on average while it replayed", flush=True)
         met, p99 = summary(real["waits"], slo)  # type: ignore[arg-type]
         results.append((label, len(rows), met, p99, real, sim))
 

@@ -1,14 +1,17 @@
 """The scheduler: per-model queues, autoscaling, placement and eviction, and the controller.
 
 ``policy`` and ``autoscaler`` are pure (a clock reading and a view of the node in, decisions
-out); ``models`` holds each model's queue and replicas; ``controller`` applies decisions.
+out) and import nothing of the live runtime; ``models`` holds each model's queue and replicas;
+``controller`` applies decisions through a workers backend (``backend``), live or simulated.
+The controller and the models are imported on first use, so the policy stays light.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
-from omni_runtime.scheduler.controller import Controller, host_budget
-from omni_runtime.scheduler.models import ModelState, ModelStats, Replica, ServedModel
 from omni_runtime.scheduler.policy import (
     Blocked,
     Decision,
@@ -24,6 +27,26 @@ from omni_runtime.scheduler.policy import (
     WakeReplica,
 )
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
+
+if TYPE_CHECKING:
+    from omni_runtime.scheduler.controller import Controller, host_budget
+    from omni_runtime.scheduler.models import ModelState, ModelStats, Replica, ServedModel
+
+_LAZY = {
+    "Controller": "controller",
+    "host_budget": "controller",
+    "ModelState": "models",
+    "ModelStats": "models",
+    "Replica": "models",
+    "ServedModel": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'omni_runtime.scheduler' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"omni_runtime.scheduler.{module}"), name)
 
 __all__ = [
     "Autoscaler",

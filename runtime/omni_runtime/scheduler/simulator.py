@@ -138,6 +138,7 @@ class SimulationResult:
     wakes: int = 0
     refused: int = 0  # answered 429 or 503 instead of served
     host_memory: int = 0
+    idle_bytes: float = 0.0  # mean memory held by replicas with nothing in flight
 
     @property
     def requests(self) -> int:
@@ -356,6 +357,22 @@ async def _replay(
     await controller.start()  # a static placement is loaded before the first request
     start = loop.time()
     refused = 0
+    idle_samples: list[int] = []
+
+    async def sample_idle_memory() -> None:
+        """What idle replicas hold, once a second: the memory kept waiting for reuse."""
+        while True:
+            idle_samples.append(
+                sum(
+                    r.host_bytes + r.gpu_bytes
+                    for m in controller.models.values()
+                    for r in m.replicas
+                    if not r.in_flight
+                )
+            )
+            await asyncio.sleep(1.0)
+
+    sampler = loop.create_task(sample_idle_memory())
 
     async def request(index: int) -> None:
         nonlocal refused
@@ -378,6 +395,7 @@ async def _replay(
     while tasks:
         batch, tasks[:] = list(tasks), []
         await asyncio.gather(*batch)
+    sampler.cancel()
     await controller.stop()
     return SimulationResult(
         gpus=gpus,
@@ -389,6 +407,7 @@ async def _replay(
         wakes=_count(metrics, "omni_model_wakes_total"),
         refused=refused,
         host_memory=host,
+        idle_bytes=sum(idle_samples) / max(1, len(idle_samples)),
     )
 
 
@@ -462,6 +481,7 @@ def plan(
         "refused": chosen.refused,
         "p99_wait_seconds": _finite(chosen.p99_wait),
         "host_memory": chosen.host_memory,
+        "idle_memory_gib": round(chosen.idle_bytes / (1 << 30), 3),
         "options": {
             "gpu_memory": options.gpu_memory,
             "max_batch": options.max_batch,

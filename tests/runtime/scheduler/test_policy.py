@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from omni_runtime.scheduler import (
     Blocked,
     ModelView,
@@ -292,3 +295,14 @@ def test_eviction_happens_on_the_gpu_where_room_is_cheapest() -> None:
     evicted = [d.model for d in decisions if isinstance(d, StopReplica | ParkReplica)]
     assert evicted == ["cheap"]
     assert [d.device for d in decisions if isinstance(d, StartReplica)] == ["cuda:1"]
+
+
+def test_the_policy_imports_nothing_of_the_live_runtime() -> None:
+    live = ["uvicorn", "grpc", "prometheus_client", "omni_runtime.workers",
+            "omni_runtime.isolation", "omni_runtime.scheduler.controller"]  # fmt: skip
+    code = (
+        "import sys, omni_runtime.scheduler.policy, omni_runtime.scheduler.autoscaler\n"
+        f"print([m for m in {live!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
