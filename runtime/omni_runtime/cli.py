@@ -384,9 +384,12 @@ def _serve(args: argparse.Namespace) -> int:
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []
 
-    batches = BatchRunner(SqliteBatchStore(args.state_dir / "batch.sqlite3"), node,
-                          settings.batch_retention)  # fmt: skip
-    metrics.watch_batches(lambda: batches.counts)
+    batches = BatchRunner(
+        SqliteBatchStore(args.state_dir / "batch.sqlite3"),
+        node,
+        settings.batch_retention,
+        metrics,
+    )
 
     async def startup() -> None:
         batches.start()

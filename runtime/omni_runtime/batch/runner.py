@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from omni_runtime.batch.store import BatchItem, BatchStore
+from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
 from omni_runtime.scheduler.queue import Priority
 from omni_sdk._protocol import Kind
@@ -33,7 +34,9 @@ _EXPIRE_EVERY = 60.0
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, node: Controller, retention: float) -> None:
+    def __init__(
+        self, store: BatchStore, node: Controller, retention: float, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.node = node
         self.retention = retention
@@ -46,6 +49,8 @@ class BatchRunner:
         # Items by state, refreshed by the dispatch loop on the store's thread: a /metrics
         # scrape reads this and never waits for SQLite on the event loop.
         self.counts: dict[str, int] = {}
+        if metrics is not None:
+            metrics.watch_batches(lambda: self.counts)
 
     async def db(self, function: Callable[..., T], *args: Any) -> T:
         """Run a store call on the store's own thread, off the event loop."""

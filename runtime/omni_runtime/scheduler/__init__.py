@@ -48,6 +48,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'omni_runtime.scheduler' has no attribute {name!r}")
     return getattr(importlib.import_module(f"omni_runtime.scheduler.{module}"), name)
 
+
 __all__ = [
     "Autoscaler",
     "Blocked",

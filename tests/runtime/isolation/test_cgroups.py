@@ -3,6 +3,8 @@ the test (where the machine allows); v1 code against the real one."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import subprocess
@@ -181,3 +183,34 @@ def test_v2_on_a_real_hierarchy_joins_kills_and_removes(real_v2: Path) -> None:
     worker.remove()
     assert not worker.path.exists()
     cgroups.close()
+
+
+def test_removal_on_the_event_loop_tries_again_later_instead_of_sleeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omni_runtime.isolation import cgroups
+
+    path = tmp_path / "worker-1"
+    path.mkdir()
+    busy = [3]  # its last processes take three tries to leave
+    real_rmdir = Path.rmdir
+
+    def rmdir(self: Path) -> None:
+        if self == path and busy[0]:
+            busy[0] -= 1
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_rmdir(self)
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError("slept on the event loop")
+
+    monkeypatch.setattr(Path, "rmdir", rmdir)
+    monkeypatch.setattr(cgroups.time, "sleep", no_sleep)
+
+    async def scenario() -> None:
+        cgroups._remove_dir(path)  # returns at once, the loop carries on
+        assert path.exists()
+        await asyncio.sleep(0.2)
+        assert not path.exists()
+
+    asyncio.run(scenario())
