@@ -69,7 +69,8 @@ def main() -> int:
         trace = read_trace(path)
         for policy in ("omni", "lru"):
             options = parse_options(policy=policy, host_memory=args.host_memory)
-            print(row(label, policy, plan(trace, options, progress)), flush=True)
+            result = plan(trace, options, progress, baseline=policy == "omni")
+            print(row(label, policy, result), flush=True)
 
     print()
     print(f"idle_timeout on the Azure conversation trace, {args.gpus_for_sweep} GPUs (omni):")
@@ -88,7 +89,7 @@ def main() -> int:
         options = parse_options(
             gpus=args.gpus_for_sweep, host_memory=args.host_memory, config=config
         )
-        result = plan(trace, options, progress)
+        result = plan(trace, options, progress, baseline=False)
         p99 = result["p99_wait_seconds"]
         print(
             f"| {timeout} | {result['slo_attainment']:.2%} | "

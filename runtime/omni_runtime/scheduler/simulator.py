@@ -438,9 +438,11 @@ def plan(
     trace: list[TraceRequest],
     options: SimulationOptions,
     progress: Callable[[str], None] | None = None,
+    baseline: bool = True,
 ) -> dict[str, Any]:
     """The fewest GPUs that meet the target under the policy (or the given count, 0 for a CPU
-    node), and the baseline: every model with a replica (a GPU) of its own, always."""
+    node), and the baseline: every model with a replica (a GPU) of its own, always (skipped,
+    its keys None, with ``baseline=False``)."""
     options.check()
     models = model_sizes(trace, options)
     say = progress or (lambda _: None)
@@ -455,7 +457,7 @@ def plan(
         return result
 
     baseline_gpus = 0 if options.gpus == 0 else max(1, len(models))
-    baseline = run(baseline_gpus, "dedicated")
+    dedicated = run(baseline_gpus, "dedicated") if baseline else None
     if options.gpus is not None:
         chosen = run(options.gpus)
         searched = False
@@ -471,9 +473,11 @@ def plan(
         "slo_attainment": round(chosen.slo_attainment, 6),
         "target": options.target,
         "meets_target": chosen.slo_attainment >= options.target,
-        "baseline_gpus": baseline.gpus,
-        "baseline_slo_attainment": round(baseline.slo_attainment, 6),
-        "gpu_saving": round(1 - chosen.gpus / baseline.gpus, 6) if baseline.gpus else 0.0,
+        "baseline_gpus": dedicated.gpus if dedicated else None,
+        "baseline_slo_attainment": round(dedicated.slo_attainment, 6) if dedicated else None,
+        "gpu_saving": round(1 - chosen.gpus / dedicated.gpus, 6)
+        if dedicated and dedicated.gpus
+        else 0.0,
         "cold_starts": chosen.cold_starts,
         "cold_starts_per_1000": round(1000 * chosen.cold_starts / max(1, len(trace)), 3),
         "evictions": chosen.evictions,
@@ -498,7 +502,9 @@ def plan(
 def _fewest_gpus(
     options: SimulationOptions, most: int, run: Callable[[int], SimulationResult]
 ) -> SimulationResult:
-    """The fewest GPUs that meet ``options.target``: from 1..most, doubling past it if needed."""
+    """The fewest GPUs that meet ``options.target``: doubling from 1 until a count meets it,
+    then bisecting below it (a few short replays rather than one per model). Past ``most``
+    (one GPU per model), doubling stops where it no longer helps."""
     results: dict[int, SimulationResult] = {}
 
     def once(gpus: int) -> SimulationResult:
@@ -506,10 +512,12 @@ def _fewest_gpus(
             results[gpus] = run(gpus)
         return results[gpus]
 
-    low, high = 1, most
+    low, high = 1, 1
     while once(high).slo_attainment < options.target:
         more = min(_MOST_GPUS, high * 2)  # busy models may need several GPUs each
-        if high >= _MOST_GPUS or once(more).slo_attainment <= results[high].slo_attainment:
+        if high >= _MOST_GPUS or (
+            high >= most and once(more).slo_attainment <= results[high].slo_attainment
+        ):
             return results[high]  # more GPUs do not help: the target cannot be met
         low, high = high + 1, more
     while low < high:
