@@ -88,7 +88,8 @@ class Worker(Protocol):
         """Send one request; the future resolves with its answer (``WorkerGone`` if it ends)."""
 
     def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
-        """The caller of a cancelled request left: ask the worker to stop it (CANCEL).
+        """The caller of a request left: tell the worker (CANCEL; a stream stops there, a
+        request already running finishes).
 
         Returns a future that resolves when the worker has answered it after all, or ended:
         until then the request still holds its slot on the replica.

@@ -21,6 +21,7 @@ from omni_runtime.scheduler.policy import (
     ModelView,
     NodeView,
     ReplicaState,
+    ReplicaView,
     StartReplica,
     StopReplica,
     gpu_held,
@@ -59,11 +60,18 @@ class _Usage:
     def need(model: ModelView, device: str) -> int:
         return model.gpu_bytes if device.startswith("cuda") else model.host_bytes
 
-    def add(self, model: ModelView, device: str, sign: int = 1) -> None:
+    def add(self, model: ModelView, device: str) -> None:
         if device.startswith("cuda"):
-            self.gpu[device] = self.gpu.get(device, 0) + sign * model.gpu_bytes
+            self.gpu[device] = self.gpu.get(device, 0) + model.gpu_bytes
         else:
-            self.host += sign * model.host_bytes
+            self.host += model.host_bytes
+
+    def release(self, replica: ReplicaView) -> None:
+        """What a stopped replica held is free again."""
+        self.host -= host_held(replica)
+        if gpu_held(replica):
+            key = gpu_key(replica.device)
+            self.gpu[key] = self.gpu.get(key, 0) - gpu_held(replica)
 
 
 class LruPolicy:
@@ -112,18 +120,22 @@ class LruPolicy:
                     for _, m, r in idle:
                         if room >= need:
                             break
-                        if gpu_key(r.device) == device or not device.startswith("cuda"):
+                        if not device.startswith("cuda"):
                             victims.append((m, r))
-                            room += usage.need(m, device)
+                            room += host_held(r)
+                        elif gpu_key(r.device) == device:
+                            victims.append((m, r))
+                            room += gpu_held(r)
                     if room >= need:
                         break
                 else:
-                    decisions.append(Blocked(model.name, "no device can make room"))
+                    host = not model.device.startswith("cuda")
+                    decisions.append(Blocked(model.name, "no device can make room", host))
                     continue
                 for m, r in victims:
                     decisions.append(StopReplica(m.name, r.id, "least recently used", "memory"))
                     stopped.add((m.name, r.id))
-                    usage.add(m, device, -1)
+                    usage.release(r)
             decisions.append(StartReplica(model.name, device, "a request waits"))
             usage.add(model, device)
         return decisions

@@ -38,7 +38,9 @@ from omni_runtime.scheduler.policy import (
     StartReplica,
     StopReplica,
     WakeReplica,
+    gpu_held,
     gpu_key,
+    host_held,
 )
 from omni_runtime.scheduler.queue import ModelUnavailable
 
@@ -183,7 +185,7 @@ class Controller:
         )
         decisions = self.policy.decide(now, node, views)
         blocked = {d.model: d.reason for d in decisions if isinstance(d, Blocked)}
-        memory_short = any("host_memory" in r for r in blocked.values())
+        memory_short = any(d.host_memory for d in decisions if isinstance(d, Blocked))
         self.backend.reconcile(now, memory_short, self.policy.last_request)
         for decision in decisions:
             model = self.models[decision.model]
@@ -196,9 +198,9 @@ class Controller:
             if replica is None:
                 continue
             if isinstance(decision, StopReplica):
-                self._spawn(self._stop(model, replica, decision.reason, decision.cause))
+                self._stop(model, replica, decision.reason, decision.cause)
             elif isinstance(decision, ParkReplica):
-                self._spawn(self._park(model, replica, decision.reason, decision.cause))
+                self._park(model, replica, decision.reason, decision.cause)
             elif isinstance(decision, WakeReplica):
                 self._spawn(self._wake_replica(model, replica, decision.reason))
         for model in self.models.values():
@@ -373,14 +375,18 @@ class Controller:
         )  # fmt: skip
         self.wake()
 
-    async def _park(self, model: ServedModel, replica: Replica, reason: str, cause: str) -> None:
-        """Move an idle replica's device memory to the host; its process stays."""
+    def _park(self, model: ServedModel, replica: Replica, reason: str, cause: str) -> None:
+        """Move an idle replica's device memory to the host; its process stays.
+
+        Its state changes here, in the reconcile that decided it, before any request can be
+        handed to it; the move itself goes on in a task."""
         if replica.state is not ReplicaState.READY or replica.in_flight:
             return
         replica.state = ReplicaState.PARKED
+        replica.on_host = True
         self.metrics.evictions.labels(model.name, cause).inc()
         log.info("model '%s': parked replica %d (%s)", model.name, replica.id, reason)
-        await replica.worker.park()
+        self._spawn(replica.worker.park())
 
     async def _wake_replica(self, model: ServedModel, replica: Replica, reason: str) -> None:
         """Bring a parked replica's memory back to its device, then give it requests."""
@@ -393,6 +399,7 @@ class Controller:
             await replica.worker.wake()
         finally:
             replica.waking = False
+            replica.on_host = False
         if replica.state is not ReplicaState.STARTING:
             return  # stopped meanwhile
         replica.state = ReplicaState.READY
@@ -404,21 +411,27 @@ class Controller:
         model.changed.set()
         model.hand_over(replica)
 
-    async def _stop(self, model: ServedModel, replica: Replica, reason: str, cause: str) -> None:
-        """Drain the replica (no new requests; those in flight finish), then stop it."""
-        if replica.stop_reason is not None:
-            await replica.gone.wait()
-            return
+    def _stop(
+        self, model: ServedModel, replica: Replica, reason: str, cause: str
+    ) -> asyncio.Task[None]:
+        """Drain the replica (no new requests; those in flight finish), then stop it.
+
+        It stops taking requests here, in the caller's step (a reconcile that decided it);
+        the returned task ends once it is gone."""
         worker = replica.worker
-        if worker.returncode is not None:
-            await replica.gone.wait()  # it died by itself: its watcher reports how
-            return
+        if replica.stop_reason is not None or worker.returncode is not None:
+            return self._spawn(_gone(replica))  # already stopping, or its watcher reports
         replica.stop_reason = reason
         if replica.state is ReplicaState.STARTING and not replica.waking:
             worker.abort()  # its start fails, and _start removes it
-            await replica.gone.wait()
-            return
+            return self._spawn(_gone(replica))
         replica.state = ReplicaState.DRAINING
+        return self._spawn(self._drain_and_stop(model, replica, reason, cause))
+
+    async def _drain_and_stop(
+        self, model: ServedModel, replica: Replica, reason: str, cause: str
+    ) -> None:
+        worker = replica.worker
         try:
             await asyncio.wait_for(replica.idle.wait(), self.settings.drain_timeout)
         except TimeoutError:
@@ -546,17 +559,12 @@ class Controller:
         if any(m.blocked for m in self.models.values()):
             return False
         views = [r.view() for m in self.models.values() for r in m.replicas]
-        free_host = self.node.host_memory - sum(v.host_bytes for v in views)
-        if free_host < 2 * model.expected_host:
+        host = self.node.host_memory - self.backend.reserved_host_bytes()
+        if host - sum(host_held(v) for v in views) < 2 * model.expected_host:
             return False
         if model.spec.device.startswith("cuda") and self.node.gpu_budgets:
             free_gpu = max(
-                budget
-                - sum(
-                    v.gpu_bytes
-                    for v in views
-                    if v.state is not ReplicaState.PARKED and gpu_key(v.device) == gpu
-                )
+                budget - sum(gpu_held(v) for v in views if gpu_key(v.device) == gpu)
                 for gpu, budget in self.node.gpu_budgets.items()
             )
             return free_gpu >= 2 * model.expected_gpu
@@ -567,3 +575,7 @@ class Controller:
         """The node serves: started and not shutting down (a model's own trouble is its
         own: ``/v2/models/{name}/ready`` tells)."""
         return self.started and not self.closing
+
+
+async def _gone(replica: Replica) -> None:
+    await replica.gone.wait()

@@ -93,14 +93,17 @@ class Replica:
         self.gpu_bytes = 0
         self.stop_reason: str | None = None  # set when it is stopped on purpose
         self.waking = False  # parked, and its memory is on its way back to its device
+        self.on_host = False  # parked (its device memory on the host), until woken
         self.gone = asyncio.Event()  # set once it has left its model's replica list
         self.idle = asyncio.Event()
         self.idle.set()
 
     def view(self) -> ReplicaView:
+        # A parked replica being stopped still holds its memory on the host, not the GPU.
+        parked = self.on_host and self.state is ReplicaState.DRAINING
         return ReplicaView(
             id=self.id,
-            state=self.state,
+            state=ReplicaState.PARKED if parked else self.state,
             in_flight=self.in_flight,
             host_bytes=self.host_bytes,
             gpu_bytes=self.gpu_bytes,
@@ -371,7 +374,13 @@ class ServedModel:
             if settled is None or settled.done():
                 self._release(replica)
             else:
-                settled.add_done_callback(lambda _: self._release(replica))
+                settled.add_done_callback(lambda answer: self._settled(answer, replica))
+
+    def _settled(self, answer: asyncio.Future[Response], replica: Replica) -> None:
+        """The worker answered a request whose caller left (or ended): its slot is free."""
+        if not answer.cancelled():
+            answer.exception()  # nobody waits for it: read, so asyncio does not report it
+        self._release(replica)
 
     def _first_response(self, replica: Replica, seconds: float) -> None:
         self.metrics.cold_start.labels(self.name, "first_response").observe(seconds)

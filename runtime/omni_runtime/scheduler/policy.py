@@ -16,8 +16,9 @@ never evicted. If nothing can be freed, the model is blocked and its requests wa
 Memory tiers: on a GPU, an idle replica that must make room may be *parked* instead of stopped
 (its process stays, its device memory moves to the host, where it counts against host memory
 only) when the host has room for it and waking it (memory over PCIe) costs less than a start;
-a parked replica is woken, before any new one starts, when its model has requests again, and
-stopped once its model has been idle for ``idle_timeout`` or when host memory is short.
+so is a GPU model's last replica when it has been idle for ``idle_timeout``. A parked replica is
+woken, before any new one starts, when its model has requests again, and stopped when host
+memory is short and it is the cheapest to let go.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Blocked:
 
     model: str
     reason: str
+    host_memory: bool = False  # short of host memory (rather than of a GPU's)
 
 
 Decision = StartReplica | StopReplica | ParkReplica | WakeReplica | Blocked
@@ -287,7 +289,7 @@ class SchedulerPolicy:
             replica.device.startswith("cuda")
             and replica.gpu_bytes > 0
             and plan.host_used + replica.gpu_bytes <= plan.node.host_memory
-            and parking_cost(model) < eviction_cost(model)
+            and model.wake_seconds < model.load_seconds
         )
 
     def _scale_up(self, plan: _Plan, model: ModelView, target: ScaleTarget) -> None:
@@ -307,9 +309,18 @@ class SchedulerPolicy:
             if not devices:
                 return  # one replica on every GPU already
             device, victims, shortfall = self._place(model, devices, may_evict, plan, waking)
+            if waking is not None and shortfall and victims is None:
+                # Its GPU cannot make room (busy replicas fill it): a fresh replica elsewhere
+                # serves sooner than waiting; the parked one goes when the host needs room.
+                waking = None
+                devices = _candidate_devices(plan.node, model, hosting, plan.gpu_used, plan.load)
+                if not devices:
+                    return
+                device, victims, shortfall = self._place(model, devices, may_evict, plan, None)
             if shortfall and (not may_evict or victims is None):
                 if may_evict:
-                    plan.decisions.append(Blocked(model.name, shortfall))
+                    host_short = plan.host_used + model.host_bytes > plan.node.host_memory
+                    plan.decisions.append(Blocked(model.name, shortfall, host_short))
                 return
             for victim_model, victim, park in victims or []:
                 self._evict(plan, victim_model, victim, park, f"to make room for '{model.name}' "
@@ -323,7 +334,7 @@ class SchedulerPolicy:
     def _evict(
         self, plan: _Plan, model: ModelView, replica: ReplicaView, park: bool, why: str
     ) -> None:
-        leaving = [r for r in model.active if (model.name, r.id) in plan.leaving]
+        leaving = [r for r in model.active if (model.name, r.id) in plan.decided]
         if replica.state is not ReplicaState.PARKED and len(leaving) + 1 >= len(model.active):
             # Its last replica: it stays at zero until a request wants it, rather than
             # refilling the first free memory and being evicted again.
@@ -402,19 +413,19 @@ class SchedulerPolicy:
             if other.name == model.name or other.queued:
                 continue
             keep = other.scaling.min_replicas if other.serving else 0
-            leaving = sum(1 for r in other.active if (other.name, r.id) in plan.leaving)
+            leaving = sum(1 for r in other.active if (other.name, r.id) in plan.decided)
             removable = len(other.active) - leaving - keep
             idle = [
                 r
                 for r in other.active
                 if r.state is ReplicaState.READY
                 and not r.in_flight
-                and (other.name, r.id) not in plan.leaving
+                and (other.name, r.id) not in plan.decided
             ]
             for replica in sorted(idle, key=lambda r: -r.id)[: max(0, removable)]:
                 candidates.append((eviction_cost(other), other, replica))
             for replica in other.parked:  # they hold host memory only
-                if (other.name, replica.id) not in plan.leaving:
+                if (other.name, replica.id) not in plan.decided:
                     candidates.append((eviction_cost(other), other, replica))
         # Equal costs (same load time, as many recent requests): the least recently used goes.
         candidates.sort(key=lambda c: (c[0], self._last_request(c[1]), -c[2].host_bytes))
@@ -436,7 +447,7 @@ class SchedulerPolicy:
                 frees_gpu
                 and not host_short
                 and host_used + replica.gpu_bytes + need_host <= node.host_memory
-                and parking_cost(other) < eviction_cost(other)
+                and other.wake_seconds < other.load_seconds
             )
             chosen.append((other, replica, park))
             if park:
@@ -458,7 +469,8 @@ class _Plan:
         self.node = node
         self.models = {m.name: m for m in models}
         self.decisions: list[Decision] = []
-        self.leaving: set[tuple[str, int]] = set()  # stopped or parked by this decision
+        # Replicas this decision already stops, parks or wakes: none is chosen twice.
+        self.decided: set[tuple[str, int]] = set()
         self.host_used = 0
         self.gpu_used: dict[str, int] = {}
         self.load: dict[str, int] = {}  # requests in flight per GPU
@@ -482,17 +494,18 @@ class _Plan:
 
     def stop(self, model: ModelView, replica: ReplicaView, reason: str, cause: str) -> None:
         self.decisions.append(StopReplica(model.name, replica.id, reason, cause))
-        self.leaving.add((model.name, replica.id))
+        self.decided.add((model.name, replica.id))
         self._free(replica)
 
     def park(self, model: ModelView, replica: ReplicaView, reason: str, cause: str) -> None:
         self.decisions.append(ParkReplica(model.name, replica.id, reason, cause))
-        self.leaving.add((model.name, replica.id))
+        self.decided.add((model.name, replica.id))
         self._free(replica)
         self.host_used += replica.host_bytes + replica.gpu_bytes
 
     def wake(self, model: ModelView, replica: ReplicaView, reason: str) -> None:
         self.decisions.append(WakeReplica(model.name, replica.id, reason))
+        self.decided.add((model.name, replica.id))
         self.host_used -= replica.gpu_bytes
         key = gpu_key(replica.device)
         self.gpu_used[key] = self.gpu_used.get(key, 0) + replica.gpu_bytes

@@ -240,9 +240,12 @@ class SimulatedWorker:
         self._end(0)
 
     def abort(self) -> None:
+        """Stopped while it may still be starting; a started one is killed, as live."""
         self._aborted = True
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
+        else:
+            self._end(-9)
 
     def kill(self) -> None:
         self.abort()
@@ -261,11 +264,17 @@ class SimulatedWorker:
         return self.gpu_bytes
 
     def _end(self, returncode: int) -> None:
-        if self._returncode is None:
-            self._returncode = returncode
-            if self._gpu is not None:
-                self._gpu.leave(self)
-            self._ended.set_result(returncode)
+        if self._returncode is not None:
+            return
+        self._returncode = returncode
+        if self._gpu is not None:
+            self._gpu.leave(self)
+        gone = WorkerGone(f"model '{self.spec.name}': its worker ended")
+        for future, task in list(self._serving.items()):  # what it ran is lost, as live
+            task.cancel()
+            if not future.done():
+                future.set_exception(gone)
+        self._ended.set_result(returncode)
 
 
 def _settle(future: asyncio.Future[Response], task: asyncio.Task[Response]) -> None:

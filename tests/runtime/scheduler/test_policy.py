@@ -306,3 +306,32 @@ def test_the_policy_imports_nothing_of_the_live_runtime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_parked_replica_whose_gpu_is_busy_starts_fresh_on_another() -> None:
+    gib = 1 << 30
+    node = NodeView(64 << 30, {"cuda:0": 10 * gib, "cuda:1": 10 * gib})
+    parked = ReplicaView(1, ReplicaState.PARKED, 0, MiB, 8 * gib, "cuda:0")
+    busy = ReplicaView(2, ReplicaState.READY, 3, MiB, 8 * gib, "cuda:0")
+    a = model("a", parked, queued=1, device="cuda", gpu_bytes=8 * gib, wake_seconds=0.3)
+    b = model("b", busy, in_flight=3, device="cuda", gpu_bytes=8 * gib,
+              scaling=Scaling(target_ongoing_requests=8))  # fmt: skip
+    decisions = decide(SchedulerPolicy(), 0, node, a, b)
+    # cuda:0 is held by b's requests in flight; cuda:1 is empty: a starts there at once.
+    assert decisions == [StartReplica("a", "cuda:1", decisions[0].reason)]
+
+
+def test_no_replica_is_woken_and_evicted_in_one_decision() -> None:
+    gib = 1 << 30
+    node = NodeView(16 * gib, {"cuda:0": 40 * gib})
+    parked = ReplicaView(3, ReplicaState.PARKED, 0, 4 * gib, 8 * gib, "cuda:0")
+    busy = ReplicaView(4, ReplicaState.READY, 50, 4 * gib, 8 * gib, "cuda:0")
+    a = model("a", busy, parked, in_flight=50, device="cuda", gpu_bytes=8 * gib,
+              memory=4 * gib, wake_seconds=0.3, scaling=Scaling(max_replicas=2))  # fmt: skip
+    b = model("b", queued=1, memory=9 * gib)
+    decisions = decide(SchedulerPolicy(), 0, node, a, b)
+    # a's burst wakes its parked replica 3 (host memory back to 8 GiB used); b then needs 9 GiB
+    # of host memory, and replica 3, being woken, is not there to evict.
+    woken = {d.replica for d in decisions if isinstance(d, WakeReplica)}
+    stopped = {d.replica for d in decisions if isinstance(d, StopReplica)}
+    assert woken == {3} and not woken & stopped, decisions
