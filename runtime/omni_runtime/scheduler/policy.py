@@ -408,32 +408,20 @@ class SchedulerPolicy:
         """
         node = plan.node
         gpu_used = dict(plan.gpu_used)
-        candidates: list[tuple[float, ModelView, ReplicaView]] = []
-        for other in plan.models.values():
-            if other.name == model.name or other.queued:
-                continue
-            keep = other.scaling.min_replicas if other.serving else 0
-            leaving = sum(1 for r in other.active if (other.name, r.id) in plan.decided)
-            removable = len(other.active) - leaving - keep
-            idle = [
-                r
-                for r in other.active
-                if r.state is ReplicaState.READY
-                and not r.in_flight
-                and (other.name, r.id) not in plan.decided
-            ]
-            for replica in sorted(idle, key=lambda r: -r.id)[: max(0, removable)]:
-                candidates.append((eviction_cost(other), other, replica))
-            for replica in other.parked:  # they hold host memory only
-                if (other.name, replica.id) not in plan.decided:
-                    candidates.append((eviction_cost(other), other, replica))
-        # Equal costs (same load time, as many recent requests): the least recently used goes.
-        candidates.sort(key=lambda c: (c[0], self._last_request(c[1]), -c[2].host_bytes))
+        taken: dict[str, int] = {}  # idle replicas chosen here, by model
         chosen: list[tuple[ModelView, ReplicaView, bool]] = []
-        for _, other, replica in candidates:
+        for other, replica in self._candidates(plan):
             if _fits(node, need_host, need_gpu, device, host_used, gpu_used):
                 break
+            if other.name == model.name or (other.name, replica.id) in plan.decided:
+                continue
             parked = replica.state is ReplicaState.PARKED
+            if not parked:
+                # Never below min_replicas, counting what this decision already took.
+                keep = other.scaling.min_replicas if other.serving else 0
+                gone = sum(1 for r in other.active if (other.name, r.id) in plan.decided)
+                if len(other.active) - gone - taken.get(other.name, 0) <= keep:
+                    continue
             frees_gpu = (
                 not parked
                 and device.startswith("cuda")
@@ -450,6 +438,8 @@ class SchedulerPolicy:
                 and other.wake_seconds < other.load_seconds
             )
             chosen.append((other, replica, park))
+            if not parked:
+                taken[other.name] = taken.get(other.name, 0) + 1
             if park:
                 host_used += replica.gpu_bytes
             else:
@@ -461,6 +451,28 @@ class SchedulerPolicy:
             return None
         return chosen
 
+    def _candidates(self, plan: _Plan) -> list[tuple[ModelView, ReplicaView]]:
+        """Every replica that may be evicted, cheapest first; sorted once per decision.
+
+        Idle ready replicas of models with nothing queued (newest first within a model) and
+        parked ones. Equal costs (same load time, as many recent requests): the least recently
+        used goes first.
+        """
+        if plan.candidates is None:
+            found: list[tuple[tuple[float, float, int, int], ModelView, ReplicaView]] = []
+            for other in plan.models.values():
+                if other.queued:
+                    continue
+                cost, last = eviction_cost(other), self._last_request(other)
+                for r in other.active:
+                    if r.state is ReplicaState.READY and not r.in_flight:
+                        found.append(((cost, last, -r.host_bytes, -r.id), other, r))
+                for r in other.parked:  # they hold host memory only
+                    found.append(((cost, last, -r.host_bytes, -r.id), other, r))
+            found.sort(key=lambda c: c[0])
+            plan.candidates = [(m, r) for _, m, r in found]
+        return plan.candidates
+
 
 class _Plan:
     """The decisions of one ``decide`` so far, and the memory they leave."""
@@ -471,6 +483,7 @@ class _Plan:
         self.decisions: list[Decision] = []
         # Replicas this decision already stops, parks or wakes: none is chosen twice.
         self.decided: set[tuple[str, int]] = set()
+        self.candidates: list[tuple[ModelView, ReplicaView]] | None = None  # for eviction
         self.host_used = 0
         self.gpu_used: dict[str, int] = {}
         self.load: dict[str, int] = {}  # requests in flight per GPU

@@ -53,9 +53,7 @@ class _Gpu:
         self.physics = physics
         self.slots = asyncio.Semaphore(physics.max_batch)
         self.on_card: OrderedDict[SimulatedWorker, int] = OrderedDict()
-
-    def used(self) -> int:
-        return sum(self.on_card.values())
+        self.used = 0  # bytes on the card: the sum of on_card's values
 
     def touch(self, worker: SimulatedWorker) -> float:
         """Put the worker's memory on the card; the seconds that takes (0 if it is there)."""
@@ -63,16 +61,18 @@ class _Gpu:
             self.on_card.move_to_end(worker)
             return 0.0
         need = worker.gpu_bytes
-        for other in list(self.on_card):
-            if self.used() + need <= self.physics.gpu_memory:
-                break
-            if not other.running:
-                del self.on_card[other]  # its pages go to the host
+        if self.used + need > self.physics.gpu_memory:
+            for other in list(self.on_card):
+                if self.used + need <= self.physics.gpu_memory:
+                    break
+                if not other.running:
+                    self.leave(other)  # its pages go to the host
         self.on_card[worker] = need
+        self.used += need
         return need / (self.physics.pcie_gbps * _GB)
 
     def leave(self, worker: SimulatedWorker) -> None:
-        self.on_card.pop(worker, None)
+        self.used -= self.on_card.pop(worker, 0)
 
 
 class SimulatedWorkers:
