@@ -38,6 +38,8 @@ log = logging.getLogger("omni.runtime")
 if TYPE_CHECKING:
     from grpc.aio import Server as GrpcServer
 
+    from omni_runtime.tokens import Tokens
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -220,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _discover(args: argparse.Namespace) -> tuple[Discovery, dict[Path, OmniFile]]:
+def _discover(
+    args: argparse.Namespace, isolation: Isolation | None = None
+) -> tuple[Discovery, dict[Path, OmniFile]]:
     packages = find_packages(args.paths)
     files = config_files(args.paths, getattr(args, "config", None))
-    # Importing a package runs its code: discovery runs in the same sandbox as a worker.
-    sandbox = Isolation.sandbox_only([*packages, args.state_dir], args.state_dir)
+    # Importing a package runs its code: discovery runs in the same sandbox as a worker (and
+    # in a cgroup of its own where the runtime has cgroups).
+    sandbox = isolation if isolation is not None and isolation.namespaces else None
     if args.shared_env:
         return asyncio.run(discover_all(packages, files, isolation=sandbox)), files
     if sys.stderr.isatty():
@@ -235,8 +240,27 @@ def _discover(args: argparse.Namespace) -> tuple[Discovery, dict[Path, OmniFile]
     return asyncio.run(discover_all(packages, files, builder, sandbox)), files
 
 
+def _isolation(args: argparse.Namespace) -> Isolation:
+    return Isolation.detect(
+        find_packages(args.paths),
+        state_dir=args.state_dir,
+        masked=_secret_files(config_files(args.paths, getattr(args, "config", None))),
+    )
+
+
+def _secret_files(files: dict[Path, OmniFile]) -> tuple[Path, ...]:
+    """Files no model may read: every omni.toml (other models' env) and the token files."""
+    token_files = [os.environ.get(f"{n}_FILE") for n in ("OMNI_API_TOKEN", "OMNI_ADMIN_TOKEN")]
+    paths = [*files, *(Path(p) for p in token_files if p)]
+    return tuple(dict.fromkeys(p.resolve() for p in paths))
+
+
 def _models(args: argparse.Namespace) -> int:
-    discovery, _ = _discover(args)
+    isolation = _isolation(args)
+    try:
+        discovery, _ = _discover(args, isolation)
+    finally:
+        isolation.close()
     if args.json:
         print(
             json.dumps(
@@ -272,6 +296,20 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from omni_runtime.tokens import Tokens
+
+    started = time.monotonic()
+    tokens = Tokens.from_environ(os.environ)
+    isolation = _isolation(args)  # before discovery: it runs in a cgroup of its own too
+    try:
+        return _serve_with(args, isolation, tokens, started)
+    finally:
+        isolation.close()  # (the controller closes it too when it stops: twice is harmless)
+
+
+def _serve_with(
+    args: argparse.Namespace, isolation: Isolation, tokens: Tokens, started: float
+) -> int:
     import uvicorn
 
     from omni_runtime.batch import BatchRunner, SqliteBatchStore
@@ -280,11 +318,8 @@ def _serve(args: argparse.Namespace) -> int:
     from omni_runtime.scheduler import Controller, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
     from omni_runtime.server import OmniApp
-    from omni_runtime.tokens import Tokens
 
-    started = time.monotonic()
-    tokens = Tokens.from_environ(os.environ)
-    discovery, files = _discover(args)
+    discovery, files = _discover(args, isolation)
     settings = ServerSettings()
     scheduler = SchedulerSettings()
     scheduler_sources: dict[str, str] = {}  # field -> the file that set it
@@ -353,7 +388,6 @@ def _serve(args: argparse.Namespace) -> int:
             "" if tokens.admin else " and load or unload models",
         )
     metrics = Metrics()
-    isolation = Isolation.detect(sorted(packages), state_dir=args.state_dir)
     node = Controller(discovery, settings, metrics, isolation, scheduler, gpus)
 
     async def load_then_announce() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omni_runtime.isolation import sandbox
 from omni_runtime.isolation.cgroups import Cgroups, WorkerCgroup, detect_cgroups
+from omni_sdk._model_config import CONFIG_NAME, is_zero_code
 
 __all__ = ["Isolation", "UserIds", "model_uid", "worker_environment"]
 
@@ -107,12 +108,16 @@ class Isolation:
     hidden: tuple[Path, ...] = field(default_factory=tuple)
     description: str = "none"
     state_dir: Path | None = None
+    # Files no model may read (omni.toml files, token files): they read as empty inside.
+    masked: tuple[Path, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         self.user_ids = UserIds(self.state_dir / "uids.json" if self.state_dir else None)
 
     @classmethod
-    def detect(cls, packages: list[Path], state_dir: Path | None = None) -> Isolation:
+    def detect(
+        cls, packages: list[Path], state_dir: Path | None = None, masked: tuple[Path, ...] = ()
+    ) -> Isolation:
         """Probe the machine; warn once, here, about whatever is missing."""
         cgroups, cgroup_note = detect_cgroups()
         namespaces = os.geteuid() == 0 and os.path.exists("/proc/self/ns/mnt")
@@ -125,16 +130,18 @@ class Isolation:
                 "isolation: not root, so workers share the runtime's view of the file system"
             )
         hidden = [*packages, *([state_dir] if state_dir else [])]
-        isolation = cls(cgroups, namespaces, tuple(hidden), ", ".join(parts), state_dir)
+        isolation = cls(cgroups, namespaces, tuple(hidden), ", ".join(parts), state_dir, masked)
         log.info("isolation: %s", isolation.description)
         return isolation
 
     @classmethod
-    def sandbox_only(cls, hidden: list[Path], state_dir: Path | None) -> Isolation | None:
+    def sandbox_only(
+        cls, hidden: list[Path], state_dir: Path | None, masked: tuple[Path, ...] = ()
+    ) -> Isolation | None:
         """Namespaces without cgroups (discovery), where the machine allows; else None."""
         if os.geteuid() != 0 or not os.path.exists("/proc/self/ns/mnt"):
             return None
-        return cls(None, True, tuple(hidden), "namespaces", state_dir)
+        return cls(None, True, tuple(hidden), "namespaces", state_dir, masked)
 
     def cache_dir(self, model: str) -> Path | None:
         """The model's own writable directory (its HOME), kept across restarts."""
@@ -183,11 +190,14 @@ class Isolation:
             and not any(p == h or p.is_relative_to(h) for h in hide)
             and p not in _NEVER_KEPT
         ]
+        # A zero-code package's own omni.toml is its model's definition: that one it reads.
+        own_definition = package / CONFIG_NAME if is_zero_code(package) else None
         spec = {
             "package": str(package),
             "hide": [str(p) for p in hide],
             "keep": list(dict.fromkeys(keep)),
             "writable": [str(p) for p in writable_dirs],
+            "mask": [str(p) for p in self.masked if p != own_definition],
             "memory_limit": memory_limit,
             "uid": self.user_ids.uid(model),
             "network": network,

@@ -82,6 +82,7 @@ SPEC_FIELDS = {
     "hide": [],  # directories to cover with an empty tmpfs (other packages, the state)
     "keep": [],  # directories it needs, even inside hidden or unreachable ones (read-only)
     "writable": [],  # directories bound read-write (its cache)
+    "mask": [],  # files that read as empty (configuration and token files: others' secrets)
     "memory_limit": 0,  # what /proc/meminfo says, in bytes; 0 leaves it alone
     "tmp_size": 256 << 20,  # /tmp and /dev/shm, each
     "uid": 0,  # the model's user and group; 0 stays root (only where no other is possible)
@@ -293,6 +294,10 @@ def _build_view(spec: dict[str, Any]) -> None:
     for cover in mounted:
         if cover not in ("/tmp", "/dev/shm"):
             _mount(None, cover, None, MS_REMOUNT | MS_RDONLY | base, "size=64k,mode=0755")
+    for path in spec["mask"]:
+        if os.path.isfile(path):  # still visible: not under a cover
+            _mount("/dev/null", path, None, MS_BIND)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | base)
     # A /proc of its own pid namespace: no other process, the runtime's included, is visible.
     proc_options = "" if spec["pid_namespace"] else "hidepid=invisible"
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, proc_options)
