@@ -232,11 +232,17 @@ def _discover(
     sandbox = isolation if isolation is not None and isolation.namespaces else None
     if args.shared_env:
         return asyncio.run(discover_all(packages, files, isolation=sandbox)), files
+    source_builds = any(
+        f.server is not None and f.server.source_builds
+        for path, f in files.items()
+        if path.parent not in packages
+    )
+    envs = args.state_dir / "envs"
     if sys.stderr.isatty():
         with TerminalProgress() as progress:
-            builder = EnvironmentBuilder(args.state_dir / "envs", progress=progress)
+            builder = EnvironmentBuilder(envs, progress=progress, source_builds=source_builds)
             return asyncio.run(discover_all(packages, files, builder, sandbox)), files
-    builder = EnvironmentBuilder(args.state_dir / "envs")
+    builder = EnvironmentBuilder(envs, source_builds=source_builds)
     return asyncio.run(discover_all(packages, files, builder, sandbox)), files
 
 

@@ -91,6 +91,11 @@ class ServerSettings(BaseModel):
         gt=0,
         description="how long a finished batch's results are kept before they expire",
     )
+    source_builds: bool = Field(
+        default=False,
+        description="let model packages' dependencies build from source (their build code "
+        "runs as the runtime's user, outside the sandbox); otherwise wheels only",
+    )
 
 
 class SchedulerSettings(BaseModel):

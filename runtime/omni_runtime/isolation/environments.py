@@ -25,12 +25,15 @@ import sys
 import sysconfig
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+
+from omni_runtime.isolation.plan import ENV_ALLOWED, ENV_ALLOWED_PREFIXES
 
 __all__ = [
     "BuildProgress",
@@ -39,6 +42,7 @@ __all__ = [
     "LoggedProgress",
     "PackageEnvironment",
     "TerminalProgress",
+    "build_environment",
 ]
 
 log = logging.getLogger("omni.environments")
@@ -137,9 +141,16 @@ class EnvironmentBuilder:
     """Builds and caches package environments under ``root``."""
 
     def __init__(
-        self, root: Path, uv: str | None = None, progress: BuildProgress | None = None
+        self,
+        root: Path,
+        uv: str | None = None,
+        progress: BuildProgress | None = None,
+        source_builds: bool = False,
     ) -> None:
         self.root = root
+        # Building a dependency from source runs its build code (setup.py, a build backend)
+        # as the runtime's user, outside any sandbox: only wheels unless the operator allows.
+        self.source_builds = source_builds
         self.progress = progress or LoggedProgress()
         self.uv = uv or _find_uv()
         self.base_site = sysconfig.get_paths()["purelib"]
@@ -233,6 +244,7 @@ class EnvironmentBuilder:
                         "pip", "install", "--quiet",
                         "--python", str(staging / "bin" / "python"),
                         "--excludes", str(excludes),
+                        *([] if self.source_builds else ["--no-build"]),
                         *missing,
                     )  # fmt: skip
                 conflicts = self.conflicts(site)
@@ -259,19 +271,45 @@ class EnvironmentBuilder:
             self.uv, *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=dict(os.environ, UV_NO_PROGRESS="1", VIRTUAL_ENV=""),
+            env=build_environment(os.environ),
         )  # fmt: skip
         output, _ = await process.communicate()
         if process.returncode != 0:
             text = output.decode(errors="replace").strip()
+            hint = ""
+            if not self.source_builds and "--no-build" in args:
+                hint = (
+                    ". Dependencies are installed from wheels only: publish a wheel, or set "
+                    "[server] source_builds = true in the repository's omni.toml to let them "
+                    "build from source (their build code then runs as the runtime's user)"
+                )
             raise EnvironmentError_(
-                f"package {package_dir}: building its environment failed (uv {args[0]}): {text}"
+                f"package {package_dir}: building its environment failed (uv {args[0]}): "
+                f"{text}{hint}"
             )
 
     def _remove_older(self, name: str, keep: Path) -> None:
         for other in self.root.glob(f"{name}-*"):
             if other != keep and other.is_dir() and ".building-" not in other.name:
                 shutil.rmtree(other, ignore_errors=True)
+
+
+def build_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """What uv runs with: the workers' allow-list, uv's own settings, proxies and HOME (for
+    uv's cache), never the runtime's tokens or cloud credentials."""
+    env = {
+        k: v
+        for k, v in base.items()
+        if k in ENV_ALLOWED
+        or k.startswith((*ENV_ALLOWED_PREFIXES, "UV_"))
+        or k.lower() in _PROXY_VARIABLES
+        or k in ("HOME", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR")
+    }
+    env.update(UV_NO_PROGRESS="1", VIRTUAL_ENV="")
+    return env
+
+
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
 
 
 def _site_packages(venv: Path) -> Path:
