@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import time
@@ -254,6 +256,16 @@ def _isolation(args: argparse.Namespace) -> Isolation:
     )
 
 
+def _raise_descriptor_limit() -> None:
+    """Open files up to the hard limit: each connection, worker and payload takes some."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    log.debug("open files: at most %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def _secret_files(files: dict[Path, OmniFile]) -> tuple[Path, ...]:
     """Files no model may read: every omni.toml (other models' env) and the token files."""
     token_files = [os.environ.get(f"{n}_FILE") for n in ("OMNI_API_TOKEN", "OMNI_ADMIN_TOKEN")]
@@ -305,6 +317,7 @@ def _serve(args: argparse.Namespace) -> int:
     from omni_runtime.tokens import Tokens
 
     started = time.monotonic()
+    _raise_descriptor_limit()
     tokens = Tokens.from_environ(os.environ)
     isolation = _isolation(args)  # before discovery: it runs in a cgroup of its own too
     try:
@@ -436,7 +449,9 @@ def _serve_with(
     app = OmniApp(node, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches)
     config = uvicorn.Config(
         app,
-        http=limited_protocol(settings.max_header_size, settings.body_timeout),
+        http=limited_protocol(
+            settings.max_header_size, settings.body_timeout, settings.max_connections
+        ),
         log_level=args.log_level,
         access_log=False,
         lifespan="on",

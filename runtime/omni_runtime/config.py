@@ -91,6 +91,12 @@ class ServerSettings(BaseModel):
         gt=0,
         description="how long a finished batch's results are kept before they expire",
     )
+    max_connections: int = Field(
+        default=1000,
+        gt=0,
+        description="open client connections at most; at the limit the longest-idle one is "
+        "closed for a new one, or the new one when none is idle",
+    )
     source_builds: bool = Field(
         default=False,
         description="let model packages' dependencies build from source (their build code "
