@@ -234,11 +234,7 @@ def _discover(
     sandbox = isolation if isolation is not None and isolation.namespaces else None
     if args.shared_env:
         return asyncio.run(discover_all(packages, files, isolation=sandbox)), files
-    source_builds = any(
-        f.server is not None and f.server.source_builds
-        for path, f in files.items()
-        if path.parent not in packages
-    )
+    source_builds = _repository_server(files, packages).source_builds
     envs = args.state_dir / "envs"
     if sys.stderr.isatty():
         with TerminalProgress() as progress:
@@ -249,11 +245,24 @@ def _discover(
 
 
 def _isolation(args: argparse.Namespace) -> Isolation:
+    packages = find_packages(args.paths)
+    files = config_files(args.paths, getattr(args, "config", None))
     return Isolation.detect(
-        find_packages(args.paths),
+        packages,
         state_dir=args.state_dir,
-        masked=_secret_files(config_files(args.paths, getattr(args, "config", None))),
+        masked=_secret_files(files),
+        cache_quota=_repository_server(files, packages).cache_quota,
     )
+
+
+def _repository_server(files: dict[Path, OmniFile], packages: list[Path]) -> ServerSettings:
+    """``[server]`` as the repository's omni.toml and ``--config`` set it (never a package's)."""
+    settings = ServerSettings()
+    for path, omni_file in files.items():
+        if omni_file.server is not None and path.parent not in packages:
+            fields = omni_file.server.model_fields_set
+            settings = settings.model_copy(update={k: getattr(omni_file.server, k) for k in fields})
+    return settings
 
 
 def _raise_descriptor_limit() -> None:

@@ -149,17 +149,23 @@ class WorkerProcess:
                 self.cgroup = self.isolation.cgroups.create(f"worker-{self.id}", spec.resources)
             except (CgroupError, OSError) as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
-        launcher = self.isolation.launcher(
-            model=spec.name,
-            package=spec.package_dir,
-            environment=environment,
-            memory_limit=spec.resources.memory,
-            network=spec.network == "host",
-            cgroup=self.cgroup,
-            keep_fds=(child.fileno(), fds_child.fileno()),
-            writable=(self.gpu_region.parent,) if hooks else (),
-            setenv=hooks,
-        )
+        try:
+            launcher = self.isolation.launcher(
+                model=spec.name,
+                package=spec.package_dir,
+                environment=environment,
+                memory_limit=spec.resources.memory,
+                network=spec.network == "host",
+                cgroup=self.cgroup,
+                keep_fds=(child.fileno(), fds_child.fileno()),
+                writable=(self.gpu_region.parent,) if hooks else (),
+                setenv=hooks,
+            )
+        except OSError as exc:  # its cache quota could not be set up
+            for sock in (parent, child, fds_parent, fds_child):
+                sock.close()
+            self.cleanup()
+            raise LoadFailed(f"{self.label}: {exc}") from exc
         if not launcher:
             env.update(hooks)
         self.started_at = time.monotonic()
