@@ -241,12 +241,20 @@ def _shared_overrides(
     ]
 
 
+def _registered(result: dict[str, Any]) -> list[str]:
+    """The model names a discovery result registers: its engines', or, when describing one
+    failed, those it registered before (a TritonEngine without its remote's URL, say)."""
+    if "engines" in result:
+        return [str(engine["name"]) for engine in result["engines"]]
+    names = result.get("names")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
 def _check_unique(packages: list[Path], results: list[dict[str, Any]]) -> None:
     """Two packages that register one model name stop discovery, naming both."""
     seen: dict[str, Path] = {}
     for package_dir, result in zip(packages, results, strict=True):
-        for engine in result.get("engines", ()):
-            name = engine["name"]
+        for name in _registered(result):
             if seen.get(name, package_dir) != package_dir:
                 raise DiscoveryError(
                     f"model {name!r} is registered by both {seen[name]} and {package_dir}; "
@@ -314,8 +322,7 @@ async def discover_all(
     )
     _check_unique(packages, results)
     for index, (package_dir, result) in enumerate(zip(packages, results, strict=True)):
-        names = [engine["name"] for engine in result.get("engines", ())]
-        shared = _shared_overrides(names, files, every_package)
+        shared = _shared_overrides(_registered(result), files, every_package)
         if any(o.env or o.network == "host" for o in shared):
             results[index] = await _describe_package(
                 package_dir,
