@@ -321,16 +321,19 @@ async def discover_all(
         )
     )
     _check_unique(packages, results)
+    again: dict[int, list[ModelOverride]] = {}
     for index, (package_dir, result) in enumerate(zip(packages, results, strict=True)):
         shared = _shared_overrides(_registered(result), files, every_package)
         if any(o.env or o.network == "host" for o in shared):
-            results[index] = await _describe_package(
-                package_dir,
-                pythons[package_dir],
-                isolation,
-                timeout,
-                [*_own_overrides(package_dir, files), *shared],
-            )
+            again[index] = [*_own_overrides(package_dir, files), *shared]
+    rerun = await asyncio.gather(
+        *(
+            _describe_package(packages[i], pythons[packages[i]], isolation, timeout, overrides)
+            for i, overrides in again.items()
+        )
+    )
+    for index, result in zip(again, rerun, strict=True):
+        results[index] = result
     _check_unique(packages, results)
     for package_dir, result in zip(packages, results, strict=True):
         if "error" in result:
