@@ -134,7 +134,11 @@ class CacheQuota:
                 os.ftruncate(fd, self.size)
             finally:
                 os.close(fd)
-            _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "omni-cache", str(image)], image)
+            try:
+                _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "omni-cache", str(image)], image)
+            except OSError:
+                image.unlink()  # made again at the next start, not mounted half-made
+                raise
         _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(directory)], image)
         self.mounted.append(directory)
 
@@ -162,7 +166,7 @@ class Isolation:
     hidden: tuple[Path, ...] = field(default_factory=tuple)
     description: str = "none"
     state_dir: Path | None = None
-    # Files no model may read (omni.toml files, token files): they read as empty inside.
+    # Files no model may read (omni.toml files, token files): /dev/null is bound on them.
     masked: tuple[Path, ...] = field(default_factory=tuple)
     cache_quota: CacheQuota | None = None
 

@@ -82,7 +82,7 @@ SPEC_FIELDS = {
     "hide": [],  # directories to cover with an empty tmpfs (other packages, the state)
     "keep": [],  # directories it needs, even inside hidden or unreachable ones (read-only)
     "writable": [],  # directories bound read-write (its cache)
-    "mask": [],  # files that read as empty (configuration and token files: others' secrets)
+    "mask": [],  # files /dev/null is bound on (configuration and token files: others' secrets)
     "memory_limit": 0,  # what /proc/meminfo says, in bytes; 0 leaves it alone
     "tmp_size": 256 << 20,  # /tmp and /dev/shm, each
     "uid": 0,  # the model's user and group; 0 stays root (only where no other is possible)
