@@ -267,7 +267,9 @@ def _build_view(spec: dict[str, Any]) -> None:
         host_meminfo = f.read()
     # Hold every needed directory open: once a tmpfs covers a path, the path leads nowhere,
     # the open directory still does.
-    handles = {p: owned.get(p) or os.open(p, os.O_PATH | os.O_DIRECTORY) for p in needed}
+    handles = {
+        p: owned[p] if p in owned else os.open(p, os.O_PATH | os.O_DIRECTORY) for p in needed
+    }
     _read_only_everywhere()
     base = MS_NOSUID | MS_NODEV
     mounted: list[str] = []
