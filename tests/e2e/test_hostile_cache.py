@@ -4,6 +4,7 @@ filesystem, never the disk that holds the runtime's state."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -13,8 +14,8 @@ from tests.conftest import FIXTURES
 from tests.e2e.runtime import serve
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/loop-control"),
-    reason="a quota is a loop-mounted filesystem: root and loop devices",
+    os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not shutil.which("mkfs.ext4"),
+    reason="a quota is a loop-mounted ext4 filesystem: root, loop devices and mkfs.ext4",
 )
 
 
