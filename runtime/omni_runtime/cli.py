@@ -238,9 +238,11 @@ def _discover(
     envs = args.state_dir / "envs"
     if sys.stderr.isatty():
         with TerminalProgress() as progress:
-            builder = EnvironmentBuilder(envs, progress=progress, source_builds=source_builds)
+            builder = EnvironmentBuilder(
+                envs, progress=progress, source_builds=source_builds, sandbox=sandbox
+            )
             return asyncio.run(discover_all(packages, files, builder, sandbox)), files
-    builder = EnvironmentBuilder(envs, source_builds=source_builds)
+    builder = EnvironmentBuilder(envs, source_builds=source_builds, sandbox=sandbox)
     return asyncio.run(discover_all(packages, files, builder, sandbox)), files
 
 

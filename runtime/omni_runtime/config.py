@@ -105,8 +105,8 @@ class ServerSettings(BaseModel):
     )
     source_builds: bool = Field(
         default=False,
-        description="let model packages' dependencies build from source (their build code "
-        "runs as the runtime's user, outside the sandbox); otherwise wheels only",
+        description="let model packages' dependencies build from source (their build code runs "
+        "in the sandbox, as a user of the package's own); otherwise wheels only",
     )
 
 

@@ -2,7 +2,8 @@
 
 It used to run as root, outside any sandbox, with the runtime's tokens in its environment (it
 wrote into /root). Now dependencies install from wheels only unless the repository's omni.toml
-allows source builds, and uv never gets the runtime's tokens or cloud credentials.
+allows source builds; those run in the sandbox as a user of the package's own; and uv never
+gets the runtime's tokens or cloud credentials.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ TOKEN = f"omni-build-{os.getpid()}"
 BACKEND = """
 import json, os, zipfile
 
-SEEN = {seen!r}
 try:
     with open({root_target!r}, "w") as f:
         f.write("written by a dependency's build")
-except OSError:
-    pass
-with open(SEEN, "w") as f:
-    json.dump({{"uid": os.getuid(), "environ": dict(os.environ)}}, f)
+    ROOT = "written"
+except OSError as exc:
+    ROOT = exc.strerror
+# What the build saw travels in the wheel it builds: in a sandbox, that is all it can write.
+SEEN = json.dumps({{"uid": os.getuid(), "environ": dict(os.environ), "root": ROOT}})
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     name = "evil_dep-0.1-py3-none-any.whl"
     with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
         wheel.writestr("evil_dep/__init__.py", "")
+        wheel.writestr("evil_dep/seen.json", SEEN)
         info = "evil_dep-0.1.dist-info/"
         metadata = "Metadata-Version: 2.1\\nName: evil-dep\\nVersion: 0.1\\n"
         wheel.writestr(info + "METADATA", metadata)
@@ -70,10 +72,10 @@ def register_engines(register):
 """
 
 
-def _write(root: Path) -> tuple[Path, Path, Path]:
-    dependency = root / "evil-dep"
-    dependency.mkdir()
-    seen = root / "seen.json"
+def _write(root: Path) -> tuple[Path, Path]:
+    package = root / "repo" / "built-model"
+    dependency = package / "vendor" / "evil-dep"  # beside the package, as a vendored one is
+    dependency.mkdir(parents=True)
     root_target = Path("/root") / TOKEN
     (dependency / "pyproject.toml").write_text(
         textwrap.dedent("""
@@ -87,11 +89,7 @@ def _write(root: Path) -> tuple[Path, Path, Path]:
         version = "0.1"
         """)
     )
-    (dependency / "backend.py").write_text(
-        BACKEND.format(seen=str(seen), root_target=str(root_target))
-    )
-    package = root / "repo" / "built-model"
-    package.mkdir(parents=True)
+    (dependency / "backend.py").write_text(BACKEND.format(root_target=str(root_target)))
     (package / "pyproject.toml").write_text(
         textwrap.dedent(f"""
         [project]
@@ -104,7 +102,7 @@ def _write(root: Path) -> tuple[Path, Path, Path]:
         """)
     )
     (package / "built_model.py").write_text(ENGINE)
-    return package, seen, root_target
+    return package, root_target
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the attack is on a runtime running as root")
@@ -112,7 +110,8 @@ def _write(root: Path) -> tuple[Path, Path, Path]:
 def test_a_dependencys_build_gets_neither_root_by_default_nor_the_tokens(
     tmp_path: Path, source_builds: bool
 ) -> None:
-    package, seen, root_target = _write(tmp_path)
+    package, root_target = _write(tmp_path)
+    state = tmp_path / "state"
     if source_builds:
         (package.parent / "omni.toml").write_text("[server]\nsource_builds = true\n")
     secrets = {
@@ -125,7 +124,7 @@ def test_a_dependencys_build_gets_neither_root_by_default_nor_the_tokens(
             serve(
                 package.parent,
                 FIXTURES / "packages" / "echo-models",  # something to serve either way
-                extra=["--state-dir", str(tmp_path / "state")],
+                extra=["--state-dir", str(state)],
                 env=secrets,
                 timeout=300,
             ) as runtime,
@@ -138,16 +137,20 @@ def test_a_dependencys_build_gets_neither_root_by_default_nor_the_tokens(
             index = {e["name"]: e for e in http.post("/v2/repository/index", json={}).json()}
             if not source_builds:
                 # Nothing of the dependency ran: the package failed, saying why and what to do.
-                assert not seen.exists()
                 assert not root_target.exists()
                 [failed] = [e for e in index.values() if e["state"] == "UNAVAILABLE"]
                 assert "evil-dep" in failed["reason"]
                 assert "[server] source_builds = true" in failed["reason"]
                 assert "@hostile/built" not in index
                 return
-            # The operator allowed builds: the build ran, without a token or a cloud key.
-            assert index["@hostile/built"]["state"] in ("READY", "UNLOADED"), index
-            environ = json.loads(seen.read_text())["environ"]
+            # The operator allowed builds: the build ran in the sandbox, as a user of its own,
+            # without a token or a cloud key, and could not write into /root.
+            assert "@hostile/built" in index, index
+            [seen] = state.glob("envs/built-model-*/lib/python3*/site-packages/evil_dep/seen.json")
+            report = json.loads(seen.read_text())
+            assert report["uid"] != 0
+            assert report["root"] != "written" and not root_target.exists()
+            environ = report["environ"]
             for name, value in secrets.items():
                 assert name not in environ
                 assert value not in json.dumps(environ)
