@@ -136,13 +136,19 @@ class EnginePlugins:
         self._pm.hook.register_engine_kinds(register=register)
         return kinds
 
-    def engines(self) -> list[type[Engine]]:
-        """Every engine the loaded plugins register, checked, with unique names."""
+    def engines(self, registered: list[str] | None = None) -> list[type[Engine]]:
+        """Every engine the loaded plugins register, checked, with unique names.
+
+        ``registered`` gets each engine's name as it registers, before it is checked (a check
+        may fail: a TritonEngine that cannot reach its remote server, say).
+        """
         found: list[type[Engine]] = []
 
         def register(engine: type[Engine]) -> None:
             if not (isinstance(engine, type) and issubclass(engine, Engine)):
                 raise EngineDefinitionError(f"register() takes an Engine subclass, got {engine!r}")
+            if registered is not None and isinstance(engine.name, str):
+                registered.append(engine.name)
             engine.validate_definition()
             found.append(engine)
 

@@ -158,7 +158,22 @@ class EngineRunner:
         if not isinstance(data, dict):
             return self._bad(False, f"{self._label}: the body must be a JSON object")
         data.pop("options", None)
+        try:
+            self._check_int_ranges(data)
+        except InvalidInput as exc:
+            return self._bad(False, f"{self._label}: {exc}")
         return self._validate(False, data)
+
+    def _check_int_ranges(self, data: dict[str, Any]) -> None:
+        """An integer field holds what its v2 tensor holds (INT64): the same refusal as v2."""
+        for name, spec in self.inputs.items():
+            value = data.get(name)
+            if spec.datatype not in INT_RANGES or value is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            if spec.rank > 1:
+                items = [x for row in items for x in (row if isinstance(row, list) else [row])]
+            check_int_range(name, spec.datatype, [x for x in items if type(x) is int])
 
     def _prepare_v2(self, body: bytes | memoryview, header_length: int) -> Prepared:
         view = memoryview(body)

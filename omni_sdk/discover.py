@@ -2,7 +2,9 @@
 
 The runtime runs this with the package's own interpreter, so the runtime never imports
 model code. It prints one JSON object: ``{"package": ..., "engines": [...]}``, or
-``{"error": ...}`` with exit status 1.
+``{"error": ..., "names": [...]}`` with exit status 1 (``names``: the engines registered before
+the failure, when checking or describing one failed; the runtime may then run it again with
+those models' settings, a TritonEngine's remote URL, say).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
     }
 
 
-def discover(package_dir: Path) -> dict[str, Any]:
+def discover(package_dir: Path, registered: list[str] | None = None) -> dict[str, Any]:
+    """Describe the package's engines; ``registered`` gets their names as they register."""
     plugins = EnginePlugins()
     name = plugins.load_package(package_dir)
-    engines = plugins.engines()
+    engines = plugins.engines(registered)
     if not engines:
         raise PackageError(f"package {package_dir} ({name}) registers no engine")
     return {"package": name, "engines": [describe(e) for e in engines]}
@@ -55,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m omni_sdk.discover PACKAGE_DIR", file=sys.stderr)
         return 2
     package_dir = Path(args[0]).resolve()
+    registered: list[str] = []
     try:
-        result = discover(package_dir)
+        result = discover(package_dir, registered)
     except (PackageError, EngineDefinitionError) as exc:
-        print(json.dumps({"error": str(exc)}))
+        print(json.dumps({"error": str(exc), "names": registered}))
         return 1
     except Exception as exc:  # model code can raise anything while importing
-        print(json.dumps({"error": f"package {package_dir}: {type(exc).__name__}: {exc}"}))
+        error = f"package {package_dir}: {type(exc).__name__}: {exc}"
+        print(json.dumps({"error": error, "names": registered}))
         return 1
     print(json.dumps(result))
     return 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import time
@@ -35,6 +37,8 @@ log = logging.getLogger("omni.runtime")
 
 if TYPE_CHECKING:
     from grpc.aio import Server as GrpcServer
+
+    from omni_runtime.tokens import Tokens
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,23 +252,72 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _discover(args: argparse.Namespace) -> tuple[Discovery, dict[Path, OmniFile]]:
+def _discover(
+    args: argparse.Namespace, isolation: Isolation | None = None
+) -> tuple[Discovery, dict[Path, OmniFile]]:
     packages = find_packages(args.paths)
     files = config_files(args.paths, getattr(args, "config", None))
-    # Importing a package runs its code: discovery runs in the same sandbox as a worker.
-    sandbox = Isolation.sandbox_only([*packages, args.state_dir], args.state_dir)
+    # Importing a package runs its code: discovery runs in the same sandbox as a worker (and
+    # in a cgroup of its own where the runtime has cgroups).
+    sandbox = isolation if isolation is not None and isolation.namespaces else None
     if args.shared_env:
         return asyncio.run(discover_all(packages, files, isolation=sandbox)), files
+    source_builds = _repository_server(files, packages).source_builds
+    envs = args.state_dir / "envs"
     if sys.stderr.isatty():
         with TerminalProgress() as progress:
-            builder = EnvironmentBuilder(args.state_dir / "envs", progress=progress)
+            builder = EnvironmentBuilder(
+                envs, progress=progress, source_builds=source_builds, sandbox=sandbox
+            )
             return asyncio.run(discover_all(packages, files, builder, sandbox)), files
-    builder = EnvironmentBuilder(args.state_dir / "envs")
+    builder = EnvironmentBuilder(envs, source_builds=source_builds, sandbox=sandbox)
     return asyncio.run(discover_all(packages, files, builder, sandbox)), files
 
 
+def _isolation(args: argparse.Namespace) -> Isolation:
+    packages = find_packages(args.paths)
+    files = config_files(args.paths, getattr(args, "config", None))
+    return Isolation.detect(
+        packages,
+        state_dir=args.state_dir,
+        masked=_secret_files(files),
+        cache_quota=_repository_server(files, packages).cache_quota,
+    )
+
+
+def _repository_server(files: dict[Path, OmniFile], packages: list[Path]) -> ServerSettings:
+    """``[server]`` as the repository's omni.toml and ``--config`` set it (never a package's)."""
+    settings = ServerSettings()
+    for path, omni_file in files.items():
+        if omni_file.server is not None and path.parent not in packages:
+            fields = omni_file.server.model_fields_set
+            settings = settings.model_copy(update={k: getattr(omni_file.server, k) for k in fields})
+    return settings
+
+
+def _raise_descriptor_limit() -> None:
+    """Open files up to the hard limit: each connection, worker and payload takes some."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    log.debug("open files: at most %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def _secret_files(files: dict[Path, OmniFile]) -> tuple[Path, ...]:
+    """Files no model may read: every omni.toml (other models' env) and the token files."""
+    token_files = [os.environ.get(f"{n}_FILE") for n in ("OMNI_API_TOKEN", "OMNI_ADMIN_TOKEN")]
+    paths = [*files, *(Path(p) for p in token_files if p)]
+    return tuple(dict.fromkeys(p.resolve() for p in paths))
+
+
 def _models(args: argparse.Namespace) -> int:
-    discovery, _ = _discover(args)
+    isolation = _isolation(args)
+    try:
+        discovery, _ = _discover(args, isolation)
+    finally:
+        isolation.close()
     if args.json:
         print(
             json.dumps(
@@ -300,6 +353,21 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from omni_runtime.tokens import Tokens
+
+    started = time.monotonic()
+    _raise_descriptor_limit()
+    tokens = Tokens.from_environ(os.environ)
+    isolation = _isolation(args)  # before discovery: it runs in a cgroup of its own too
+    try:
+        return _serve_with(args, isolation, tokens, started)
+    finally:
+        isolation.close()  # (the controller closes it too when it stops: twice is harmless)
+
+
+def _serve_with(
+    args: argparse.Namespace, isolation: Isolation, tokens: Tokens, started: float
+) -> int:
     import uvicorn
 
     from omni_runtime.batch import BatchRunner, SqliteBatchStore
@@ -308,12 +376,9 @@ def _serve(args: argparse.Namespace) -> int:
     from omni_runtime.scheduler import Controller, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
     from omni_runtime.server import OmniApp
-    from omni_runtime.tokens import Tokens
     from omni_runtime.workers import LocalWorkers
 
-    started = time.monotonic()
-    tokens = Tokens.from_environ(os.environ)
-    discovery, files = _discover(args)
+    discovery, files = _discover(args, isolation)
     packages = {spec.package_dir for spec in discovery.models}
     packages |= {failure.package_dir for failure in discovery.failures}
     node_settings = node_config(files, packages)
@@ -359,7 +424,6 @@ def _serve(args: argparse.Namespace) -> int:
             "" if tokens.admin else " and load or unload models",
         )
     metrics = Metrics()
-    isolation = Isolation.detect(sorted(packages), state_dir=args.state_dir)
     node = Controller(
         discovery.models,
         settings,
@@ -414,7 +478,9 @@ def _serve(args: argparse.Namespace) -> int:
     app = OmniApp(node, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches)
     config = uvicorn.Config(
         app,
-        http=limited_protocol(settings.max_header_size, settings.body_timeout),
+        http=limited_protocol(
+            settings.max_header_size, settings.body_timeout, settings.max_connections
+        ),
         log_level=args.log_level,
         access_log=False,
         lifespan="on",

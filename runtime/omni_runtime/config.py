@@ -104,6 +104,23 @@ class ServerSettings(BaseModel):
         gt=0,
         description="how long a finished batch's results are kept before they expire",
     )
+    max_connections: int = Field(
+        default=1000,
+        gt=0,
+        description="open client connections at most; at the limit the longest-idle one is "
+        "closed for a new one, or the new one when none is idle",
+    )
+    cache_quota: Bytes = Field(
+        default=0,
+        ge=0,
+        description="each model's cache directory is a filesystem of this size (an ext4 image, "
+        "loop-mounted); 0: no quota",
+    )
+    source_builds: bool = Field(
+        default=False,
+        description="let model packages' dependencies build from source (their build code runs "
+        "in the sandbox, as a user of the package's own); otherwise wheels only",
+    )
 
 
 class SchedulerSettings(BaseModel):

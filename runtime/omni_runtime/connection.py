@@ -1,9 +1,13 @@
-"""Per-connection limits that an ASGI application cannot enforce: header size and body time.
+"""Connection limits that an ASGI application cannot enforce: header size, body time, count.
 
 uvicorn's httptools protocol buffers a header of any size and waits for a body forever. This
 subclass refuses a request line and headers larger than ``server.max_header_size`` with 431,
 and a request not received whole within ``server.body_timeout`` of its first byte with 408;
 both close the connection. A request that arrives in one read (most do) arms no timer.
+
+At most ``server.max_connections`` connections stay open: a new one past the limit closes the
+connection idle the longest (connected or kept alive with no request under way), or itself
+when every other one is busy, so idle connections cannot use up the runtime's descriptors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class _HeadTooLarge(Exception):
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_header_size = 16 << 10
     body_timeout = 30.0
+    max_connections = 1000
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -39,10 +44,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed_head = 0  # the current request's URL and headers, as parsed
         self._head_too_large = False
         self._deferred: tuple[int, str] | None = None  # a refusal waiting for an answer
+        self._idle_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._idle_since = self.loop.time()
         self._arm()  # a connection that never sends a byte is closed too
+        if len(self.server_state.connections) > self.max_connections:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """Past the limit: close the connection idle the longest, or this new one."""
+        idle = [
+            c
+            for c in self.server_state.connections
+            if isinstance(c, LimitedHttpToolsProtocol)
+            and c is not self
+            and c._idle()
+            and not c.transport.is_closing()
+        ]
+        oldest = min(idle, key=lambda c: c._idle_since, default=None)
+        (oldest or self).transport.close()
+
+    def _idle(self) -> bool:
+        return not self._receiving and (self.cycle is None or self.cycle.response_complete)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -70,6 +95,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._idle_since = self.loop.time()
         self._receiving = True
         self._parsed_head = 0
 
@@ -172,6 +198,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.server_state.total_requests += 1
             self._refuse(status, message)
             return
+        self._idle_since = self.loop.time()
         super().on_response_complete()
 
     def _too_large_message(self) -> str:
@@ -187,10 +214,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return parts[1] if len(parts) > 1 else b""
 
 
-def limited_protocol(max_header_size: int, body_timeout: float) -> type[HttpToolsProtocol]:
+def limited_protocol(
+    max_header_size: int, body_timeout: float, max_connections: int = 1000
+) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with these limits (``uvicorn.Config(http=...)``)."""
     return type(
         "LimitedHttpToolsProtocol",
         (LimitedHttpToolsProtocol,),
-        {"max_header_size": max_header_size, "body_timeout": body_timeout},
+        {
+            "max_header_size": max_header_size,
+            "body_timeout": body_timeout,
+            "max_connections": max_connections,
+        },
     )

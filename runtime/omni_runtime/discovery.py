@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_runtime.config import CONFIG_NAME, ConfigError, ModelOverride, OmniFile, load_omni_file
-from omni_runtime.isolation import Isolation
+from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_runtime.isolation.environments import (
     EnvironmentBuilder,
     EnvironmentError_,
@@ -22,11 +22,15 @@ from omni_runtime.isolation.environments import (
 from omni_runtime.isolation.plan import worker_environment
 from omni_sdk import Resources, Scaling
 from omni_sdk._model_config import is_zero_code
+from omni_sdk._units import format_size
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
 
 
 DISCOVERY_TIMEOUT = 120.0  # seconds a package's import may take before it is given up
+# What one package's discovery may use: its models' own limits are not known before it ends.
+DISCOVERY_RESOURCES = Resources(memory=2 << 30, cpus=1.0)
+_discovery_ids = iter(range(1, 1 << 62))
 
 
 class DiscoveryError(Exception):
@@ -147,47 +151,69 @@ async def _describe_package(
     """Run ``omni_sdk.discover`` in the package's interpreter, inside the sandbox where there is
     one: importing a package runs its code.
 
-    Which of its models is which is not known yet, so it gets what the omni.toml files that
-    apply to it give any model: the node's network if one has ``network = "host"`` (a
-    TritonEngine reads its remote model's metadata), and their ``env`` tables together.
+    It gets what ``overrides`` (entries for models of this package) give: the node's network
+    if one has ``network = "host"`` (a TritonEngine reads its remote model's metadata), and
+    their ``env`` tables together.
     """
     launcher: list[str] = []
     model_env: dict[str, str] = {}
     for override in overrides:
         model_env.update(override.env or {})
     env = worker_environment(os.environ, model_env, None)
+    cgroup: WorkerCgroup | None = None
+    if isolation is not None and isolation.cgroups is not None:
+        try:
+            cgroup = isolation.cgroups.create(
+                f"discover-{next(_discovery_ids)}", DISCOVERY_RESOURCES
+            )
+        except (CgroupError, OSError) as exc:
+            return {"error": f"package {package_dir}: no cgroup for its discovery: {exc}"}
     if isolation is not None:
         environment = Path(python).parent.parent if python != sys.executable else None
         launcher = isolation.launcher(
             model=f"discover:{package_dir}",
             package=package_dir,
             environment=environment,
+            memory_limit=DISCOVERY_RESOURCES.memory if cgroup is not None else 0,
             network=any(o.network == "host" for o in overrides),
+            cgroup=cgroup,
             cache=False,  # nothing it writes outlives it
         )
-    process = await asyncio.create_subprocess_exec(
-        *launcher,
-        python,
-        "-m",
-        "omni_sdk.discover",
-        str(package_dir),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=package_dir,
-        env=env,
-        start_new_session=True,
-    )
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
-        return {
-            "error": f"package {package_dir}: discovery did not finish within {timeout:g}s "
-            "(importing the package must not do long work; load weights in Engine.load)"
-        }
+        process = await asyncio.create_subprocess_exec(
+            *launcher,
+            python,
+            "-m",
+            "omni_sdk.discover",
+            str(package_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=package_dir,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            return {
+                "error": f"package {package_dir}: discovery did not finish within {timeout:g}s "
+                "(importing the package must not do long work; load weights in Engine.load)"
+            }
+        if cgroup is not None and process.returncode == -signal.SIGKILL and cgroup.oom_killed():
+            limit = format_size(DISCOVERY_RESOURCES.memory)
+            return {
+                "error": f"package {package_dir}: its discovery exceeded its memory limit of "
+                f"{limit} and was killed; importing the package must not load weights (do "
+                "that in Engine.load)"
+            }
+    finally:
+        if cgroup is not None:
+            cgroup.kill()  # whatever it left running
+            cgroup.remove()
     lines = [line for line in stdout.decode(errors="replace").splitlines() if line.strip()]
     try:
         result: dict[str, Any] = json.loads(lines[-1])
@@ -197,16 +223,44 @@ async def _describe_package(
     return result
 
 
-def _overrides_of(
-    package_dir: Path, files: dict[Path, OmniFile], packages: list[Path]
+def _own_overrides(package_dir: Path, files: dict[Path, OmniFile]) -> list[ModelOverride]:
+    """The entries of the package's own omni.toml: they apply to no other package's models."""
+    return [o for path, f in files.items() if path.parent == package_dir for o in f.models.values()]
+
+
+def _shared_overrides(
+    names: list[str], files: dict[Path, OmniFile], packages: list[Path]
 ) -> list[ModelOverride]:
-    """Every model entry of the omni.toml files that apply to a package, whatever the model."""
+    """The repository's (and --config's) entries for the models ``names``."""
     return [
-        override
+        f.models[name]
         for path, f in files.items()
-        if path.parent == package_dir or path.parent not in packages
-        for override in f.models.values()
+        if path.parent not in packages
+        for name in names
+        if name in f.models
     ]
+
+
+def _registered(result: dict[str, Any]) -> list[str]:
+    """The model names a discovery result registers: its engines', or, when describing one
+    failed, those it registered before (a TritonEngine without its remote's URL, say)."""
+    if "engines" in result:
+        return [str(engine["name"]) for engine in result["engines"]]
+    names = result.get("names")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _check_unique(packages: list[Path], results: list[dict[str, Any]]) -> None:
+    """Two packages that register one model name stop discovery, naming both."""
+    seen: dict[str, Path] = {}
+    for package_dir, result in zip(packages, results, strict=True):
+        for name in _registered(result):
+            if seen.get(name, package_dir) != package_dir:
+                raise DiscoveryError(
+                    f"model {name!r} is registered by both {seen[name]} and {package_dir}; "
+                    "rename one of them or serve only one of the two packages"
+                )
+            seen[name] = package_dir
 
 
 def _override_for(
@@ -257,31 +311,36 @@ async def discover_all(
                 pythons[package_dir] = str(environment.python)
                 discovery.environments[package_dir] = environment
     packages = [p for p in packages if p in pythons]
+    # Each package's discovery sees the env and network of its own models alone. First with
+    # what its own omni.toml says; then, only where the repository's omni.toml gives the
+    # models it registered an env or the node's network, once more with those.
     results = await asyncio.gather(
         *(
-            _describe_package(
-                p, pythons[p], isolation, timeout, _overrides_of(p, files, every_package)
-            )
+            _describe_package(p, pythons[p], isolation, timeout, _own_overrides(p, files))
             for p in packages
         )
     )
-    seen: dict[str, Path] = {}
+    _check_unique(packages, results)
+    again: dict[int, list[ModelOverride]] = {}
+    for index, (package_dir, result) in enumerate(zip(packages, results, strict=True)):
+        shared = _shared_overrides(_registered(result), files, every_package)
+        if any(o.env or o.network == "host" for o in shared):
+            again[index] = [*_own_overrides(package_dir, files), *shared]
+    rerun = await asyncio.gather(
+        *(
+            _describe_package(packages[i], pythons[packages[i]], isolation, timeout, overrides)
+            for i, overrides in again.items()
+        )
+    )
+    for index, result in zip(again, rerun, strict=True):
+        results[index] = result
+    _check_unique(packages, results)
     for package_dir, result in zip(packages, results, strict=True):
         if "error" in result:
             discovery.failures.append(PackageFailure(package_dir, result["error"]))
             continue
         for engine in result["engines"]:
             name = engine["name"]
-            if name in seen:
-                discovery.failures.append(
-                    PackageFailure(
-                        package_dir,
-                        f"model {name!r} is registered by both {seen[name]} and {package_dir}; "
-                        f"the one in {package_dir} is not served",
-                    )
-                )
-                continue
-            seen[name] = package_dir
             resources = Resources.model_validate(engine["resources"])
             scaling = Scaling.model_validate(engine["scaling"])
             device = "cpu"

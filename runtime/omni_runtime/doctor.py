@@ -72,7 +72,7 @@ def sandbox_check() -> str:
         return f"no ({result.stderr.strip() or f'exit status {result.returncode}'})"
     return (
         "yes: a user per model, no capabilities, read-only files, private /tmp and /dev/shm, "
-        "own pid and network namespaces"
+        "own pid and network namespaces, a seccomp filter"
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from omni_runtime.workers.channel import ChunkSink
 from omni_sdk._protocol import Kind
 
 if TYPE_CHECKING:
@@ -51,9 +52,10 @@ class StreamedCall:
         receive: Callable[[], Awaitable[dict[str, Any]]],
         reject_if_busy: bool = False,
     ) -> None:
-        self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        # Bounded: a client that reads slowly holds its worker back, not the runtime's memory.
+        self._chunks = ChunkSink()
         self._call = asyncio.ensure_future(
-            model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=self._chunks.put_nowait)
+            model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=self._chunks)
         )
         self._gone = asyncio.ensure_future(disconnected(receive))
         self.client_gone = False
@@ -73,7 +75,7 @@ class StreamedCall:
             else:
                 getter.cancel()
             while not self._chunks.empty():
-                yield self._chunks.get_nowait()
+                yield self._chunks.take()
             if self._call.done():
                 return
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -62,8 +63,15 @@ def serve(
     extra: list[str] | None = None,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    open_files: int | None = None,
 ) -> Iterator[RunningRuntime]:
-    """The runtime serving ``paths``, its environment ours plus ``env``."""
+    """The runtime serving ``paths``, its environment ours plus ``env``; ``open_files``: its
+    hard limit of open descriptors (RLIMIT_NOFILE), else ours."""
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     command = [
         sys.executable, "-m", "omni_runtime.cli", "serve", *map(str, paths),
         "--port", "0", *(extra or []),
@@ -74,6 +82,7 @@ def serve(
         stderr=subprocess.STDOUT,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+        preexec_fn=limit if open_files is not None else None,
     )
     assert process.stdout is not None
     lines: list[str] = []

@@ -30,6 +30,30 @@ import json, os, socket
 TARGETS = {targets!r}
 
 
+def kernel_calls():
+    # What the kernel answers to calls a container refuses: the errno's name, or "ok".
+    import ctypes, errno, platform
+    libc = ctypes.CDLL(None, use_errno=True)
+    keyctl = {{"x86_64": 250, "aarch64": 219}}[platform.machine()]
+    clone = {{"x86_64": 56, "aarch64": 220}}[platform.machine()]
+    calls = {{
+        "unshare_user": lambda: libc.unshare(0x10000000),
+        "unshare_mount": lambda: libc.unshare(0x00020000),
+        "clone_user": lambda: libc.syscall(clone, 0x10000000 | 17, 0, 0, 0, 0),
+        "keyctl": lambda: libc.syscall(keyctl, 0, -3, 1),  # the session keyring's id
+    }}
+    results = {{}}
+    for name, call in calls.items():
+        child = os.fork()
+        if child == 0:  # in a child: a call that works must not change the probe itself
+            result = call()
+            os._exit(0 if result >= 0 else min(ctypes.get_errno(), 255) or 255)
+        _, status = os.waitpid(child, 0)
+        code = os.waitstatus_to_exitcode(status)
+        results[name] = "ok" if code == 0 else errno.errorcode.get(code, str(code))
+    return results
+
+
 def probe(port):
     report = {{"uid": os.getuid(), "writes": {{}}}}
     for path in TARGETS + [os.path.join(os.path.dirname(__file__), "planted.py")]:
@@ -62,6 +86,7 @@ def probe(port):
     report["secret"] = os.environ.get("OMNI_HOSTILE_SECRET")
     report["model_env"] = os.environ.get("HOSTILE_FLAG")
     report["pids"] = sorted(p for p in os.listdir("/proc") if p.isdigit())
+    report["syscalls"] = kernel_calls()
     stat = os.statvfs("/tmp")
     report["tmp_bytes"] = stat.f_blocks * stat.f_frsize
     if port:
@@ -184,6 +209,10 @@ def _assert_contained(report: dict[str, Any], runtime_pid: int) -> None:
     assert report["secret"] is None
     assert str(runtime_pid) not in report["pids"]
     assert report["tmp_bytes"] <= 256 << 20
+    # seccomp: no namespace of its own (a user namespace least of all), no kernel keyring.
+    assert report["syscalls"] == dict.fromkeys(
+        ("unshare_user", "unshare_mount", "clone_user", "keyctl"), "EPERM"
+    )
 
 
 def test_nothing_escapes_at_import_or_request_time(

@@ -278,6 +278,19 @@ def test_an_int64_beyond_its_range_is_400_and_the_worker_lives(
     assert worker_deaths(http.get("/metrics").text) == deaths
 
 
+def test_ai_run_checks_integer_ranges_as_v2_does(http: httpx.Client) -> None:
+    deaths = worker_deaths(http.get("/metrics").text)
+    for value in (2**80, 2**63, -(2**63) - 1):
+        response = http.post("/ai/run/@test/numbers", json={"ints": [1, value]})
+        assert response.status_code == 400, response.text
+        assert f"input 'ints': {value} is out of range for INT64" in response.text
+        assert response.json()["success"] is False
+    response = http.post("/ai/run/@test/numbers", json={"ints": [1, 2**63 - 1, -(2**63)]})
+    assert response.status_code == 200
+    assert response.json()["result"]["ints"] == [1, 2**63 - 1, -(2**63)]
+    assert worker_deaths(http.get("/metrics").text) == deaths
+
+
 def test_an_unencodable_output_fails_that_request_alone(http: httpx.Client) -> None:
     deaths = worker_deaths(http.get("/metrics").text)
     for binary in (True, False):

@@ -58,8 +58,15 @@ def test_tmp_is_private(http: httpx.Client, tmp_path: Path) -> None:
 
 
 def test_meminfo_shows_the_memory_limit(http: httpx.Client) -> None:
-    result = _files(http, PACKAGES / "echo-models" / "omni.toml").json()["result"]
+    result = _files(http, PACKAGES / "echo-models" / "pyproject.toml").json()["result"]
     assert result["meminfo_total_kb"] == 300 * 1024
+
+
+def test_configuration_files_cannot_be_opened(http: httpx.Client) -> None:
+    # Its own package's omni.toml too: it may hold other models' env values.
+    response = _files(http, PACKAGES / "echo-models" / "omni.toml")
+    assert response.status_code == 500
+    assert "Permission denied" in response.json()["errors"][0]["message"]
 
 
 def test_the_runtime_state_is_invisible(http: httpx.Client, state_dir: Path) -> None:

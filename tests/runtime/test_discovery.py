@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from omni_runtime.discovery import discover_all
+from omni_runtime.discovery import DiscoveryError, _check_unique, _registered, discover_all
 from omni_runtime.isolation import Isolation
 
 
@@ -48,3 +48,15 @@ def test_discovery_imports_the_package_inside_the_sandbox(tmp_path: Path) -> Non
     discovery = asyncio.run(discover_all([package], {}, isolation=isolation))
     [failure] = discovery.failures
     assert "uid=" in failure.error and "uid=0" not in failure.error, failure.error
+
+
+def test_a_name_claimed_by_a_failed_discovery_counts_as_registered() -> None:
+    # A package whose discovery fails after registering a neighbour's name (to be run again
+    # with that model's env) is stopped like one that registered it cleanly.
+    results = [
+        {"engines": [{"name": "@b/two"}]},
+        {"error": "ModelLoadError: ...", "names": ["@b/two"]},
+    ]
+    with pytest.raises(DiscoveryError, match="'@b/two' is registered by both /b and /squatter"):
+        _check_unique([Path("/b"), Path("/squatter")], results)
+    assert _registered({"error": "x"}) == [] and _registered(results[1]) == ["@b/two"]

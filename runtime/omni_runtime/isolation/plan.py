@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import zlib
 from collections.abc import Mapping
@@ -15,8 +17,9 @@ from pathlib import Path
 
 from omni_runtime.isolation import sandbox
 from omni_runtime.isolation.cgroups import Cgroups, WorkerCgroup, detect_cgroups
+from omni_sdk._model_config import CONFIG_NAME, is_zero_code
 
-__all__ = ["Isolation", "UserIds", "model_uid", "worker_environment"]
+__all__ = ["CacheQuota", "Isolation", "UserIds", "model_uid", "worker_environment"]
 
 log = logging.getLogger("omni.isolation")
 
@@ -98,6 +101,62 @@ def worker_environment(
     return env
 
 
+class CacheQuota:
+    """Each model's cache directory a filesystem of ``size`` bytes of its own, so that a model
+    cannot fill the disk that holds the state directory: an ext4 image beside the directory
+    (``<cache>.img``, sparse), loop-mounted on it while the runtime runs. One mount serves
+    every replica of the model; an image keeps its size (remove it to resize)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.mounted: list[Path] = []
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why this machine cannot give quotas, or None."""
+        if os.geteuid() != 0:
+            return "not root"
+        missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if not shutil.which(tool)]
+        if missing:
+            return f"{', '.join(missing)} not found (install e2fsprogs and util-linux)"
+        if not os.path.exists("/dev/loop-control"):
+            return "no loop devices (/dev/loop-control)"
+        return None
+
+    def ensure(self, directory: Path) -> None:
+        """Mount the directory's image on it (making the image first); OSError if impossible."""
+        if os.path.ismount(directory):
+            return  # mounted already (by this runtime, or one before it that was killed)
+        image = directory.with_name(directory.name + ".img")
+        if not image.exists():
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, self.size)
+            finally:
+                os.close(fd)
+            try:
+                _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "omni-cache", str(image)], image)
+            except OSError:
+                image.unlink()  # made again at the next start, not mounted half-made
+                raise
+        _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(directory)], image)
+        self.mounted.append(directory)
+
+    def close(self) -> None:
+        for directory in reversed(self.mounted):
+            subprocess.run(["umount", str(directory)], capture_output=True, check=False)
+        self.mounted.clear()
+
+
+def _run(command: list[str], image: Path) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OSError(
+            f"its cache directory's quota ([server] cache_quota) could not be set up: "
+            f"{command[0]} {image}: {result.stderr.strip() or result.returncode}"
+        )
+
+
 @dataclass
 class Isolation:
     """cgroups for limits, mount namespaces for files; either may be missing on a machine."""
@@ -107,12 +166,21 @@ class Isolation:
     hidden: tuple[Path, ...] = field(default_factory=tuple)
     description: str = "none"
     state_dir: Path | None = None
+    # Files no model may read (omni.toml files, token files): /dev/null is bound on them.
+    masked: tuple[Path, ...] = field(default_factory=tuple)
+    cache_quota: CacheQuota | None = None
 
     def __post_init__(self) -> None:
         self.user_ids = UserIds(self.state_dir / "uids.json" if self.state_dir else None)
 
     @classmethod
-    def detect(cls, packages: list[Path], state_dir: Path | None = None) -> Isolation:
+    def detect(
+        cls,
+        packages: list[Path],
+        state_dir: Path | None = None,
+        masked: tuple[Path, ...] = (),
+        cache_quota: int = 0,
+    ) -> Isolation:
         """Probe the machine; warn once, here, about whatever is missing."""
         cgroups, cgroup_note = detect_cgroups()
         namespaces = os.geteuid() == 0 and os.path.exists("/proc/self/ns/mnt")
@@ -125,16 +193,28 @@ class Isolation:
                 "isolation: not root, so workers share the runtime's view of the file system"
             )
         hidden = [*packages, *([state_dir] if state_dir else [])]
-        isolation = cls(cgroups, namespaces, tuple(hidden), ", ".join(parts), state_dir)
+        quota = None
+        if cache_quota and state_dir is not None:
+            why = CacheQuota.unavailable()
+            if why is None:
+                quota = CacheQuota(cache_quota)
+                parts.append(f"cache quota {cache_quota >> 20} MiB")
+            else:
+                log.warning("isolation: [server] cache_quota is set but %s: no cache quota", why)
+        isolation = cls(
+            cgroups, namespaces, tuple(hidden), ", ".join(parts), state_dir, masked, quota
+        )
         log.info("isolation: %s", isolation.description)
         return isolation
 
     @classmethod
-    def sandbox_only(cls, hidden: list[Path], state_dir: Path | None) -> Isolation | None:
+    def sandbox_only(
+        cls, hidden: list[Path], state_dir: Path | None, masked: tuple[Path, ...] = ()
+    ) -> Isolation | None:
         """Namespaces without cgroups (discovery), where the machine allows; else None."""
         if os.geteuid() != 0 or not os.path.exists("/proc/self/ns/mnt"):
             return None
-        return cls(None, True, tuple(hidden), "namespaces", state_dir)
+        return cls(None, True, tuple(hidden), "namespaces", state_dir, masked)
 
     def cache_dir(self, model: str) -> Path | None:
         """The model's own writable directory (its HOME), kept across restarts."""
@@ -168,6 +248,8 @@ class Isolation:
         writable_dirs = [*writable]
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.cache_quota is not None:
+                self.cache_quota.ensure(cache_dir)  # OSError: the model does not start
             writable_dirs.append(cache_dir)
         # What the worker's interpreter reads besides its package: its environment, and the
         # runtime's own (the base layer its environment shares, editable sources).
@@ -183,11 +265,14 @@ class Isolation:
             and not any(p == h or p.is_relative_to(h) for h in hide)
             and p not in _NEVER_KEPT
         ]
+        # A zero-code package's own omni.toml is its model's definition: that one it reads.
+        own_definition = package / CONFIG_NAME if is_zero_code(package) else None
         spec = {
             "package": str(package),
             "hide": [str(p) for p in hide],
             "keep": list(dict.fromkeys(keep)),
             "writable": [str(p) for p in writable_dirs],
+            "mask": [str(p) for p in self.masked if p != own_definition],
             "memory_limit": memory_limit,
             "uid": self.user_ids.uid(model),
             "network": network,
@@ -201,3 +286,5 @@ class Isolation:
     def close(self) -> None:
         if self.cgroups is not None:
             self.cgroups.close()
+        if self.cache_quota is not None:
+            self.cache_quota.close()

@@ -15,8 +15,9 @@ root:
    cache directory read-write, mounts a ``/proc`` of its own pid namespace and a
    ``/proc/meminfo`` that shows its memory limit (as LXCFS does), and brings up loopback;
 4. becomes the model's own unprivileged user (no supplementary groups, no capabilities,
-   no_new_privs), closes every descriptor but the ones it was told to keep, and executes
-   PROGRAM with exactly the environment it was given.
+   no_new_privs), installs a seccomp filter that refuses REFUSED_SYSCALLS, closes every
+   descriptor but the ones it was told to keep, and executes PROGRAM with exactly the
+   environment it was given.
 
 So the model's interpreter, and every ``.pth`` file and module it runs, starts inside. Pre-warmed
 processes and discovery start through it the same way.
@@ -81,6 +82,7 @@ SPEC_FIELDS = {
     "hide": [],  # directories to cover with an empty tmpfs (other packages, the state)
     "keep": [],  # directories it needs, even inside hidden or unreachable ones (read-only)
     "writable": [],  # directories bound read-write (its cache)
+    "mask": [],  # files /dev/null is bound on (configuration and token files: others' secrets)
     "memory_limit": 0,  # what /proc/meminfo says, in bytes; 0 leaves it alone
     "tmp_size": 256 << 20,  # /tmp and /dev/shm, each
     "uid": 0,  # the model's user and group; 0 stays root (only where no other is possible)
@@ -91,7 +93,41 @@ SPEC_FIELDS = {
     # shows only its own user's processes (hidepid) instead of a namespace of its own.
     "pid_namespace": True,
     "setenv": {},  # set just before PROGRAM starts (LD_PRELOAD: not for this launcher)
+    "seccomp": True,  # refuse the system calls in REFUSED_SYSCALLS (and namespaces in clone)
 }
+# System calls a model process never needs, refused with EPERM by a seccomp filter: what
+# container runtimes refuse by default (Docker's profile), and more that reach other processes
+# or the kernel's rarer corners. Names the running architecture lacks are skipped.
+REFUSED_SYSCALLS = (
+    # namespaces and mounts: the sandbox's own view stays the only one
+    "unshare", "setns", "mount", "umount", "umount2", "pivot_root", "chroot",
+    "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree",
+    "mount_setattr",
+    # other processes
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
+    "migrate_pages", "move_pages",
+    # the kernel itself
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "create_module", "get_kernel_syms", "query_module", "reboot", "swapon", "swapoff", "acct",
+    "syslog", "bpf", "perf_event_open", "userfaultfd", "lookup_dcookie", "quotactl",
+    "quotactl_fd", "nfsservctl", "uselib", "_sysctl", "sysfs", "ustat", "vm86", "vm86old",
+    "iopl", "ioperm", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    # kernel keyrings, shared by every process of a user
+    "keyctl", "add_key", "request_key",
+    # the node's clock and names
+    "settimeofday", "stime", "clock_settime", "clock_settime64", "clock_adjtime",
+    "clock_adjtime64", "adjtimex", "sethostname", "setdomainname",
+    # files by handle, past every mount
+    "open_by_handle_at", "name_to_handle_at",
+)  # fmt: skip
+# clone() with any of these flags is refused; clone3() (whose flags a filter cannot read) says
+# ENOSYS, so the C library falls back to clone().
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NAMESPACES = (
+    CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER,
+    CLONE_NEWCGROUP,
+)  # fmt: skip
 
 
 class SandboxError(OSError):
@@ -168,6 +204,8 @@ def main(argv: list[str]) -> None:
             _loopback_up()
         _become(spec["uid"])
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a change of user cleared it
+        if spec["seccomp"]:
+            install_seccomp_filter()
         keep = sorted(set(spec["keep_fds"]))
         start = 3
         for fd in [*keep, 1 << 16]:
@@ -211,7 +249,10 @@ def _mirror(child: int) -> None:
 def _build_view(spec: dict[str, Any]) -> None:
     uid = spec["uid"]
     package = os.path.realpath(spec["package"])
-    writable = [os.path.realpath(p) for p in spec["writable"] if os.path.isdir(p)]
+    # Directories given to the model's user: opened, checked and handed over by descriptor,
+    # never by a path someone else could have planted or redirected.
+    owned = dict(_open_owned_dir(p, uid) for p in spec["writable"])
+    writable = list(owned)
     keep = [os.path.realpath(p) for p in [package, *spec["keep"]] if os.path.isdir(p)]
     hidden = {os.path.realpath(p) for p in spec["hide"] if os.path.isdir(p)}
     # Hiding wins over keeping the very same directory (its own package is never hidden).
@@ -221,14 +262,14 @@ def _build_view(spec: dict[str, Any]) -> None:
     covers |= {"/tmp", "/dev/shm"}
     if uid:
         covers |= {c for p in needed if (c := _unreachable_ancestor(p, uid))}
-    for path in writable:
-        os.chown(path, uid, uid)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     with open("/proc/meminfo") as f:
         host_meminfo = f.read()
     # Hold every needed directory open: once a tmpfs covers a path, the path leads nowhere,
     # the open directory still does.
-    handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in needed}
+    handles = {
+        p: owned[p] if p in owned else os.open(p, os.O_PATH | os.O_DIRECTORY) for p in needed
+    }
     _read_only_everywhere()
     base = MS_NOSUID | MS_NODEV
     mounted: list[str] = []
@@ -255,6 +296,10 @@ def _build_view(spec: dict[str, Any]) -> None:
     for cover in mounted:
         if cover not in ("/tmp", "/dev/shm"):
             _mount(None, cover, None, MS_REMOUNT | MS_RDONLY | base, "size=64k,mode=0755")
+    for path in spec["mask"]:
+        if os.path.isfile(path):  # still visible: not under a cover
+            _mount("/dev/null", path, None, MS_BIND)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | base)
     # A /proc of its own pid namespace: no other process, the runtime's included, is visible.
     proc_options = "" if spec["pid_namespace"] else "hidepid=invisible"
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, proc_options)
@@ -340,6 +385,45 @@ def _unreachable_ancestor(path: str, uid: int) -> str | None:
     return None
 
 
+def _open_owned_dir(path: str, uid: int) -> tuple[str, int]:
+    """Open a directory the runtime made for the model, check it, and give it to ``uid``.
+
+    Its parent is resolved (the operator's choice) and must admit no other user's entries
+    (root's, and not writable by others unless sticky); the directory itself is opened without
+    following a link and must belong to root or to ``uid``. Owner and mode change on the
+    descriptor, which is also what gets bound: a name swapped afterwards changes nothing.
+    """
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    name = os.path.basename(path.rstrip("/"))
+    parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(parent_fd)
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
+            raise SandboxError(
+                errno.EPERM,
+                f"{parent} (which holds {name}) is not root's alone: choose a state directory "
+                "that no other user can write",
+            )
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent_fd)  # fmt: skip
+        except OSError as exc:
+            raise SandboxError(
+                exc.errno, f"{parent}/{name}: {exc.strerror} (a link or no directory)"
+            ) from None
+    finally:
+        os.close(parent_fd)
+    st = os.fstat(fd)
+    if st.st_uid not in (0, uid):
+        os.close(fd)
+        raise SandboxError(
+            errno.EPERM, f"{parent}/{name} belongs to user {st.st_uid}, not to root or the model"
+        )
+    os.fchown(fd, uid, uid)
+    os.fchmod(fd, 0o700)
+    return f"{parent}/{name}", fd
+
+
 def _bind(handle: int, path: str, read_only: bool) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
     _mount(f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC)
@@ -365,6 +449,73 @@ def _become(uid: int) -> None:
         os.setresuid(uid, uid, uid)  # and with it every capability
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+class _ArgCmp(ctypes.Structure):
+    """libseccomp's ``struct scmp_arg_cmp``."""
+
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_ACT_ERRNO = 0x00050000
+SCMP_CMP_MASKED_EQ = 7
+
+
+def install_seccomp_filter() -> None:
+    """Refuse REFUSED_SYSCALLS and namespace-creating clones, for this process and its children.
+
+    The filter is built by libseccomp (``libseccomp.so.2``, through ctypes: this launcher has
+    the standard library only), which knows each architecture's system call numbers and
+    refuses other ABIs (x32, 32-bit) outright. It is the library runc and systemd build theirs
+    with. Without it the model does not start.
+    """
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError as exc:
+        raise SandboxError(
+            errno.ENOENT,
+            f"libseccomp.so.2 cannot be loaded ({exc}): install libseccomp2 to run models",
+        ) from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp),
+    ]  # fmt: skip
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    context = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not context:
+        raise SandboxError(errno.ENOMEM, "seccomp_init failed")
+
+    def refuse(name: str, code: int, *conditions: _ArgCmp) -> None:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:  # not a system call of this architecture
+            return
+        array = (_ArgCmp * len(conditions))(*conditions) if conditions else None
+        result = lib.seccomp_rule_add_array(
+            context, SCMP_ACT_ERRNO | code, number, len(conditions), array
+        )
+        if result < 0:
+            raise SandboxError(-result, f"seccomp rule for {name}: {os.strerror(-result)}")
+
+    try:
+        for name in REFUSED_SYSCALLS:
+            refuse(name, errno.EPERM)
+        for flag in CLONE_NAMESPACES:  # flags are clone's first argument on x86_64 and arm64
+            refuse("clone", errno.EPERM, _ArgCmp(0, SCMP_CMP_MASKED_EQ, flag, flag))
+        refuse("clone3", errno.ENOSYS)
+        result = lib.seccomp_load(context)
+        if result < 0:
+            raise SandboxError(-result, f"seccomp_load: {os.strerror(-result)}")
+    finally:
+        lib.seccomp_release(context)
 
 
 def _contains(outer: str, inner: str) -> bool:

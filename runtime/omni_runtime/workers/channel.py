@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -27,7 +28,61 @@ from omni_sdk._protocol import (
 )
 from omni_sdk._serving import ai_error_body, v2_error_body
 
-__all__ = ["WorkerChannel"]
+__all__ = ["ChunkSink", "WorkerChannel"]
+
+STREAM_BUFFER = 4 << 20  # bytes of one stream's chunks that may wait for its client
+STREAM_STALL = 60.0  # seconds a stream may hold its worker back before it is ended
+
+
+class ChunkSink:
+    """A streamed request's chunks on their way to its client, ``limit`` bytes at most.
+
+    Past the limit the worker's channel stops reading, so the worker's writes wait, and with
+    them its engine's generator, until the client has taken half of what waits. A client that
+    takes nothing for ``stall_timeout`` seconds loses its stream (the worker is told to stop).
+    """
+
+    def __init__(self, limit: int = STREAM_BUFFER, stall_timeout: float = STREAM_STALL) -> None:
+        self.limit = limit
+        self.stall_timeout = stall_timeout
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._ready = asyncio.Event()
+        self._release: Callable[[], None] | None = None
+
+    def __call__(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self._ready.set()
+
+    @property
+    def full(self) -> bool:
+        return self._size >= self.limit
+
+    @property
+    def held(self) -> bool:
+        return self._release is not None
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """The channel stopped reading for this stream; ``release`` lets it go on."""
+        self._release = release
+
+    def empty(self) -> bool:
+        return not self._chunks
+
+    def take(self) -> bytes:
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._release is not None and self._size <= self.limit // 2:
+            release, self._release = self._release, None
+            release()
+        return chunk
+
+    async def get(self) -> bytes:
+        while not self._chunks:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.take()
 
 
 def _discard(flags: int, fds: socket.socket | None) -> None:
@@ -58,6 +113,8 @@ class WorkerChannel(asyncio.Protocol):
         self.waiting_since: float | None = None
         self._ping_outstanding = False
         self._roundtrips: dict[int, asyncio.Future[None]] = {}  # PINGs awaited, by id
+        # Streams whose client is behind: while any holds it, nothing more is read.
+        self._holds: dict[int, asyncio.TimerHandle] = {}
 
     @property
     def in_flight(self) -> int:
@@ -72,6 +129,7 @@ class WorkerChannel(asyncio.Protocol):
                 if kind == Kind.RESPONSE:
                     future = self._pending.pop(request_id, None)
                     self._streams.pop(request_id, None)
+                    self._release(request_id)
                     if future is None or future.done():
                         _discard(flags, self.fds)  # its caller is gone: never read
                         continue
@@ -92,6 +150,8 @@ class WorkerChannel(asyncio.Protocol):
                         on_chunk(bytes(payload(flags, body, self.fds)))
                     except PayloadError:
                         continue  # a chunk that cannot be read is dropped; the stream goes on
+                    if isinstance(on_chunk, ChunkSink) and on_chunk.full and not on_chunk.held:
+                        self._hold(request_id, on_chunk)
                 elif kind == Kind.PONG:
                     waiter = self._roundtrips.pop(request_id, None)
                     if waiter is None:
@@ -107,7 +167,42 @@ class WorkerChannel(asyncio.Protocol):
         owes = self._pending or self._ping_outstanding
         self.waiting_since = time.monotonic() if owes else None
 
+    def _hold(self, request_id: int, sink: ChunkSink) -> None:
+        """Stop reading until the stream's client has caught up (or stalled for too long)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self._holds:
+            self.transport.pause_reading()
+        self._holds[request_id] = self._loop.call_later(
+            sink.stall_timeout, self._stalled, request_id
+        )
+        sink.hold(lambda: self._release(request_id))
+
+    def _release(self, request_id: int) -> None:
+        timer = self._holds.pop(request_id, None)
+        if timer is None:
+            return
+        timer.cancel()
+        if not self._holds and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _stalled(self, request_id: int) -> None:
+        """A stream's client took nothing for its stall timeout: end that stream alone."""
+        self._holds.pop(request_id, None)
+        self._streams.pop(request_id, None)
+        future = self._pending.pop(request_id, None)
+        if future is not None and not future.done():
+            message = f"{self.label}: the stream's client stopped reading; the stream was ended"
+            future.set_result((504, 0, ai_error_body(504, message)))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_frame(Kind.CANCEL, request_id))
+            if not self._holds:
+                self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        for timer in self._holds.values():
+            timer.cancel()
+        self._holds.clear()
         reason = self.gone_reason or f"{self.label}'s worker exited"
         error = WorkerGone(reason)
         for future in self._pending.values():
@@ -167,6 +262,7 @@ class WorkerChannel(asyncio.Protocol):
         if request_id is None:
             return future  # already answered
         self._streams.pop(request_id, None)
+        self._release(request_id)  # nobody reads its chunks now: no reason to hold back
         settled: asyncio.Future[Response] = self._loop.create_future()
         self._pending[request_id] = settled
         if self.transport is not None and not self.transport.is_closing():
@@ -193,8 +289,11 @@ class WorkerChannel(asyncio.Protocol):
         return waiter
 
     def silent_for(self, now: float) -> float:
-        """Seconds the worker has owed an answer without saying anything."""
-        return now - self.waiting_since if self.waiting_since is not None else 0.0
+        """Seconds the worker has owed an answer without saying anything (while the runtime
+        holds it back for a slow client, it is not the worker that is silent)."""
+        if self.waiting_since is None or self._holds:
+            return 0.0
+        return now - self.waiting_since
 
     def send(self, kind: int, body: bytes = b"") -> None:
         """A control frame (SHUTDOWN, PING, PREFETCH): always small, always inline."""

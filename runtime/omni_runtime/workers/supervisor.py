@@ -7,10 +7,12 @@ import collections
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,8 +63,11 @@ class WorkerProcess:
         self.oom_killed = False
         self.hung_after = 0.0  # set when the watchdog kills a worker that stopped answering
         self.id = next(_worker_ids)
-        # Named by the runtime: inside its pid namespace every worker is pid 1.
-        self.gpu_region = Path("/dev/shm") / f"omni-gpu-{os.getpid()}-{self.id}"
+        # Named by the runtime (inside its pid namespace every worker is pid 1), and not
+        # guessable by another user who would plant a link or a file of that name first.
+        self.gpu_region = (
+            Path("/dev/shm") / f"omni-gpu-{os.getpid()}-{self.id}-{secrets.token_hex(8)}"
+        )
         self.process: asyncio.subprocess.Process | ForkedProcess | None = None
         self.channel: WorkerChannel | None = None
         self.started_at = 0.0
@@ -106,26 +111,33 @@ class WorkerProcess:
         cache = self.isolation.cache_dir(spec.name)
         env = worker_environment(os.environ, spec.env, cache)
         if self.isolation.namespaces and spec.device.startswith("cuda"):
-            # Its /dev/shm is private: the usage region lives in a directory bound into it.
-            self.gpu_region = self.gpu_region.with_name(self.gpu_region.name + ".d") / "usage"
-            self.gpu_region.parent.mkdir(mode=0o700, exist_ok=True)
+            # Its /dev/shm is private: the usage region lives in a directory bound into it,
+            # made new by the runtime (mkdtemp: a fresh name, never an entry someone planted).
+            prefix = f"omni-gpu-{os.getpid()}-{self.id}-"
+            self.gpu_region = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")) / "usage"
         hooks = self._cuda_hooks_env()
         if self.isolation.cgroups is not None:
             try:
                 self.cgroup = self.isolation.cgroups.create(f"worker-{self.id}", spec.resources)
             except (CgroupError, OSError) as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
-        launcher = self.isolation.launcher(
-            model=spec.name,
-            package=spec.package_dir,
-            environment=environment,
-            memory_limit=spec.resources.memory,
-            network=spec.network == "host",
-            cgroup=self.cgroup,
-            keep_fds=(child.fileno(), fds_child.fileno()),
-            writable=(self.gpu_region.parent,) if hooks else (),
-            setenv=hooks,
-        )
+        try:
+            launcher = self.isolation.launcher(
+                model=spec.name,
+                package=spec.package_dir,
+                environment=environment,
+                memory_limit=spec.resources.memory,
+                network=spec.network == "host",
+                cgroup=self.cgroup,
+                keep_fds=(child.fileno(), fds_child.fileno()),
+                writable=(self.gpu_region.parent,) if hooks else (),
+                setenv=hooks,
+            )
+        except OSError as exc:  # its cache quota could not be set up
+            for sock in (parent, child, fds_parent, fds_child):
+                sock.close()
+            self.cleanup()
+            raise LoadFailed(f"{self.label}: {exc}") from exc
         if not launcher:
             env.update(hooks)
         self.started_at = time.monotonic()

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from omni_runtime.isolation.environments import EnvironmentBuilder, EnvironmentError_
+from omni_runtime.isolation.environments import (
+    EnvironmentBuilder,
+    EnvironmentError_,
+    build_environment,
+)
 from tests.conftest import FIXTURES
 
 
@@ -81,3 +85,18 @@ def test_an_indirect_conflict_with_the_base_layer_is_named(tmp_path: Path) -> No
     assert "requests 2.25.1 needs idna" in message
     assert "but the base layer has idna 3." in message
     assert "to the package's own dependencies" in message
+
+
+def test_uv_never_gets_the_runtimes_tokens_or_cloud_keys() -> None:
+    env = build_environment(
+        {
+            "PATH": "/usr/bin", "HOME": "/root", "UV_INDEX_URL": "https://example/simple",
+            "HTTPS_PROXY": "http://proxy:3128", "OMNI_API_TOKEN": "a", "OMNI_ADMIN_TOKEN": "b",
+            "OMNI_API_TOKEN_FILE": "/run/token", "AWS_SECRET_ACCESS_KEY": "c",
+            "GOOGLE_APPLICATION_CREDENTIALS": "/key.json",
+        }
+    )  # fmt: skip
+    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/root"
+    assert env["UV_INDEX_URL"] == "https://example/simple"
+    assert env["HTTPS_PROXY"] == "http://proxy:3128"
+    assert not {k for k in env if "TOKEN" in k or k.startswith(("AWS_", "GOOGLE_"))}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 from pathlib import Path
@@ -11,7 +13,13 @@ import pytest
 from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.plan import MODEL_UID_BASE, UserIds, model_uid, worker_environment
 from omni_runtime.isolation.sandbox import (
+    CLONE_NEWNS,
+    CLONE_NEWUSER,
+    REFUSED_SYSCALLS,
+    SandboxError,
+    _open_owned_dir,
     _unreachable_ancestor,
+    install_seccomp_filter,
     meminfo_text,
     parse_spec,
 )
@@ -94,3 +102,63 @@ def test_a_neighbour_on_the_runtimes_path_stays_hidden(
     spec = json.loads(isolation.launcher(model="@t/m", package=own, environment=None)[4])
     assert spec["hide"] == [str(neighbour)]
     assert str(neighbour) not in spec["keep"] and str(own) in spec["keep"]
+
+
+def test_every_refused_system_call_is_refused_in_the_filtered_process() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    child = os.fork()
+    if child == 0:  # the filter stays with the process: only a child may take it
+        code = 0
+        try:
+            install_seccomp_filter()
+            refused = [
+                libc.unshare(CLONE_NEWUSER) == -1 and ctypes.get_errno() == errno.EPERM,
+                libc.unshare(CLONE_NEWNS) == -1 and ctypes.get_errno() == errno.EPERM,
+            ]
+            grandchild = os.fork()  # a plain fork (clone without namespaces) still works
+            if grandchild == 0:
+                os._exit(7)
+            forked = os.waitstatus_to_exitcode(os.waitpid(grandchild, 0)[1]) == 7
+            code = 0 if all(refused) and forked else 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+
+
+def test_the_refused_list_holds_real_system_calls() -> None:
+    lib = ctypes.CDLL("libseccomp.so.2")
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    known = [n for n in REFUSED_SYSCALLS if lib.seccomp_syscall_resolve_name(n.encode()) >= 0]
+    # Names of other architectures are skipped; the ones every architecture has are there.
+    assert {"unshare", "setns", "mount", "ptrace", "bpf", "keyctl", "perf_event_open"} <= set(known)
+    # -1: a name libseccomp does not know on any architecture (a misspelling, say).
+    assert [n for n in REFUSED_SYSCALLS if lib.seccomp_syscall_resolve_name(n.encode()) == -1] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_directory_is_given_to_the_model_by_descriptor_never_through_a_link(
+    tmp_path: Path,
+) -> None:
+    tmp_path.chmod(0o755)
+    own = tmp_path / "own"
+    own.mkdir(mode=0o777)
+    path, fd = _open_owned_dir(str(own), 123456)
+    os.close(fd)
+    assert path == str(own) and (own.stat().st_uid, own.stat().st_mode & 0o777) == (123456, 0o700)
+    target = tmp_path / "etc"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(SandboxError, match="a link or no directory"):
+        _open_owned_dir(str(tmp_path / "link"), 123456)
+    assert target.stat().st_uid == 0
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    os.chown(planted, 4242, 4242)  # someone else's
+    with pytest.raises(SandboxError, match="belongs to user 4242"):
+        _open_owned_dir(str(planted), 123456)
+    open_to_all = tmp_path / "open"
+    (open_to_all / "inside").mkdir(parents=True)
+    open_to_all.chmod(0o777)  # anyone could swap what is inside
+    with pytest.raises(SandboxError, match="is not root's alone"):
+        _open_owned_dir(str(open_to_all / "inside"), 123456)
