@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from tests.conftest import FIXTURES
 from tests.e2e.runtime import RunningRuntime, serve
