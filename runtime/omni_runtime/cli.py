@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from omni_runtime.config import ConfigError, OmniFile, ServerSettings, node_config
 from omni_runtime.discovery import (
@@ -42,9 +42,7 @@ if TYPE_CHECKING:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="omni-runtime", description="Serve many AI models on few GPUs."
-    )
+    parser = _Parser(prog="omni-runtime", description="Serve many AI models on few GPUs.")
     parser.add_argument("--version", action="version", version=f"omni-runtime {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -67,10 +65,10 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; set tokens before using a public one)",
     )
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     serve.add_argument(
         "--grpc-port",
-        type=int,
+        type=_port,
         metavar="PORT",
         help="also serve KServe v2 over gRPC on this port (0 picks a free one), on --host",
     )
@@ -227,6 +225,36 @@ def _default_state_dir() -> Path:
         return Path(os.environ["OMNI_STATE_DIR"])
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "omni"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line that says where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _warn_unknown_models(files: dict[Path, OmniFile], served: set[str]) -> None:
+    """A ``[models."NAME"]`` table for a model nobody serves is most likely a typo: say so."""
+    for path, omni_file in files.items():
+        for name in omni_file.models:
+            if name not in served:
+                log.warning(
+                    '%s: [models."%s"] names no model this runtime serves (it serves %s); '
+                    "is the name misspelt?",
+                    path, name, ", ".join(sorted(served)) or "none",
+                )  # fmt: skip
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 (any free one) to 65535, got {port}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +426,7 @@ def _serve_with(
     )
     for failure in discovery.failures:
         log.error("%s", failure.error)
+    _warn_unknown_models(files, {spec.name for spec in discovery.models})
     if not discovery.models:
         print("omni-runtime: no model could be discovered; nothing to serve", file=sys.stderr)
         return 1
@@ -439,9 +468,11 @@ def _serve_with(
         await node.start()
         states = [m.state.value for m in node.models.values()]
         ready = states.count("READY")
+        failed = len(discovery.failures)
         print(
             f"omni-runtime: serving {ready} of {len(states)} models at {url} "
-            f"(ready in {time.monotonic() - started:.1f}s)",
+            f"(ready in {time.monotonic() - started:.1f}s)"
+            + (f"; {failed} package(s) failed, see above" if failed else ""),
             flush=True,
         )
 

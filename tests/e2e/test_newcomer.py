@@ -1,0 +1,45 @@
+"""What a newcomer trips over first: a bad port, a package that fails, a misspelt model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import FIXTURES
+from tests.e2e.runtime import serve
+
+ECHO = FIXTURES / "packages" / "echo-models"
+
+
+def test_a_bad_port_is_one_line_and_exit_status_2() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "omni_runtime.cli", "serve", str(ECHO), "--port", "99999"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "omni-runtime serve: argument --port: a port is 0 (any free one) to 65535, got 99999 "
+        "(see omni-runtime serve --help)"
+    ]
+
+
+def test_the_ready_line_counts_failed_packages_and_a_misspelt_model_is_named(
+    tmp_path: Path,
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text(
+        '[project]\nname = "omni-test-broken"\nversion = "0.1.0"\ndependencies = ["omni-sdk"]\n'
+        '[project.entry-points.omni]\nbroken = "omni_test_broken"\n'
+    )
+    (broken / "omni_test_broken.py").write_text("raise ImportError('this package is broken')\n")
+    for path in (tmp_path, broken, *broken.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    config = tmp_path / "omni.toml"
+    config.write_text('[models."@test/ecoh".scaling]\nmax_replicas = 2\n')
+    with serve(ECHO, broken, extra=["--config", str(config)]) as runtime:
+        ready = runtime.wait_for_line("omni-runtime: serving")
+        assert "; 1 package(s) failed, see above" in ready
+        warning = runtime.wait_for_line(r'\[models\."@test/ecoh"\] names no model')
+        assert str(config) in warning and "@test/echo" in warning and "misspelt" in warning
