@@ -257,6 +257,12 @@ class OmniApp:
                 else:
                     await _respond(send, status, _error(True, status, content["error"]))
                 return
+        if not model.ready_replicas and (problem := _not_a_json_object(body)):
+            # Nothing would run it anyway: say so now rather than after a cold start.
+            message = f"model '{model.name}': the body is {problem}; send the model's input"
+            await _respond(send, 400, _error(True, 400, message))
+            self.metrics.observe(model.name, 400, time.perf_counter() - started)
+            return
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
         if b'"stream"' in body and _wants_stream(body):
             await self._stream(receive, send, model, body, started, reject)
@@ -586,6 +592,20 @@ def _family_error(path: str, status: int, message: str) -> bytes:
 def _error(ai: bool, status: int, message: str) -> bytes:
     """An error body in the envelope of the route's family: Workers AI or KServe v2."""
     return ai_error_body(status, message) if ai else v2_error_body(message)
+
+
+def _not_a_json_object(body: bytes) -> str:
+    """Why ``body`` cannot be any model's input (not JSON, not an object), or ""."""
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({exc})"
+    except RecursionError:
+        return "JSON nested too deeply"
+    if not isinstance(value, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        return f"JSON {kinds.get(type(value), 'a number')}, not an object"
+    return ""
 
 
 def _wants_stream(body: bytes) -> bool:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import FIXTURES
 from tests.e2e.runtime import serve
 
@@ -43,3 +45,16 @@ def test_the_ready_line_counts_failed_packages_and_a_misspelt_model_is_named(
         assert "; 1 package(s) failed, see above" in ready
         warning = runtime.wait_for_line(r'\[models\."@test/ecoh"\] names no model')
         assert str(config) in warning and "@test/echo" in warning and "misspelt" in warning
+
+
+def test_a_malformed_body_gets_its_400_without_a_cold_start() -> None:
+    with serve(ECHO) as runtime, httpx.Client(base_url=runtime.url, timeout=60) as http:
+        for body, says in ((b"{not json", "not valid JSON"), (b"[1, 2]", "JSON an array")):
+            response = http.post("/ai/run/@test/echo", content=body)
+            assert response.status_code == 400
+            error = response.json()["errors"][0]
+            assert "model '@test/echo'" in error["message"] and says in error["message"]
+        metrics = http.get("/metrics").text
+        assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
+        # A good body still starts the model and is answered.
+        assert http.post("/ai/run/@test/echo", json={"text": "hi"}).status_code == 200
