@@ -13,7 +13,11 @@ Control messages are JSON over a SOCK_SEQPACKET socket (``--fd``):
                      + 3 fds (socket, payload channel, log)
     here -> runtime: {"pid": int}                 the child, stopped until the runtime continues it
     here -> runtime: {"exit": pid, "status": int} a child ended (negative: killed by that signal)
+    here -> runtime: {"refused": str}             it will not pre-warm (why), and exits
     runtime -> here: {"retire": true}             exit once no child is left
+
+The modules to preload come on standard input, one per line, in the order the model's earlier
+worker imported them (``--preload -``), or as a comma-separated list.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import selectors
 import signal
 import socket
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
@@ -155,7 +161,11 @@ def serve(control: socket.socket) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omni_sdk.prewarm")
     parser.add_argument("--fd", type=int, required=True, help="the control socket")
-    parser.add_argument("--preload", default="", help="modules to import ahead, comma-separated")
+    parser.add_argument(
+        "--preload",
+        default="",
+        help="modules to import ahead, comma-separated, or - to read them from stdin, one a line",
+    )
     parser.add_argument(
         "--trusted",
         action="append",
@@ -168,9 +178,87 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     trusted = [os.path.realpath(t) for t in args.trusted]
-    _preload(filter(None, args.preload.split(",")), trusted)
     control = socket.socket(fileno=args.fd)
+    names = sys.stdin.read().split() if args.preload == "-" else args.preload.split(",")
+    try:
+        _preload(filter(None, names), trusted)
+        _single_threaded()
+    except Refused as exc:
+        # Said to the runtime (a warning and a metric there), and on stderr for its log.
+        print(f"omni prewarm: not pre-warming: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            refusal = {"refused": str(exc), "kind": exc.kind, "module": exc.module}
+            control.send(json.dumps(refusal).encode())
+        return 0
     return serve(control)
+
+
+class Refused(Exception):
+    """Why this process will not fork workers; ``kind`` is the metric's reason label, and
+    ``module`` the package to leave out next time, where one is to blame."""
+
+    def __init__(self, kind: str, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.module = module
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _fork_safe_threads() -> int:
+    """Threads of native pools that a fork is known to survive.
+
+    OpenBLAS built on pthreads (numpy's and scipy's wheels) stops its pool in a
+    ``pthread_atfork`` handler and starts it again in the child when it is next used; its pool
+    holds ``num_threads - 1`` threads. threadpoolctl (from the base layer, when it is there)
+    names the pools that are loaded. Anything else (an OpenMP pool, a framework's own thread) is
+    not assumed to survive.
+    """
+    try:
+        import threadpoolctl
+    except ImportError:
+        return 0
+    try:
+        pools = threadpoolctl.threadpool_info()
+    except Exception:
+        return 0
+    return sum(
+        max(0, int(pool.get("num_threads", 1)) - 1)
+        for pool in pools
+        if pool.get("internal_api") == "openblas" and pool.get("threading_layer") == "pthreads"
+    )
+
+
+def _thread_names() -> list[str]:
+    names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if names:
+        return names
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            if int(task) != os.getpid():
+                with open(f"/proc/self/task/{task}/comm") as comm:
+                    names.append(comm.read().strip())
+    return names
+
+
+def _single_threaded(last: str = "") -> None:
+    """A fork carries only the thread that forks: a preloaded module must not have started one
+    (a lock another thread held at the fork would stay locked in the child forever)."""
+    count = _threads()
+    if count <= 1 or count - 1 <= _fork_safe_threads():
+        return
+    names = ", ".join(_thread_names()) or "native"
+    culprit = last.partition(".")[0]
+    raise Refused(
+        "threads",
+        f"importing {last or 'its modules'} started a thread ({names}) that a fork cannot carry",
+        module=culprit,
+    )
 
 
 def _preload(names: Iterable[str], trusted: list[str]) -> None:
@@ -189,7 +277,9 @@ def _preload(names: Iterable[str], trusted: list[str]) -> None:
     sys.path[:] = [p for p in saved if p and inside(p)]
     importlib.invalidate_caches()
     try:
-        _import_trusted(names, inside)
+        with warnings.catch_warnings():  # a deprecation notice is the worker's to show
+            warnings.simplefilter("ignore")
+            _import_trusted(names, inside)
     finally:
         sys.path[:] = saved
         importlib.invalidate_caches()
@@ -197,21 +287,54 @@ def _preload(names: Iterable[str], trusted: list[str]) -> None:
 
 def _import_trusted(names: Iterable[str], inside: Callable[[str], bool]) -> None:
     before = set(sys.modules)
+    already = {id(module) for module in sys.modules.values()}
+    skipped: list[str] = []
+    threads = _threads()
     for name in names:
+        if name in sys.modules:
+            continue
         # Only what this interpreter would take from the base layer: a module the model's own
         # environment provides (another version, say) is its code, imported after the sandbox.
+        # (find_spec of a submodule imports its parents, from the base layer alone: sys.path
+        # holds nothing else now.)
         try:
             spec = importlib.util.find_spec(name)
             if not (spec and spec.origin and inside(spec.origin)):
                 continue
             importlib.import_module(name)
-        except Exception as exc:  # a module that will not preload is imported by the worker
-            print(f"omni prewarm: could not preload {name}: {exc}", file=sys.stderr)
+        except Exception:  # a module that will not preload is imported by the worker
+            skipped.append(name)
+        if _threads() > threads:  # (checked only when the count moves: threadpoolctl is slow)
+            _single_threaded(last=name)
+            threads = _threads()
+    if skipped:
+        print(
+            f"omni prewarm: {len(skipped)} module(s) left to the worker, e.g. {skipped[0]}",
+            file=sys.stderr,
+        )
     for name in set(sys.modules) - before:
-        origin = getattr(sys.modules[name], "__file__", None)
+        if id(sys.modules[name]) in already:
+            continue  # another name for a module that was there before (__mp_main__)
+        origin = _origin(sys.modules[name])
         if origin and not inside(origin):
             # Something came from outside the trusted layer after all: serve nothing.
-            raise SystemExit(f"omni prewarm: {name} was imported from {origin}; not pre-warming")
+            raise Refused("outside_base", f"{name} was imported from {origin}")
+
+
+def _origin(module: object) -> str | None:
+    """The file a module's code was read from, or None for one built by code in memory.
+
+    Frameworks make module objects of their own (torch.ops, torch.classes, the aliases of
+    ``__main__`` that multiprocessing makes): their code ran from their parent package, which
+    is checked itself. Their ``__file__`` is a bare name, or nothing.
+    """
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(spec, "origin", None) if getattr(spec, "has_location", False) else None
+    if not isinstance(origin, str) or not os.path.isabs(origin):
+        origin = getattr(module, "__file__", None)
+    if not isinstance(origin, str) or not os.path.isabs(origin):
+        return None
+    return origin
 
 
 if __name__ == "__main__":

@@ -464,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "load_seconds": time.perf_counter() - started,
         "timings": timings,
-        # What it imported, so the runtime can pre-warm the next worker of this environment.
-        "modules": sorted({name.partition(".")[0] for name in sys.modules}),
+        # What it imported, in order, so the runtime can pre-warm the model's next worker.
+        "modules": list(sys.modules),
     }
     sock.sendall(encode_frame(Kind.HELLO, 0, json.dumps(hello).encode()))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the runtime drains us with SHUTDOWN

@@ -457,7 +457,7 @@ def _serve_with(
         discovery.models,
         settings,
         metrics,
-        LocalWorkers(settings, scheduler, isolation),
+        LocalWorkers(settings, scheduler, isolation, metrics),
         scheduler,
         gpus,
         failures=discovery.failures,

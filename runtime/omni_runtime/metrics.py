@@ -104,6 +104,12 @@ class Metrics:
             "(idle, scale_down, memory, crash, oom, hung)",
             ["model", "reason"], registry=r,
         )  # fmt: skip
+        self.prewarm_refusals = Counter(
+            "omni_prewarm_refusals",
+            "Pre-warmed processes that would not fork workers, by model and reason "
+            "(outside_base, threads, exited, failed)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
         self.cold_start = Histogram(
             "omni_cold_start_seconds",
             "Phases of a replica's cold start: env, spawn, import, load, first_response",

@@ -65,6 +65,10 @@ def tensors_of_session(session: Any, where: str) -> tuple[list[Tensor], list[Ten
     return inputs, outputs
 
 
+# A graph's tensors, by engine class and file (size, mtime): describing opens a session.
+_DESCRIBED: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+
+
 class OnnxEngine(TensorEngine):
     """Serve an ONNX graph. A subclass sets ``model_file`` (relative paths are beside the
     module that defines the subclass; override the ``model_path`` classmethod to compute or
@@ -90,10 +94,27 @@ class OnnxEngine(TensorEngine):
     def describe_tensors(cls) -> tuple[list[Tensor], list[Tensor]]:
         if cls.inputs and cls.outputs:
             return list(cls.inputs), list(cls.outputs)
+        path = cls.model_path()
+        try:
+            stat = path.stat()
+            key: tuple[Any, ...] = (cls, str(path), stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            key = ()
+        if key and key in _DESCRIBED:  # asked again while the model is registered and loaded
+            return _DESCRIBED[key]
         import onnxruntime
 
-        session = cls._open(onnxruntime.SessionOptions(), ["CPUExecutionProvider"], None)
-        return tensors_of_session(session, f"model '{cls.name}'")
+        # Only the names and types are wanted: no optimisation, no weight repacking.
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        session = cls._open(options, ["CPUExecutionProvider"], path)
+        described = tensors_of_session(session, f"model '{cls.name}'")
+        if key:
+            _DESCRIBED[key] = described
+        return described
 
     @classmethod
     def _open(cls, options: Any, providers: list[Any], path: Path | None) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -123,11 +123,17 @@ class TorchEngine(TensorEngine):
         from safetensors.torch import load_file
 
         try:
-            state = load_file(path, device="cpu")
+            state = load_file(path, device="cpu")  # tensors over a private map of the file
         except Exception as exc:
             raise ModelLoadError(f"{self.label}: cannot read {path} as safetensors: {exc}") from exc
-        module = self.build_module()
-        result = module.load_state_dict(self.adapt_weights(state), strict=False)
+        # Every parameter comes from the file (a missing one is an error below), so the random
+        # initialisation build_module() would do is skipped: most of a module's build time.
+        with _no_random_init():
+            module = self.build_module()
+        state = _fitted(self.adapt_weights(state), module.state_dict())
+        # assign: the module keeps the file's tensors rather than copying them into its own.
+        # Their pages are the page cache's, shared by every replica on the node until written.
+        result = module.load_state_dict(state, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             raise ModelLoadError(
                 f"{self.label}: {path} does not fit build_module(): missing "
@@ -170,6 +176,50 @@ class TorchEngine(TensorEngine):
         self.module = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# In-place random fills that weight initialisers use (torch.nn.init and the frameworks' own).
+_RANDOM_FILLS = (
+    "normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_",
+    "log_normal_", "cauchy_",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Random fills do nothing while a module whose every weight comes from a file is built.
+
+    The worker builds its model on one thread before it serves anything, so replacing the
+    methods for that while is seen by nothing else.
+    """
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _RANDOM_FILLS}
+
+    def unchanged(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    for name in _RANDOM_FILLS:
+        setattr(torch.Tensor, name, unchanged)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+
+
+def _fitted(
+    state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The file's tensors, converted where the module holds another dtype (only those copy)."""
+    fitted = {}
+    for key, value in state.items():
+        mine = own.get(key)
+        if mine is not None and mine.dtype != value.dtype and value.is_floating_point():
+            value = value.to(mine.dtype)
+        fitted[key] = value
+    return fitted
 
 
 def _is_file(path: str) -> bool:

@@ -69,6 +69,7 @@ class Worker(Protocol):
     timings: StartTimings
     started_at: float
     forked: bool  # started from a pre-warmed process
+    not_prewarmed: str  # why not, when its model's pre-warmed process refused
     hung_after: float  # set when it was killed for not answering
     oom_killed: bool
 

@@ -322,7 +322,10 @@ class Controller:
         log.info(
             "model '%s' ready: replica %d, worker pid %s, %s in %.2fs (%s)",
             model.name, replica.id, worker.pid,
-            "forked from a pre-warmed process" if worker.forked else "started",
+            "forked from a pre-warmed process" if worker.forked else (
+                f"started (not pre-warmed: {worker.not_prewarmed})"
+                if worker.not_prewarmed else "started"
+            ),
             worker.load_seconds, reason,
         )  # fmt: skip
         self.backend.started(worker, any(m.blocked for m in self.models.values()))

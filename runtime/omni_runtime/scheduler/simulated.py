@@ -131,6 +131,7 @@ class SimulatedWorker:
         self.timings = StartTimings()
         self.started_at = 0.0
         self.forked = False
+        self.not_prewarmed = ""
         self.hung_after = 0.0
         self.oom_killed = False
         self.running = 0

@@ -19,6 +19,7 @@ from omni_runtime.config import SchedulerSettings, ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.isolation import CgroupError, Isolation
 from omni_runtime.isolation.plan import worker_environment
+from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler.backend import Worker
 from omni_runtime.workers.prewarm import PrewarmedProcess, trusted_modules
 from omni_runtime.workers.supervisor import WorkerProcess
@@ -26,6 +27,9 @@ from omni_runtime.workers.supervisor import WorkerProcess
 __all__ = ["LocalWorkers"]
 
 log = logging.getLogger("omni.scheduler")
+# Why a pre-warmed process gave up, as the metric's reason label: a module from outside the base
+# layer, a thread a fork cannot carry, an exit before any fork, anything else.
+REFUSAL_KINDS = frozenset({"outside_base", "threads", "exited", "failed"})
 
 
 class LocalWorkers:
@@ -36,11 +40,18 @@ class LocalWorkers:
         settings: ServerSettings,
         scheduler: SchedulerSettings,
         isolation: Isolation | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
         self.isolation = isolation or Isolation()
+        self.metrics = metrics
         self.prewarmed: dict[str, PrewarmedProcess] = {}  # the current one, by model
+        # Why a model's last pre-warmed process refused, and what it was asked to preload:
+        # the same list is not tried again, and the model's next start says why it is fresh.
+        self.refused: dict[str, tuple[str, frozenset[str]]] = {}
+        # Packages left out of a model's preloading: importing them started a thread.
+        self.left_out: dict[str, set[str]] = {}
         self._prewarmed_all: set[PrewarmedProcess] = set()  # current and retiring ones
         self._next_prewarm = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -53,7 +64,10 @@ class LocalWorkers:
         prewarmed = self.prewarmed.get(spec.name)
         if prewarmed is not None and not prewarmed.alive:
             prewarmed = None
-        return WorkerProcess(spec, self.settings, self.isolation, prewarmed)
+        worker = WorkerProcess(spec, self.settings, self.isolation, prewarmed)
+        if prewarmed is None and spec.name in self.refused:
+            worker.not_prewarmed = self.refused[spec.name][0]
+        return worker
 
     def started(self, worker: Worker, memory_short: bool) -> None:
         if not isinstance(worker, WorkerProcess):
@@ -72,17 +86,30 @@ class LocalWorkers:
         One per model, not per environment: it runs inside the model's sandbox (its user, its
         view of the files, its network), which its forks share.
         """
-        spec = worker.spec
-        wanted = trusted_modules(worker.modules, spec.package_dir)
+        wanted = trusted_modules(worker.modules, worker.spec.package_dir)
+        self._keep_prewarmed(worker.spec, wanted, memory_short)
+
+    def _keep_prewarmed(self, spec: ModelSpec, wanted: list[str], memory_short: bool) -> None:
+        left_out = self.left_out.get(spec.name, set())
+        wanted = [m for m in wanted if m.partition(".")[0] not in left_out]
         current = self.prewarmed.get(spec.name)
         if current is not None and current.alive and set(wanted) <= set(current.preload):
             return
         if memory_short:
             return  # no process that only holds memory
+        refused = self.refused.get(spec.name)
+        if refused is not None and set(wanted) <= refused[1]:
+            return  # it would refuse again
         if current is not None:
             current.retire()
-        preload = sorted(set(wanted) | set(current.preload if current else []))
+        earlier = [
+            m
+            for m in (current.preload if current else [])
+            if m not in set(wanted) and m.partition(".")[0] not in left_out
+        ]
+        preload = [*wanted, *earlier]  # in the order the worker imported them
         process = PrewarmedProcess(spec.python, preload, label=f"model '{spec.name}'")
+        process.on_refused = lambda process: self._refused(spec, process)
         self.prewarmed[spec.name] = process
         self._prewarmed_all.add(process)
         isolation = self.isolation
@@ -118,16 +145,41 @@ class LocalWorkers:
                 process.retired = True
                 process.cleanup()
                 return
-            outside_stdlib = [m for m in preload if m not in sys.stdlib_module_names]
+            packages = sorted({m.partition(".")[0] for m in preload} - set(sys.stdlib_module_names))
             log.info(
                 "pre-warmed process for model '%s': pid %s, preloading %d modules (%s)",
                 spec.name, process.process.pid if process.process else "?", len(preload),
-                ", ".join(outside_stdlib) or "the standard library",
+                ", ".join(packages[:12]) + (", ..." if len(packages) > 12 else "")
+                or "the standard library",
             )  # fmt: skip
 
         task = asyncio.create_task(start())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _refused(self, spec: ModelSpec, process: PrewarmedProcess) -> None:
+        model = spec.name
+        reason = process.refused or "no reason given"
+        kind = process.refused_kind if process.refused_kind in REFUSAL_KINDS else "failed"
+        self.refused[model] = (reason, frozenset(process.preload))
+        if self.prewarmed.get(model) is process:
+            del self.prewarmed[model]
+        if self.metrics is not None:
+            self.metrics.prewarm_refusals.labels(model, kind).inc()
+        left_out = self.left_out.setdefault(model, set())
+        culprit = process.refused_module
+        if kind == "threads" and culprit and culprit not in left_out:
+            # Once more without that package: its workers import it themselves.
+            left_out.add(culprit)
+            del self.refused[model]  # a new list: not refused yet
+            log.info("model '%s': pre-warming again without %s (%s)", model, culprit, reason)
+            self._keep_prewarmed(spec, process.preload, memory_short=False)
+            return
+        log.warning(
+            "model '%s': its pre-warmed process will not fork workers: %s; its next replicas "
+            "start fresh",
+            model, reason,
+        )  # fmt: skip
 
     def reconcile(
         self, now: float, memory_short: bool, last_request: Callable[[str], float | None]

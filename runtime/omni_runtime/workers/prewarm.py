@@ -63,6 +63,10 @@ class PrewarmedProcess:
         self._lock = asyncio.Lock()
         self.started_at = 0.0
         self.retired = False
+        self.refused: str | None = None  # why it would not pre-warm, when it said so
+        self.refused_kind = ""
+        self.refused_module = ""  # the package it blames, to leave out next time
+        self.on_refused: Callable[[PrewarmedProcess], None] | None = None
         self._relay: asyncio.Future[None] | None = None
 
     @property
@@ -94,14 +98,14 @@ class PrewarmedProcess:
             str(child.fileno()),
         ]
         if self.preload:
-            command += ["--preload", ",".join(self.preload)]
+            command += ["--preload", "-"]  # the names come on stdin: they can be thousands
         for root in sorted({sys.prefix, sys.base_prefix}):
             command += ["--trusted", root]
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *command,
                 pass_fds=(child.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
@@ -109,6 +113,11 @@ class PrewarmedProcess:
             )
         finally:
             child.close()
+        assert self.process.stdin is not None
+        self.process.stdin.write("\n".join(self.preload).encode())
+        with contextlib.suppress(OSError):  # (it exited already: its stderr says why)
+            await self.process.stdin.drain()
+        self.process.stdin.close()
         parent.setblocking(False)
         self.sock = parent
         self.started_at = time.monotonic()
@@ -136,7 +145,16 @@ class PrewarmedProcess:
                 self._gone()
                 return
             message = json.loads(data)
-            if "exit" in message:
+            if "refused" in message:
+                self.refused = str(message["refused"])[:500]
+                self.refused_kind = str(message.get("kind", "failed"))[:32]
+                culprit = message.get("module")
+                if isinstance(culprit, str) and culprit.isidentifier():
+                    self.refused_module = culprit
+                self.retired = True
+                if self.on_refused is not None:
+                    self.on_refused(self)
+            elif "exit" in message:
                 future = self.children.pop(int(message["exit"]), None)
                 if future is not None and not future.done():
                     future.set_result(int(message["status"]))
@@ -154,6 +172,11 @@ class PrewarmedProcess:
                 "the pre-warmed process for %s exited; the %d workers it forked die with it",
                 self.label, len(self.children),
             )  # fmt: skip
+        if not self.retired and self.refused is None:
+            self.refused = "it exited before it forked a worker (its log lines above say why)"
+            self.refused_kind = "exited"
+            if self.on_refused is not None:
+                self.on_refused(self)
         self.retired = True
         for future in self.children.values():
             if not future.done():
@@ -289,31 +312,45 @@ def _entry_point_modules(package_dir: Path) -> set[str]:
 
 
 def trusted_modules(names: list[str], package_dir: Path) -> list[str]:
-    """Of the top-level modules a worker imported, those the runtime's own environment provides.
+    """Of the modules a worker imported, in its order, those the runtime's environment provides.
 
     Only the base layer (what the operator installed beside the runtime) is imported ahead of
-    the sandbox; a model's own modules and its environment's extra packages never are.
+    the sandbox; a model's own modules and its environment's extra packages never are. A
+    submodule (``transformers.models.bert.modeling_bert``) is kept when its top-level package
+    is: whether the base layer really provides it, the pre-warmed process checks itself, since
+    looking here would import its parents into the runtime.
     """
     import importlib.util
 
     roots = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix)}
     package = str(package_dir.resolve())
     own = _entry_point_modules(package_dir)  # installed beside the runtime or not: model code
-    trusted = []
-    for name in names:
-        if not name.isidentifier() or name.startswith("_") or name in sys.builtin_module_names:
-            continue
-        if name in own:
-            continue
+    verdict: dict[str, bool] = {}
+
+    def trusted(top: str) -> bool:
+        if not top.isidentifier() or top in sys.builtin_module_names or top in own:
+            return False
+        if top.startswith("__"):  # __main__, __mp_main__: the worker itself
+            return False
         try:
-            spec = importlib.util.find_spec(name)
+            spec = importlib.util.find_spec(top)
         except (ImportError, ValueError):
-            continue
+            return False
         origin = spec.origin if spec is not None else None
         if not origin or origin in ("built-in", "frozen"):
-            continue
+            return False
         where = str(Path(origin).resolve())
-        if where.startswith(package) or not any(where.startswith(r) for r in roots):
+        return not where.startswith(package) and any(where.startswith(r) for r in roots)
+
+    kept: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        top = name.partition(".")[0]
+        if name in seen or not all(part.isidentifier() for part in name.split(".")):
             continue
-        trusted.append(name)
-    return sorted(trusted)
+        if top not in verdict:
+            verdict[top] = trusted(top)
+        if verdict[top]:
+            seen.add(name)
+            kept.append(name)
+    return kept

@@ -76,7 +76,8 @@ class WorkerProcess:
         self.aborted = False
         self.prewarmed = prewarmed
         self.forked = False  # started by a pre-warmed process rather than exec
-        self.modules: list[str] = []  # top-level modules it imported (HELLO says)
+        self.not_prewarmed = ""  # why not, when its model's pre-warmed process refused
+        self.modules: list[str] = []  # the modules it imported, in order (HELLO says)
         self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._log_task: asyncio.Task[None] | None = None
 

@@ -104,3 +104,61 @@ def test_only_a_real_child_of_the_prewarmed_process_is_believed() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def refusal(tmp_path: Path, source: str) -> dict[str, str] | None:
+    """Preload a trusted module with ``source``; what the pre-warmed process says of it."""
+    import json
+
+    trusted = tmp_path / "trusted"
+    trusted.mkdir(exist_ok=True)
+    (trusted / "framework.py").write_text(source)
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "omni_sdk.prewarm", "--fd", str(child.fileno()),
+         "--preload", "-", "--trusted", str(trusted)],
+        pass_fds=(child.fileno(),), stdin=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(trusted)),
+    )  # fmt: skip
+    child.close()
+    assert process.stdin is not None
+    process.stdin.write(b"framework\n")
+    process.stdin.close()
+    parent.settimeout(10)  # it preloads one small module: a refusal comes at once
+    try:
+        message = parent.recv(65536)  # a refusal, or nothing until we go away
+    except TimeoutError:
+        message = b""
+    parent.close()
+    assert process.wait(30) == 0
+    return json.loads(message) if message else None
+
+
+def test_a_frameworks_own_module_objects_are_not_taken_for_tampering(tmp_path: Path) -> None:
+    # As torch makes torch.ops: a module object whose __file__ is a bare name.
+    made = (
+        "import sys, types\n"
+        "ops = types.ModuleType('framework.ops')\n"
+        "ops.__file__ = '_ops.py'\n"
+        "sys.modules['framework.ops'] = ops\n"
+    )
+    assert refusal(tmp_path, made) is None
+    # A module that really came from elsewhere still is.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "planted.py").write_text("")
+    said = refusal(tmp_path, f"import sys\nsys.path.append({str(elsewhere)!r})\nimport planted\n")
+    assert said is not None and said["kind"] == "outside_base", said
+    assert f"planted was imported from {elsewhere}" in said["refused"]
+
+
+def test_a_module_that_starts_a_thread_is_named_and_refused(tmp_path: Path) -> None:
+    said = refusal(
+        tmp_path,
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True, name='poller').start()\n",
+    )
+    assert said is not None
+    assert said["kind"] == "threads" and said["module"] == "framework"
+    assert "importing framework started a thread (poller)" in said["refused"]
+    assert refusal(tmp_path, "import threading\n") is None  # no thread: it serves
