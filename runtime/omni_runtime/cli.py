@@ -129,8 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument(
         "--engine",
         choices=["python", "torch", "onnx", "zero-code"],
-        help="python: a plain Engine; torch/onnx: a tensor engine whose tests build its "
-        "weights or graph; zero-code: an omni.toml and a graph, no Python (default: python)",
+        help="python: a plain Engine; torch/onnx: a tensor engine with small placeholder "
+        "weights or graph; zero-code: an omni.toml and a graph, no Python (default: python); "
+        "each serves as soon as it is written",
     )
     new.add_argument("--name", metavar="@ORG/NAME", help="the served model name")
     new.add_argument("--task", help="a Workers AI task name, e.g. text-classification")
@@ -570,14 +571,10 @@ def _new(args: argparse.Namespace) -> int:
     except (CookiecutterException, OSError) as exc:
         print(f"omni-runtime new: {exc}", file=sys.stderr)
         return 2
-    zero_code = not (package / "pyproject.toml").exists()
     print(f"created {package}")
-    if zero_code:
-        print(f"next: omni-runtime serve {package}")
-    else:
-        print(
-            f"next: cd {package} && pip install -e '.[test]' && pytest, then omni-runtime serve ."
-        )
+    print(f"next: omni-runtime serve {package}")
+    if (package / "tests").is_dir():
+        print(f"its tests: cd {package} && pip install -e '.[test]' && pytest")
     return 0
 
 

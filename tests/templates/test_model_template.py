@@ -53,7 +53,12 @@ def test_each_variant_tests_itself_and_serves(tmp_path: Path, engine: str) -> No
     if engine == "zero-code":
         assert sorted(p.name for p in package.iterdir()) == ["README.md", "model.onnx", "omni.toml"]
     else:
-        _own_tests(package)  # the torch and onnx variants write their weights or graph here
+        module = package / f"tiny_{engine}"
+        model_files = {"torch": ["weights.safetensors"], "onnx": ["model.onnx"]}.get(engine, [])
+        assert sorted(p.name for p in module.iterdir()) == sorted(
+            ["__init__.py", "py.typed", *model_files]
+        )
+        _own_tests(package)
     listed = subprocess.run(
         [sys.executable, "-m", "omni_runtime.cli", "models", str(package), "--json",
          "--state-dir", str(tmp_path / "state")],
@@ -78,8 +83,8 @@ def test_each_variant_tests_itself_and_serves(tmp_path: Path, engine: str) -> No
         tensor.set_data_from_numpy(np.array(x, dtype=np.float32))
         y = client.infer(name, [tensor]).as_numpy("y")
         np.testing.assert_allclose(y, np.array(response.json()["result"]["y"]), rtol=1e-6)
-        if engine != "torch":  # the graph is y = 2x + 1
-            np.testing.assert_allclose(y, [[3.0, 5.0, 7.0, 9.0]])
+        # the torch variant's weights: y = mean(x) + 1; the graph of the others: y = 2x + 1
+        np.testing.assert_allclose(y, [[3.5]] if engine == "torch" else [[3.0, 5.0, 7.0, 9.0]])
 
 
 def test_a_bad_model_name_is_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -62,8 +62,8 @@ class {{ cookiecutter.class_name }}(TorchEngine):
 
     name = "{{ cookiecutter.model_name }}"
     task = "{{ cookiecutter.task }}"
-    # The module factory: build_module() gives the module, this file its weights (the
-    # package's tests write it: `pytest` once before serving).
+    # The module factory: build_module() gives the module, this file its weights (written by
+    # `omni-runtime new`: y = mean(x) + 1; save your own with safetensors.torch.save_file).
     weights_file = "weights.safetensors"
     inputs = [Tensor("x", "FP32", (-1, 4))]
     outputs = [Tensor("y", "FP32", (-1, 1))]
@@ -82,8 +82,8 @@ class {{ cookiecutter.class_name }}(OnnxEngine):
 
     name = "{{ cookiecutter.model_name }}"
     task = "{{ cookiecutter.task }}"
-    # Inputs and outputs come from the graph. The package's tests write it (`pytest` once
-    # before serving); replace it with your own export.
+    # Inputs and outputs come from the graph, beside this file: y = 2x + 1 for x of shape
+    # [batch, 4] until you replace it with your own export.
     model_file = "model.onnx"
 {% endif %}
 
