@@ -60,6 +60,9 @@ class ModelSpec:
     streaming: bool = False  # infer yields chunks
     env: dict[str, str] = field(default_factory=dict)  # [models."X".env]
     network: str = "loopback"  # or "host"
+    # input_schema says everything the worker's validation does (no custom validator), so a
+    # body may be refused by the schema before the model starts.
+    input_schema_exact: bool = False
     # Where each overridden setting came from ("scaling.min_replicas" -> the omni.toml's path),
     # so a contradiction can name the file.
     sources: dict[str, str] = field(default_factory=dict)
@@ -378,6 +381,7 @@ async def discover_all(
                     env=env,
                     network=network,
                     sources=sources,
+                    input_schema_exact=engine.get("input_schema_exact") is True,
                 )
             )
     return discovery

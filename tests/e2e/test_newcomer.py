@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -58,3 +59,34 @@ def test_a_malformed_body_gets_its_400_without_a_cold_start() -> None:
         assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
         # A good body still starts the model and is answered.
         assert http.post("/ai/run/@test/echo", json={"text": "hi"}).status_code == 200
+
+
+def _replicas(metrics: str, model: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'omni_model_replicas{{model="{model}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no omni_model_replicas line for {model}")
+
+
+def test_a_body_the_schema_refuses_gets_its_400_without_a_cold_start() -> None:
+    with serve(ECHO) as runtime, httpx.Client(base_url=runtime.url, timeout=60) as http:
+        for body, says in (
+            ({"count": 2}, "input 'text': Field required"),
+            ({"text": "hi", "values": "1, 2"}, "input 'values': expected array, got a string"),
+        ):
+            started = time.monotonic()
+            response = http.post("/ai/run/@test/echo", json=body)
+            assert response.status_code == 400, response.text
+            assert time.monotonic() - started < 2.0
+            metrics = http.get("/metrics").text  # the runtime said so itself: no worker started
+            assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
+            assert _replicas(metrics, "@test/echo") == 0
+            message = response.json()["errors"][0]["message"]
+            assert message.startswith("model '@test/echo': ") and says in message
+        # What pydantic coerces ("3" for an int, 1 for a bool) is not refused: it starts the model.
+        answer = http.post("/ai/run/@test/echo", json={"text": "a", "count": "3", "flag": 1})
+        assert answer.status_code == 200 and answer.json()["result"]["text"] == "aaa"
+        # With a replica ready the worker validates, with its own message.
+        response = http.post("/ai/run/@test/echo", json={"count": 2})
+        assert response.status_code == 400
+        assert "'text'" in response.json()["errors"][0]["message"]
