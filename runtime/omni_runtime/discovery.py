@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -31,6 +32,7 @@ DISCOVERY_TIMEOUT = 120.0  # seconds a package's import may take before it is gi
 # What one package's discovery may use: its models' own limits are not known before it ends.
 DISCOVERY_RESOURCES = Resources(memory=2 << 30, cpus=1.0)
 _discovery_ids = iter(range(1, 1 << 62))
+log = logging.getLogger("omni.discovery")
 
 
 class DiscoveryError(Exception):
@@ -283,6 +285,52 @@ def _override_for(
     return [(path, f.models[name]) for path, f in ordered if name in f.models]
 
 
+def _settings(override: ModelOverride) -> dict[str, Any]:
+    """What one ``[models."X"]`` table sets, by dotted name ("scaling.max_replicas")."""
+    settings: dict[str, Any] = {}
+    for section in ("resources", "scaling"):
+        value = getattr(override, section)
+        for key in sorted(value.model_fields_set) if value is not None else ():
+            settings[f"{section}.{key}"] = getattr(value, key)
+    for key in ("device", "network"):
+        if getattr(override, key) is not None:
+            settings[key] = getattr(override, key)
+    for key, value in (override.env or {}).items():
+        settings[f"env.{key}"] = value
+    return settings
+
+
+def _warn_shadowed(
+    name: str, package_dir: Path, overrides: list[tuple[Path, ModelOverride]]
+) -> None:
+    """A repository-level setting that the package's own omni.toml replaces is easy to miss:
+    the operator edits the repository's file and nothing changes. Say which file wins."""
+    own = [(path, o) for path, o in overrides if path.parent == package_dir]
+    if not own:
+        return
+    own_path, own_settings = own[-1][0], _settings(own[-1][1])
+    for path, override in overrides:
+        if path.parent == package_dir:
+            continue
+        for setting, value in _settings(override).items():
+            if setting in own_settings and own_settings[setting] != value:
+                log.warning(
+                    "%s sets %s%s for model %r, but the package's own %s sets it%s, which "
+                    "wins; change it there, or remove it from one of the two files",
+                    path, setting, _shown(setting, value), name, own_path,
+                    _shown(setting, own_settings[setting], " to "),
+                )  # fmt: skip
+
+
+def _shown(setting: str, value: Any, prefix: str = " = ") -> str:
+    if setting.startswith("env."):
+        return ""  # the value may be a secret
+    if setting in ("resources.memory", "resources.gpu_memory") and isinstance(value, int):
+        return prefix + format_size(value)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"{prefix}{value:g}" if number else f"{prefix}{value!r}"
+
+
 async def discover_all(
     packages: list[Path],
     files: dict[Path, OmniFile],
@@ -350,7 +398,9 @@ async def discover_all(
             network = "loopback"
             env: dict[str, str] = {}
             sources: dict[str, str] = {}
-            for path, override in _override_for(name, package_dir, files, every_package):
+            overrides = _override_for(name, package_dir, files, every_package)
+            _warn_shadowed(name, package_dir, overrides)
+            for path, override in overrides:
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device
                 network = override.network or network
