@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from omni_runtime.isolation.environments import (
     PackageEnvironment,
 )
 from omni_runtime.isolation.plan import worker_environment
+from omni_runtime.progress import DiscoveryProgress, LoggedProgress
 from omni_sdk import Resources, Scaling
 from omni_sdk._model_config import is_zero_code
 from omni_sdk._units import format_size
@@ -337,12 +339,28 @@ async def discover_all(
     builder: EnvironmentBuilder | None = None,
     isolation: Isolation | None = None,
     timeout: float = DISCOVERY_TIMEOUT,
+    progress: DiscoveryProgress | None = None,
 ) -> Discovery:
     """Build each package's environment, then ask its interpreter what it registers.
 
     Without a builder every package uses the runtime's own interpreter. Failures are collected
-    per package, never raised.
+    per package, never raised. ``progress`` hears of each package's discovery as it starts and
+    ends (log lines by default).
     """
+    shown = progress or LoggedProgress()
+
+    async def describe(package_dir: Path, overrides: list[ModelOverride]) -> dict[str, Any]:
+        shown.discovering(package_dir.name)
+        started = time.monotonic()
+        result = await _describe_package(
+            package_dir, pythons[package_dir], isolation, timeout, overrides
+        )
+        models = [e["name"] for e in result.get("engines", [])]
+        shown.discovered(
+            package_dir.name, time.monotonic() - started, models, result.get("error", "")
+        )
+        return result
+
     discovery = Discovery()
     every_package = list(packages)
     pythons: dict[Path, str] = {}
@@ -365,24 +383,14 @@ async def discover_all(
     # Each package's discovery sees the env and network of its own models alone. First with
     # what its own omni.toml says; then, only where the repository's omni.toml gives the
     # models it registered an env or the node's network, once more with those.
-    results = await asyncio.gather(
-        *(
-            _describe_package(p, pythons[p], isolation, timeout, _own_overrides(p, files))
-            for p in packages
-        )
-    )
+    results = await asyncio.gather(*(describe(p, _own_overrides(p, files)) for p in packages))
     _check_unique(packages, results)
     again: dict[int, list[ModelOverride]] = {}
     for index, (package_dir, result) in enumerate(zip(packages, results, strict=True)):
         shared = _shared_overrides(_registered(result), files, every_package)
         if any(o.env or o.network == "host" for o in shared):
             again[index] = [*_own_overrides(package_dir, files), *shared]
-    rerun = await asyncio.gather(
-        *(
-            _describe_package(packages[i], pythons[packages[i]], isolation, timeout, overrides)
-            for i, overrides in again.items()
-        )
-    )
+    rerun = await asyncio.gather(*(describe(packages[i], o) for i, o in again.items()))
     for index, result in zip(again, rerun, strict=True):
         results[index] = result
     _check_unique(packages, results)

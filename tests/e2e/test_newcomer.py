@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -90,3 +91,17 @@ def test_a_body_the_schema_refuses_gets_its_400_without_a_cold_start() -> None:
         response = http.post("/ai/run/@test/echo", json={"count": 2})
         assert response.status_code == 400
         assert "'text'" in response.json()["errors"][0]["message"]
+
+
+def test_in_a_pipe_discovery_shows_each_package_as_a_log_line() -> None:
+    tensors = FIXTURES / "packages" / "tensor-models"
+    with serve(ECHO, tensors) as runtime:
+        lines = runtime.lines
+        ready = next(i for i, line in enumerate(lines) if "omni-runtime: serving" in line)
+        for package in ("echo-models", "tensor-models"):
+            started = next(i for i, line in enumerate(lines) if f"discovering {package}" in line)
+            found = next(i for i, line in enumerate(lines) if f"discovered {package} in" in line)
+            assert started < found < ready
+        echo = next(line for line in lines if "discovered echo-models in" in line)
+        assert re.search(r"discovered echo-models in \d+\.\ds: \d+ models \(.*@test/echo", echo)
+        assert "\r" not in "".join(lines) and "\x1b" not in "".join(lines)  # no terminal codes
