@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import FIXTURES
 from tests.e2e.runtime import serve
@@ -105,3 +108,30 @@ def test_in_a_pipe_discovery_shows_each_package_as_a_log_line() -> None:
         echo = next(line for line in lines if "discovered echo-models in" in line)
         assert re.search(r"discovered echo-models in \d+\.\ds: \d+ models \(.*@test/echo", echo)
         assert "\r" not in "".join(lines) and "\x1b" not in "".join(lines)  # no terminal codes
+
+
+def _omni_cgroups(pid: int) -> list[Path]:
+    """The cgroup directories runtime ``pid`` made, in every hierarchy this process is in."""
+    root = Path("/sys/fs/cgroup")
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, own = line.split(":", 2)
+        hierarchies = [root] if controllers == "" else [root / c for c in controllers.split(",")]
+        for hierarchy in hierarchies:
+            found.extend(p for p in [hierarchy / own.lstrip("/") / f"omni-{pid}"] if p.exists())
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_serve_leaves_no_cgroup_behind(sig: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("not root: the runtime makes no cgroups")
+    with serve(ECHO) as runtime, httpx.Client(base_url=runtime.url, timeout=60) as http:
+        assert http.post("/ai/run/@test/echo", json={"text": "hi"}).status_code == 200
+        pid = runtime.process.pid
+        made = _omni_cgroups(pid)
+        runtime.stop(sig)
+    if not made:
+        pytest.skip("the runtime found no usable cgroup hierarchy here")
+    assert _omni_cgroups(pid) == []
+    assert not [line for line in runtime.lines if "could not remove cgroup" in line]
