@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from omni_sdk._engine import Engine, EngineDefinitionError
 from omni_sdk._plugins import EnginePlugins, PackageError
+from omni_sdk._tensor_engine import TensorEngine
 
 
 def describe(engine: type[Engine]) -> dict[str, Any]:
@@ -30,6 +33,8 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         "inputs": [spec.metadata() | {"optional": not spec.required} for spec in signature.inputs],
         "outputs": [spec.metadata() for spec in signature.outputs],
         "input_schema": signature.request_model.model_json_schema(),
+        "input_schema_exact": _validated_by(engine, signature.request_model)
+        and schema_is_exact(signature.request_model),
         "output_schema": signature.response_model.model_json_schema(),
         "resources": engine.resources.model_dump(),
         "scaling": engine.scaling.model_dump(),
@@ -40,6 +45,43 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         or inspect.isasyncgenfunction(engine.infer),
         "streaming": engine.is_streaming(),
     }
+
+
+# Core-schema steps that take inputs the JSON schema does not describe: validators that run
+# before (or instead of) pydantic's own, and string transforms that run before length checks.
+_OPAQUE_TYPES = {"function-before", "function-wrap", "function-plain"}
+_OPAQUE_KEYS = {"strip_whitespace", "to_lower", "to_upper"}
+_OPAQUE_CONFIG = {"validate_by_name", "populate_by_name", *(f"str_{k}" for k in _OPAQUE_KEYS)}
+
+
+def schema_is_exact(model: type[BaseModel]) -> bool:
+    """Whether ``model``'s JSON schema rejects nothing the model accepts (bar pydantic's lax
+    coercions, which the runtime allows for), so the runtime may refuse a body by the schema
+    alone: no before/wrap/plain validator, no field accepted under a second name."""
+    stack: list[Any] = [model.__pydantic_core_schema__]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            kind = node.get("type")  # a dict where a field is named "type"
+            if isinstance(kind, str) and kind in _OPAQUE_TYPES:
+                return False
+            if any(node.get(key) is True for key in _OPAQUE_KEYS):
+                return False
+            config = node.get("config")
+            if isinstance(config, dict) and any(config.get(k) is True for k in _OPAQUE_CONFIG):
+                return False
+            if isinstance(node.get("validation_alias"), list):  # AliasChoices, AliasPath
+                return False
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return True
+
+
+def _validated_by(engine: type[Engine], model: type[BaseModel]) -> bool:
+    """Whether the worker validates an /ai/run body with ``model`` (a tensor engine without
+    ``preprocess`` decodes its tensors its own way)."""
+    return not issubclass(engine, TensorEngine) or engine.has_preprocess()
 
 
 def discover(package_dir: Path, registered: list[str] | None = None) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from omni_runtime.discovery import (
 )
 from omni_runtime.doctor import doctor_report
 from omni_runtime.isolation import Isolation
-from omni_runtime.isolation.environments import EnvironmentBuilder, TerminalProgress
+from omni_runtime.isolation.environments import EnvironmentBuilder
+from omni_runtime.progress import StatusLine, TerminalProgress
 from omni_runtime.scheduler.simulator import TraceError
 from omni_sdk import __version__
 
@@ -289,18 +290,18 @@ def _discover(
     # Importing a package runs its code: discovery runs in the same sandbox as a worker (and
     # in a cgroup of its own where the runtime has cgroups).
     sandbox = isolation if isolation is not None and isolation.namespaces else None
-    if args.shared_env:
-        return asyncio.run(discover_all(packages, files, isolation=sandbox)), files
-    source_builds = _repository_server(files, packages).source_builds
-    envs = args.state_dir / "envs"
-    if sys.stderr.isatty():
-        with TerminalProgress() as progress:
+    # On a terminal a display that updates in place; in a pipe or a log, a line per step.
+    with TerminalProgress() if sys.stderr.isatty() else contextlib.nullcontext() as progress:
+        builder = None
+        if not args.shared_env:
             builder = EnvironmentBuilder(
-                envs, progress=progress, source_builds=source_builds, sandbox=sandbox
+                args.state_dir / "envs",
+                progress=progress,
+                source_builds=_repository_server(files, packages).source_builds,
+                sandbox=sandbox,
             )
-            return asyncio.run(discover_all(packages, files, builder, sandbox)), files
-    builder = EnvironmentBuilder(envs, source_builds=source_builds, sandbox=sandbox)
-    return asyncio.run(discover_all(packages, files, builder, sandbox)), files
+        discovery = asyncio.run(discover_all(packages, files, builder, sandbox, progress=progress))
+    return discovery, files
 
 
 def _isolation(args: argparse.Namespace) -> Isolation:
@@ -602,7 +603,12 @@ def _simulate(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    result = plan(trace, options, lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    # A line per replay: rewritten in place on a terminal, one after another in a pipe.
+    status = StatusLine(sys.stderr)
+    try:
+        result = plan(trace, options, status.update)
+    finally:
+        status.close()
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from omni_runtime.isolation.environments import (
     PackageEnvironment,
 )
 from omni_runtime.isolation.plan import worker_environment
+from omni_runtime.progress import DiscoveryProgress, LoggedProgress
 from omni_sdk import Resources, Scaling
 from omni_sdk._model_config import is_zero_code
 from omni_sdk._units import format_size
@@ -31,6 +34,7 @@ DISCOVERY_TIMEOUT = 120.0  # seconds a package's import may take before it is gi
 # What one package's discovery may use: its models' own limits are not known before it ends.
 DISCOVERY_RESOURCES = Resources(memory=2 << 30, cpus=1.0)
 _discovery_ids = iter(range(1, 1 << 62))
+log = logging.getLogger("omni.discovery")
 
 
 class DiscoveryError(Exception):
@@ -60,6 +64,9 @@ class ModelSpec:
     streaming: bool = False  # infer yields chunks
     env: dict[str, str] = field(default_factory=dict)  # [models."X".env]
     network: str = "loopback"  # or "host"
+    # input_schema says everything the worker's validation does (no custom validator), so a
+    # body may be refused by the schema before the model starts.
+    input_schema_exact: bool = False
     # Where each overridden setting came from ("scaling.min_replicas" -> the omni.toml's path),
     # so a contradiction can name the file.
     sources: dict[str, str] = field(default_factory=dict)
@@ -280,18 +287,80 @@ def _override_for(
     return [(path, f.models[name]) for path, f in ordered if name in f.models]
 
 
+def _settings(override: ModelOverride) -> dict[str, Any]:
+    """What one ``[models."X"]`` table sets, by dotted name ("scaling.max_replicas")."""
+    settings: dict[str, Any] = {}
+    for section in ("resources", "scaling"):
+        value = getattr(override, section)
+        for key in sorted(value.model_fields_set) if value is not None else ():
+            settings[f"{section}.{key}"] = getattr(value, key)
+    for key in ("device", "network"):
+        if getattr(override, key) is not None:
+            settings[key] = getattr(override, key)
+    for key, value in (override.env or {}).items():
+        settings[f"env.{key}"] = value
+    return settings
+
+
+def _warn_shadowed(
+    name: str, package_dir: Path, overrides: list[tuple[Path, ModelOverride]]
+) -> None:
+    """A repository-level setting that the package's own omni.toml replaces is easy to miss:
+    the operator edits the repository's file and nothing changes. Say which file wins."""
+    own = [(path, o) for path, o in overrides if path.parent == package_dir]
+    if not own:
+        return
+    own_path, own_settings = own[-1][0], _settings(own[-1][1])
+    for path, override in overrides:
+        if path.parent == package_dir:
+            continue
+        for setting, value in _settings(override).items():
+            if setting in own_settings and own_settings[setting] != value:
+                log.warning(
+                    "%s sets %s%s for model %r, but the package's own %s sets it%s, which "
+                    "wins; change it there, or remove it from one of the two files",
+                    path, setting, _shown(setting, value), name, own_path,
+                    _shown(setting, own_settings[setting], " to "),
+                )  # fmt: skip
+
+
+def _shown(setting: str, value: Any, prefix: str = " = ") -> str:
+    if setting.startswith("env."):
+        return ""  # the value may be a secret
+    if setting in ("resources.memory", "resources.gpu_memory") and isinstance(value, int):
+        return prefix + format_size(value)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"{prefix}{value:g}" if number else f"{prefix}{value!r}"
+
+
 async def discover_all(
     packages: list[Path],
     files: dict[Path, OmniFile],
     builder: EnvironmentBuilder | None = None,
     isolation: Isolation | None = None,
     timeout: float = DISCOVERY_TIMEOUT,
+    progress: DiscoveryProgress | None = None,
 ) -> Discovery:
     """Build each package's environment, then ask its interpreter what it registers.
 
     Without a builder every package uses the runtime's own interpreter. Failures are collected
-    per package, never raised.
+    per package, never raised. ``progress`` hears of each package's discovery as it starts and
+    ends (log lines by default).
     """
+    shown = progress or LoggedProgress()
+
+    async def describe(package_dir: Path, overrides: list[ModelOverride]) -> dict[str, Any]:
+        shown.discovering(package_dir.name)
+        started = time.monotonic()
+        result = await _describe_package(
+            package_dir, pythons[package_dir], isolation, timeout, overrides
+        )
+        models = [e["name"] for e in result.get("engines", [])]
+        shown.discovered(
+            package_dir.name, time.monotonic() - started, models, result.get("error", "")
+        )
+        return result
+
     discovery = Discovery()
     every_package = list(packages)
     pythons: dict[Path, str] = {}
@@ -314,24 +383,14 @@ async def discover_all(
     # Each package's discovery sees the env and network of its own models alone. First with
     # what its own omni.toml says; then, only where the repository's omni.toml gives the
     # models it registered an env or the node's network, once more with those.
-    results = await asyncio.gather(
-        *(
-            _describe_package(p, pythons[p], isolation, timeout, _own_overrides(p, files))
-            for p in packages
-        )
-    )
+    results = await asyncio.gather(*(describe(p, _own_overrides(p, files)) for p in packages))
     _check_unique(packages, results)
     again: dict[int, list[ModelOverride]] = {}
     for index, (package_dir, result) in enumerate(zip(packages, results, strict=True)):
         shared = _shared_overrides(_registered(result), files, every_package)
         if any(o.env or o.network == "host" for o in shared):
             again[index] = [*_own_overrides(package_dir, files), *shared]
-    rerun = await asyncio.gather(
-        *(
-            _describe_package(packages[i], pythons[packages[i]], isolation, timeout, overrides)
-            for i, overrides in again.items()
-        )
-    )
+    rerun = await asyncio.gather(*(describe(packages[i], o) for i, o in again.items()))
     for index, result in zip(again, rerun, strict=True):
         results[index] = result
     _check_unique(packages, results)
@@ -347,7 +406,9 @@ async def discover_all(
             network = "loopback"
             env: dict[str, str] = {}
             sources: dict[str, str] = {}
-            for path, override in _override_for(name, package_dir, files, every_package):
+            overrides = _override_for(name, package_dir, files, every_package)
+            _warn_shadowed(name, package_dir, overrides)
+            for path, override in overrides:
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device
                 network = override.network or network
@@ -378,6 +439,7 @@ async def discover_all(
                     env=env,
                     network=network,
                     sources=sources,
+                    input_schema_exact=engine.get("input_schema_exact") is True,
                 )
             )
     return discovery

@@ -3,8 +3,10 @@
 A plain ASGI application rather than a framework: the infer routes are the hot path, and all
 they do here is check the request (its bearer token, once, against precomputed header values),
 hand its body to the model's worker untouched, and send back what the worker wrote. Decoding
-and validation happen in the worker, on its own core. Header size and body time limits live
-in ``connection.py``, below ASGI.
+and validation happen in the worker, on its own core; only while a model has no replica ready
+does an ``/ai/run`` body get checked here first (``input_check.py``), so that a body the model
+would refuse does not start it. Header size and body time limits live in ``connection.py``,
+below ASGI.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from omni_runtime import sse
 from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
+from omni_runtime.input_check import InputCheck
 from omni_runtime.openai_api import OpenAIRoutes, openai_error
 from omni_runtime.openapi import build_openapi
 from omni_runtime.scheduler import (
@@ -87,6 +91,10 @@ class OmniApp:
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
         self._routes: dict[tuple[str, str], Route] = {}
         self._openapi: bytes | None = None
+        # Made on a model's first request while it has no replica ready; one per version.
+        self._input_checks: weakref.WeakKeyDictionary[ServedModel, InputCheck | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self.openai = OpenAIRoutes(node, _respond, self._observe)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -257,10 +265,9 @@ class OmniApp:
                 else:
                     await _respond(send, status, _error(True, status, content["error"]))
                 return
-        if not model.ready_replicas and (problem := _not_a_json_object(body)):
+        if not model.ready_replicas and (problem := self._refused_before_start(model, body)):
             # Nothing would run it anyway: say so now rather than after a cold start.
-            message = f"model '{model.name}': the body is {problem}; send the model's input"
-            await _respond(send, 400, _error(True, 400, message))
+            await _respond(send, 400, _error(True, 400, problem))
             self.metrics.observe(model.name, 400, time.perf_counter() - started)
             return
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
@@ -268,6 +275,26 @@ class OmniApp:
             await self._stream(receive, send, model, body, started, reject)
             return
         await self._forward(send, model, Kind.RUN_JSON, [body], started, True, reject)
+
+    def _refused_before_start(self, model: ServedModel, body: bytes) -> str:
+        """Why a model with no replica ready would refuse ``body`` (not a JSON object, or not
+        what its input schema allows), or "" when only the worker can tell."""
+        try:
+            value = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _not_an_input(model, f"not valid JSON ({exc})")
+        except RecursionError:
+            return _not_an_input(model, "JSON nested too deeply")
+        if not isinstance(value, dict):
+            kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+            return _not_an_input(model, f"JSON {kinds.get(type(value), 'a number')}, not an object")
+        if model not in self._input_checks:
+            spec = model.spec
+            self._input_checks[model] = (
+                InputCheck(model.name, spec.input_schema) if spec.input_schema_exact else None
+            )
+        check = self._input_checks[model]
+        return check.problem(value) if check is not None else ""
 
     async def _stream(
         self,
@@ -594,18 +621,8 @@ def _error(ai: bool, status: int, message: str) -> bytes:
     return ai_error_body(status, message) if ai else v2_error_body(message)
 
 
-def _not_a_json_object(body: bytes) -> str:
-    """Why ``body`` cannot be any model's input (not JSON, not an object), or ""."""
-    try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return f"not valid JSON ({exc})"
-    except RecursionError:
-        return "JSON nested too deeply"
-    if not isinstance(value, dict):
-        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-        return f"JSON {kinds.get(type(value), 'a number')}, not an object"
-    return ""
+def _not_an_input(model: ServedModel, problem: str) -> str:
+    return f"model '{model.name}': the body is {problem}; send the model's input"
 
 
 def _wants_stream(body: bytes) -> bool:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import FIXTURES
 from tests.e2e.runtime import serve
@@ -58,3 +63,75 @@ def test_a_malformed_body_gets_its_400_without_a_cold_start() -> None:
         assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
         # A good body still starts the model and is answered.
         assert http.post("/ai/run/@test/echo", json={"text": "hi"}).status_code == 200
+
+
+def _replicas(metrics: str, model: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'omni_model_replicas{{model="{model}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no omni_model_replicas line for {model}")
+
+
+def test_a_body_the_schema_refuses_gets_its_400_without_a_cold_start() -> None:
+    with serve(ECHO) as runtime, httpx.Client(base_url=runtime.url, timeout=60) as http:
+        for body, says in (
+            ({"count": 2}, "input 'text': Field required"),
+            ({"text": "hi", "values": "1, 2"}, "input 'values': expected array, got a string"),
+        ):
+            started = time.monotonic()
+            response = http.post("/ai/run/@test/echo", json=body)
+            assert response.status_code == 400, response.text
+            assert time.monotonic() - started < 2.0
+            metrics = http.get("/metrics").text  # the runtime said so itself: no worker started
+            assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
+            assert _replicas(metrics, "@test/echo") == 0
+            message = response.json()["errors"][0]["message"]
+            assert message.startswith("model '@test/echo': ") and says in message
+        # What pydantic coerces ("3" for an int, 1 for a bool) is not refused: it starts the model.
+        answer = http.post("/ai/run/@test/echo", json={"text": "a", "count": "3", "flag": 1})
+        assert answer.status_code == 200 and answer.json()["result"]["text"] == "aaa"
+        # With a replica ready the worker validates, with its own message.
+        response = http.post("/ai/run/@test/echo", json={"count": 2})
+        assert response.status_code == 400
+        assert "'text'" in response.json()["errors"][0]["message"]
+
+
+def test_in_a_pipe_discovery_shows_each_package_as_a_log_line() -> None:
+    tensors = FIXTURES / "packages" / "tensor-models"
+    with serve(ECHO, tensors) as runtime:
+        lines = runtime.lines
+        ready = next(i for i, line in enumerate(lines) if "omni-runtime: serving" in line)
+        for package in ("echo-models", "tensor-models"):
+            started = next(i for i, line in enumerate(lines) if f"discovering {package}" in line)
+            found = next(i for i, line in enumerate(lines) if f"discovered {package} in" in line)
+            assert started < found < ready
+        echo = next(line for line in lines if "discovered echo-models in" in line)
+        assert re.search(r"discovered echo-models in \d+\.\ds: \d+ models \(.*@test/echo", echo)
+        assert "\r" not in "".join(lines) and "\x1b" not in "".join(lines)  # no terminal codes
+
+
+def _omni_cgroups(pid: int) -> list[Path]:
+    """The cgroup directories runtime ``pid`` made, in every hierarchy this process is in."""
+    root = Path("/sys/fs/cgroup")
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, own = line.split(":", 2)
+        hierarchies = [root] if controllers == "" else [root / c for c in controllers.split(",")]
+        for hierarchy in hierarchies:
+            found.extend(p for p in [hierarchy / own.lstrip("/") / f"omni-{pid}"] if p.exists())
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_serve_leaves_no_cgroup_behind(sig: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("not root: the runtime makes no cgroups")
+    with serve(ECHO) as runtime, httpx.Client(base_url=runtime.url, timeout=60) as http:
+        assert http.post("/ai/run/@test/echo", json={"text": "hi"}).status_code == 200
+        pid = runtime.process.pid
+        made = _omni_cgroups(pid)
+        runtime.stop(sig)
+    if not made:
+        pytest.skip("the runtime found no usable cgroup hierarchy here")
+    assert _omni_cgroups(pid) == []
+    assert not [line for line in runtime.lines if "could not remove cgroup" in line]

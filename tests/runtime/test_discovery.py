@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from omni_runtime.discovery import DiscoveryError, _check_unique, _registered, discover_all
+from omni_runtime.discovery import (
+    DiscoveryError,
+    _check_unique,
+    _registered,
+    config_files,
+    discover_all,
+)
 from omni_runtime.isolation import Isolation
+from tests.conftest import FIXTURES
 
 
 def _package(root: Path, body: str) -> Path:
@@ -60,3 +68,24 @@ def test_a_name_claimed_by_a_failed_discovery_counts_as_registered() -> None:
     with pytest.raises(DiscoveryError, match="'@b/two' is registered by both /b and /squatter"):
         _check_unique([Path("/b"), Path("/squatter")], results)
     assert _registered({"error": "x"}) == [] and _registered(results[1]) == ["@b/two"]
+
+
+def test_a_repository_setting_a_package_overrides_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = FIXTURES / "packages" / "echo-models"  # its omni.toml: @test/files memory 300MiB
+    config = tmp_path / "omni.toml"
+    config.write_text(
+        '[models."@test/files".resources]\nmemory = "500MiB"\ncpus = 2.0\n'
+        '[models."@test/echo".scaling]\nmax_replicas = 2\n'
+    )
+    files = config_files([echo], config)
+    with caplog.at_level(logging.WARNING, logger="omni.discovery"):
+        discovery = asyncio.run(discover_all([echo], files))
+    files_model = next(m for m in discovery.models if m.name == "@test/files")
+    assert files_model.resources.memory == 300 << 20 and files_model.resources.cpus == 2.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # cpus and @test/echo's max_replicas are not overridden
+    assert str(config) in warnings[0] and str(echo / "omni.toml") in warnings[0]
+    assert "resources.memory = 500 MiB for model '@test/files'" in warnings[0]
+    assert "sets it to 300 MiB, which wins" in warnings[0]

@@ -100,18 +100,21 @@ def _read_keyed(path: Path, key: str) -> int:
     return 0
 
 
-def _remove_dir(path: Path, attempts: int = 100, wait: bool = False) -> None:
+def _remove_dir(path: Path, attempts: int = 100, wait: bool = False, kill: bool = False) -> None:
     """rmdir a cgroup; a plain directory standing in for cgroupfs (tests) is deleted whole.
 
     Processes just killed take a moment to leave. On the event loop it tries again a little
     later rather than sleeping on the loop; with ``wait`` (shutting down), or off the loop, it
-    waits for them.
+    waits for them. With ``kill`` it kills what is in it before each try: a process that forked
+    after the last look (a pre-warmed process making a worker) is not left behind.
     """
     loop = None
     if not wait:
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
     while True:
+        if kill:
+            _kill_members(path)
         try:
             path.rmdir()
             return
@@ -139,8 +142,7 @@ def _remove_tree(base: Path) -> None:
     with contextlib.suppress(OSError):
         for child in base.iterdir():
             if child.is_dir():
-                _kill_members(child)
-                _remove_dir(child, wait=True)
+                _remove_dir(child, wait=True, kill=True)
     _remove_dir(base, wait=True)
 
 
@@ -238,16 +240,22 @@ class CgroupsV2:
         own = _own_cgroup(None) if parent is None else parent
         own_dir = root / own.lstrip("/")
         self.base = own_dir / f"omni-{os.getpid()}"
+        self._own_dir = own_dir
+        self._leaf: Path | None = None
         _sweep_stale(own_dir)
         available = (own_dir / "cgroup.controllers").read_text().split()
         self.controllers: list[str] = [c for c in ("memory", "cpu", "pids") if c in available]
         enable = " ".join(f"+{c}" for c in self.controllers)
+        self._enabled: list[str] = []  # what the runtime enables in its own cgroup
+        with contextlib.suppress(OSError):
+            before = (own_dir / "cgroup.subtree_control").read_text().split()
+            self._enabled = [c for c in self.controllers if c not in before]
         if parent is None and own != "/":
             # The kernel enables controllers for children only in a cgroup without processes of
             # its own (the root excepted), so the runtime first steps into a leaf of its own.
-            leaf = own_dir / "omni-runtime"
-            leaf.mkdir(exist_ok=True)
-            _write(leaf / "cgroup.procs", str(os.getpid()))
+            self._leaf = own_dir / "omni-runtime"
+            self._leaf.mkdir(exist_ok=True)
+            _write(self._leaf / "cgroup.procs", str(os.getpid()))
         self.base.mkdir(parents=True, exist_ok=True)
         for directory in (self.base.parent, self.base):
             if enable:
@@ -269,6 +277,36 @@ class CgroupsV2:
 
     def close(self) -> None:
         _remove_tree(self.base)
+        if self._leaf is not None:
+            self._leave_leaf(self._leaf)
+            self._leaf = None
+
+    def _leave_leaf(self, leaf: Path) -> None:
+        """Step back out of the leaf entered at start, and remove it, unless another runtime
+        still shares it: its cgroup is then as the runtime found it."""
+        others = [
+            entry
+            for entry in self._own_dir.iterdir()
+            if entry.name.startswith("omni-")
+            and entry.name.removeprefix("omni-").isdigit()
+            and entry != self.base
+            and Path(f"/proc/{entry.name.removeprefix('omni-')}").exists()
+        ]
+        try:
+            members = (leaf / "cgroup.procs").read_text().split()
+        except OSError:
+            return
+        if others or any(pid != str(os.getpid()) for pid in members):
+            return
+        try:
+            if self._enabled:
+                disable = " ".join(f"-{c}" for c in self._enabled)
+                _write(self._own_dir / "cgroup.subtree_control", disable)
+            _write(self._own_dir / "cgroup.procs", str(os.getpid()))
+        except CgroupError as exc:
+            log.debug("staying in %s: %s", leaf, exc)
+            return
+        _remove_dir(leaf, wait=True)
 
 
 class _V1Worker:

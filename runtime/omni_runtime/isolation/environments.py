@@ -29,13 +29,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from omni_runtime.isolation.cgroups import CgroupError
 from omni_runtime.isolation.plan import ENV_ALLOWED, ENV_ALLOWED_PREFIXES, Isolation
+from omni_runtime.progress import BuildProgress, LoggedProgress, TerminalProgress
 from omni_sdk import Resources
 
 __all__ = [
@@ -92,54 +92,6 @@ def _requirements(package_dir: Path) -> list[Requirement]:
         if requirement.marker is None or requirement.marker.evaluate():
             requirements.append(requirement)
     return requirements
-
-
-class BuildProgress(Protocol):
-    """Told when a package's environment starts and finishes building."""
-
-    def started(self, package: str, installs: str) -> None: ...
-    def finished(self, package: str, seconds: float, ok: bool) -> None: ...
-
-
-class LoggedProgress:
-    """Progress as log lines: what a log file or a pipe gets."""
-
-    def started(self, package: str, installs: str) -> None:
-        log.info("environment for %s: building (installs %s)", package, installs)
-
-    def finished(self, package: str, seconds: float, ok: bool) -> None:
-        outcome = "built" if ok else "failed"
-        log.info("environment for %s: %s in %.1fs", package, outcome, seconds)
-
-
-class TerminalProgress:
-    """Progress as a live rich display, one spinner per environment being built."""
-
-    def __init__(self) -> None:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False
-        )
-        self._tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> TerminalProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def started(self, package: str, installs: str) -> None:
-        self._tasks[package] = self._progress.add_task(
-            f"environment for {package}: installing {installs}", total=1
-        )
-
-    def finished(self, package: str, seconds: float, ok: bool) -> None:
-        outcome = "[green]built[/]" if ok else "[red]failed[/]"
-        self._progress.update(
-            self._tasks[package], description=f"environment for {package}: {outcome}", completed=1
-        )
 
 
 class EnvironmentBuilder:

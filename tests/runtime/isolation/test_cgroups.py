@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from omni_runtime.isolation import CgroupsV1, CgroupsV2
+from omni_runtime.isolation import cgroups as cgroups_module
 from omni_sdk import Resources
 
 RESOURCES = Resources(memory="256MiB", cpus=0.5)  # type: ignore[arg-type]
@@ -214,3 +215,67 @@ def test_removal_on_the_event_loop_tries_again_later_instead_of_sleeping(
         assert not path.exists()
 
     asyncio.run(scenario())
+
+
+def _service(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The runtime's own cgroup, as a systemd service with Delegate=yes gives it."""
+    service = root / "omni.service"
+    service.mkdir()
+    (service / "cgroup.controllers").write_text("cpu memory pids\n")
+    (service / "cgroup.subtree_control").write_text("")
+    (service / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    monkeypatch.setattr(cgroups_module, "_own_cgroup", lambda controller: "/omni.service")
+    return service
+
+
+def test_v2_close_leaves_the_runtime_where_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _service(_fake_v2(tmp_path), monkeypatch)
+    runtime = CgroupsV2(tmp_path / "cgroup")
+    runtime.create("worker-1", RESOURCES)
+    assert (service / "omni-runtime" / "cgroup.procs").read_text() == str(os.getpid())
+    runtime.close()
+    assert sorted(p.name for p in service.iterdir() if p.is_dir()) == []  # no empty folder
+    assert (service / "cgroup.procs").read_text() == str(os.getpid())  # back where it was
+    assert (service / "cgroup.subtree_control").read_text() == "-memory -cpu -pids"
+
+
+def test_v2_close_keeps_a_leaf_another_runtime_still_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _service(_fake_v2(tmp_path), monkeypatch)
+    runtime = CgroupsV2(tmp_path / "cgroup")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (service / "omni-runtime" / "cgroup.procs").write_text(f"{os.getpid()}\n{other.pid}\n")
+        runtime.close()
+        assert (service / "omni-runtime").is_dir()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_v1_close_kills_what_joined_after_the_first_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    cgroups = CgroupsV1()
+    worker = cgroups.create("late", RESOURCES)
+    late: list[subprocess.Popen[bytes]] = []
+    kill_members = cgroups_module._kill_members
+
+    def kill_then_fork(path: Path) -> None:
+        # What a pre-warmed process forking a worker does at the wrong moment: a process
+        # joins the cgroup after the runtime read cgroup.procs and killed what it found.
+        kill_members(path)
+        if not late:
+            late.append(subprocess.Popen(["sleep", "60"]))
+            worker.add(late[0].pid)
+
+    monkeypatch.setattr(cgroups_module, "_kill_members", kill_then_fork)
+    try:
+        cgroups.close()
+        assert not any(base.exists() for base in cgroups.bases.values())
+    finally:
+        late[0].kill()
+        late[0].wait()
+        monkeypatch.undo()
+        cgroups.close()
