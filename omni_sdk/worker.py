@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     main_started = time.monotonic()  # the runtime compares it with when it spawned us
+    inherited = len(sys.modules)  # (a fork has its pre-warmed process's modules already)
     global _cuda_device
     _cuda_device = int(args.device.partition(":")[2] or 0) if args.device.startswith("cuda") else 0
     _die_with_parent()
@@ -464,8 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "load_seconds": time.perf_counter() - started,
         "timings": timings,
-        # What it imported, in order, so the runtime can pre-warm the model's next worker.
+        # What it imported, in order, so the runtime can pre-warm the model's next worker;
+        # the first `modules_inherited` were there when main() began.
         "modules": list(sys.modules),
+        "modules_inherited": inherited,
     }
     sock.sendall(encode_frame(Kind.HELLO, 0, json.dumps(hello).encode()))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the runtime drains us with SHUTDOWN

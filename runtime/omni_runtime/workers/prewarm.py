@@ -66,6 +66,7 @@ class PrewarmedProcess:
         self.refused: str | None = None  # why it would not pre-warm, when it said so
         self.refused_kind = ""
         self.refused_module = ""  # the package it blames, to leave out next time
+        self.forked = 0  # workers it has forked
         self.on_refused: Callable[[PrewarmedProcess], None] | None = None
         self._relay: asyncio.Future[None] | None = None
 
@@ -172,7 +173,7 @@ class PrewarmedProcess:
                 "the pre-warmed process for %s exited; the %d workers it forked die with it",
                 self.label, len(self.children),
             )  # fmt: skip
-        if not self.retired and self.refused is None:
+        if not self.retired and self.refused is None and not self.forked:
             self.refused = "it exited before it forked a worker (its log lines above say why)"
             self.refused_kind = "exited"
             if self.on_refused is not None:
@@ -220,6 +221,7 @@ class PrewarmedProcess:
             raise
         exited: asyncio.Future[int] = loop.create_future()
         self.children[pid] = exited
+        self.forked += 1
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(log_read, "rb", 0)
@@ -277,6 +279,7 @@ class PrewarmedProcess:
         # (Still starting: start() sends it once it has a socket.)
 
     def kill(self) -> None:
+        self.retired = True  # its end is ours, not a refusal
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)

@@ -209,6 +209,10 @@ class WorkerProcess:
         self.timings = StartTimings.from_hello(hello, self.started_at, self.load_seconds)
         modules = hello.get("modules")
         if isinstance(modules, list):
+            inherited = hello.get("modules_inherited")
+            if self.forked and isinstance(inherited, int) and not isinstance(inherited, bool):
+                # What its pre-warmed process had is not news: only what it imported since.
+                modules = modules[max(0, inherited) :]
             self.modules = [m for m in modules if isinstance(m, str)]
 
     async def _fork(

@@ -107,3 +107,48 @@ def test_cuda_provider_options_hand_onnxruntime_the_cstub_allocator() -> None:
     addresses = omni_cstub.Hooks().ort_allocator_addresses()
     for name in ("gpu_external_alloc", "gpu_external_free", "gpu_external_empty_cache"):
         assert options[name] == str(addresses[name]) != "0"
+
+
+def _matmul_graph(path: Path) -> Path:
+    """x [batch, 64] @ w [64, 64], w kept as external data beside the graph."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])
+    w = onnx.numpy_helper.from_array(np.eye(64, dtype=np.float32) * 3, name="w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    model = helper.make_model(
+        helper.make_graph([node], "matmul", [x], [y], [w]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 10
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location=path.name + ".data",
+        size_threshold=1024,
+    )  # fmt: skip
+    return path
+
+
+def test_weights_in_external_data_stay_mapped_and_are_opened_once(tmp_path: Path) -> None:
+    """Replicas share the weights: onnxruntime maps the external data and, with prepacking
+    off, keeps using those pages; the session that described the graph is the one loaded."""
+    import omni_engine_onnx._engine as onnx_engine
+
+    graph = _matmul_graph(tmp_path / "matmul.onnx")
+    engine = _engine(graph, name="@test/matmul")
+    engine.validate_definition()
+    opened = onnx_engine._OPENED.get(onnx_engine._file_key(engine, graph))
+    assert opened is not None  # described by opening it: kept for the load
+    x = np.ones((2, 64), dtype=np.float32)
+    with EngineTester(engine) as tester:
+        assert tester.engine.session is opened  # not opened a second time
+        np.testing.assert_array_equal(tester.infer_arrays({"x": x})["y"], x * 3)
+        options = tester.engine.session.get_session_options()
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        maps = Path("/proc/self/maps").read_text()
+        assert str(graph) + ".data" in maps
+    assert not onnx_engine._OPENED  # nothing held after the load
+
+    repacked = _engine(graph, name="@test/matmul-repacked", prepack_weights=True)
+    with EngineTester(repacked) as tester:
+        options = tester.engine.session.get_session_options()
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry("session.disable_prepacking")

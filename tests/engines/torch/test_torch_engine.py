@@ -81,6 +81,44 @@ def test_module_factory_with_safetensors(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 1  # Resources(cpus=1.0) by default
 
 
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def test_safetensors_weights_stay_mapped_from_the_file(tmp_path: Path) -> None:
+    """The module keeps the tensors safetensors mapped (no copy: replicas share the pages),
+    and build_module's random initialisation is skipped (the file overwrites it anyway)."""
+    weights = tmp_path / "affine.safetensors"
+    save_file(_module().state_dict(), weights)
+    filled: list[str] = []
+
+    class Factory(_engine(weights_file=str(weights))):  # type: ignore[misc]
+        def build_module(self) -> torch.nn.Module:
+            module = Affine()
+            probe = torch.empty(4)
+            probe.normal_()  # what an initialiser does: skipped while the module is built
+            filled.append("ran" if probe.abs().sum() > 0 else "skipped")
+            return module
+
+    with EngineTester(Factory) as tester:
+        module = tester.engine.module
+        ranges = _mapped_from(weights)
+        assert ranges, "the weights file is not mapped"
+        for name, parameter in module.named_parameters():
+            address = parameter.data_ptr()
+            assert any(start <= address < end for start, end in ranges), name
+        np.testing.assert_allclose(tester.infer_arrays({"x": X})["y"], _expected(X), rtol=1e-5)
+    assert filled == ["skipped"]
+    probe = torch.zeros(64)
+    probe.normal_()  # and random fills work again afterwards
+    assert probe.abs().sum() > 0
+
+
 def test_wrong_shape_or_datatype_names_the_tensor(tmp_path: Path) -> None:
     save_file(_module().state_dict(), tmp_path / "affine.safetensors")
 
