@@ -248,9 +248,14 @@ def scale_up(model: Model, prewarm: bool) -> tuple[int, int, int]:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{model.name} did not reach 4 ready replicas")
                     time.sleep(0.5)
+                # Measured under the load that holds the 4 replicas (without it the autoscaler
+                # scales down after the stable window).
+                time.sleep(2)
+                four = settled_pss(uid, 4)
+                replicas = gauge(http, "omni_model_replicas", model.name)
                 stop.set()
-            time.sleep(2)  # the last replica's first answers
-            four = settled_pss(uid, 4)
+            if replicas < 4:
+                raise RuntimeError(f"{model.name} had {replicas:.0f} replicas when measured")
             return one, four, pss_of_user(uid)[1]
     finally:
         runtime.close()
