@@ -285,6 +285,32 @@ def _preload(names: Iterable[str], trusted: list[str]) -> None:
         importlib.invalidate_caches()
 
 
+# Caches a framework fills the first time it is used in a process, which a fork inherits when
+# they are filled here: (module, function, arguments). Only a function of a module that is
+# already preloaded is called, with these fixed arguments: the base layer's own code, nothing of
+# the model's.
+FRAMEWORK_WARMUPS: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
+    # transformers 5 compiles about a thousand regular expressions (its checkpoint conversion
+    # table) in the first from_pretrained of a process: half a second.
+    ("transformers.conversion_mapping", "get_checkpoint_conversion_mapping", ("bert",)),
+)
+
+
+def _warm_framework_caches() -> list[str]:
+    warmed = []
+    for module_name, function, args in FRAMEWORK_WARMUPS:
+        module = sys.modules.get(module_name)
+        call = getattr(module, function, None) if module is not None else None
+        if not callable(call):
+            continue
+        try:
+            call(*args)
+        except Exception:  # another version of the framework: its worker fills it
+            continue
+        warmed.append(f"{module_name}.{function}")
+    return warmed
+
+
 def _import_trusted(names: Iterable[str], inside: Callable[[str], bool]) -> None:
     before = set(sys.modules)
     already = {id(module) for module in sys.modules.values()}
@@ -307,6 +333,9 @@ def _import_trusted(names: Iterable[str], inside: Callable[[str], bool]) -> None
         if _threads() > threads:  # (checked only when the count moves: threadpoolctl is slow)
             _single_threaded(last=name)
             threads = _threads()
+    _warm_framework_caches()
+    if _threads() > threads:
+        _single_threaded(last="its framework warm-ups")
     if skipped:
         print(
             f"omni prewarm: {len(skipped)} module(s) left to the worker, e.g. {skipped[0]}",

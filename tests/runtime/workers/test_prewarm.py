@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,30 @@ def test_a_module_that_starts_a_thread_is_named_and_refused(tmp_path: Path) -> N
     assert said["kind"] == "threads" and said["module"] == "framework"
     assert "importing framework started a thread (poller)" in said["refused"]
     assert refusal(tmp_path, "import threading\n") is None  # no thread: it serves
+
+
+def test_a_frameworks_first_use_caches_are_filled_for_the_forks(tmp_path: Path) -> None:
+    """transformers fills a table on its first from_pretrained in a process (0.5 s): the
+    pre-warmed process fills it, calling the base layer's own function, so forks inherit it."""
+    trusted = tmp_path / "trusted"
+    package = trusted / "transformers"
+    package.mkdir(parents=True)
+    mark = tmp_path / "warmed"
+    (package / "__init__.py").write_text("")
+    (package / "conversion_mapping.py").write_text(
+        "def get_checkpoint_conversion_mapping(model_type):\n"
+        f"    open({str(mark)!r}, 'w').write(model_type)\n"
+    )
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "omni_sdk.prewarm", "--fd", str(child.fileno()),
+         "--preload", "transformers,transformers.conversion_mapping", "--trusted", str(trusted)],
+        pass_fds=(child.fileno(),), env=dict(os.environ, PYTHONPATH=str(trusted)),
+    )  # fmt: skip
+    child.close()
+    deadline = time.monotonic() + 30
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parent.close()
+    assert process.wait(30) == 0
+    assert mark.read_text() == "bert"
