@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from omni_sdk._engine import Engine, EngineDefinitionError, LoadContext, Signature
-from omni_sdk._model_config import ModelConfig
 from omni_sdk._plugins import EnginePlugins, PackageError
 from omni_sdk._resources import Resources, Scaling
 from omni_sdk._tensor_engine import ModelLoadError, Tensor, TensorEngine
 from omni_sdk._tensors import InvalidInput, TensorSpec
 from omni_sdk.hookspecs import hookimpl
+from omni_sdk.model_config import ModelConfig
 
 __version__ = "0.1.0"
 
