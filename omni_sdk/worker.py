@@ -29,9 +29,11 @@ from typing import Any
 from omni_sdk._engine import Engine, LoadContext
 from omni_sdk._plugins import EnginePlugins
 from omni_sdk._resources import Resources
-from omni_sdk._serving import EngineRunner, Prepared, ai_error_body, runner_for, v2_error_body
+from omni_sdk._runners import runner_for
+from omni_sdk._serving import EngineRunner, Prepared
 from omni_sdk._streaming import encode_chunk
 from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
+from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.wire import (
     PROTOCOL_VERSION,
     RESPONSE_PREFIX,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from omni_runtime.scheduler.backend import Response, WorkerGone
-from omni_sdk._serving import ai_error_body, v2_error_body
+from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.wire import (
     FLAG_FD,
     RESPONSE_PREFIX,
