@@ -29,7 +29,7 @@ from omni_runtime.discovery import discover_all
 from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.environments import EnvironmentBuilder
 from omni_runtime.workers import WorkerProcess
-from omni_sdk._protocol import Kind
+from omni_sdk.wire import Kind
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED = REPO / "tests" / "fixtures" / "conflicts" / "six-old"

@@ -16,7 +16,7 @@ import pluggy
 
 from omni_sdk import hookspecs
 from omni_sdk._engine import Engine, EngineDefinitionError
-from omni_sdk._model_config import ModelConfig, is_zero_code, read_model_config
+from omni_sdk.model_config import ModelConfig, is_zero_code, read_model_config
 
 __all__ = ["ENTRY_POINT_GROUP", "EnginePlugins", "PackageError", "read_package"]
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from omni_sdk.units import Bytes, Seconds
 
-from omni_sdk._units import parse_duration, parse_size
-
-__all__ = ["Bytes", "Resources", "Scaling", "Seconds"]
-
-Bytes = Annotated[int, BeforeValidator(parse_size), PlainSerializer(int)]
-Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(float)]
+__all__ = ["Resources", "Scaling"]
 
 
 class Resources(BaseModel):

@@ -13,12 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from omni_sdk._engine import Engine
 from omni_sdk._streaming import ajoin, sync_join
-from omni_sdk._tensor_engine import TensorEngine
 from omni_sdk._tensors import (
     DEFAULT_MAX_TENSOR_ELEMENTS,
     INT_RANGES,
@@ -29,50 +27,9 @@ from omni_sdk._tensors import (
     tensor_to_value,
     value_to_tensor,
 )
+from omni_sdk.envelopes import RESULT_CLOSE, RESULT_OPEN, ai_error_body, dump_json, v2_error_body
 
-__all__ = [
-    "AI_ERROR_CODES",
-    "EngineRunner",
-    "Prepared",
-    "ai_error_body",
-    "dump_json",
-    "runner_for",
-]
-
-# Workers-AI-style error codes, by HTTP status (docs/http-api.md).
-AI_ERROR_CODES = {
-    400: 5006,
-    401: 10000,
-    404: 5007,
-    408: 3007,
-    413: 3006,
-    429: 3040,
-    431: 3006,
-    500: 3043,
-    503: 3042,
-}
-RESULT_OPEN = b'{"result":'
-RESULT_CLOSE = b',"success":true,"errors":[],"messages":[]}'
-
-
-def ai_error_body(status: int, message: str) -> bytes:
-    return json.dumps(
-        {
-            "result": None,
-            "success": False,
-            "errors": [{"code": AI_ERROR_CODES.get(status, 3043), "message": message}],
-            "messages": [],
-        }
-    ).encode()
-
-
-def v2_error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
-
-
-def dump_json(value: Any) -> bytes:
-    """Compact JSON; NaN and ±inf as "NaN", "Infinity", "-Infinity" (protobuf's JSON mapping)."""
-    return pydantic_core.to_json(value, inf_nan_mode="strings")
+__all__ = ["EngineRunner", "Prepared", "describe_validation_error"]
 
 
 @dataclass(slots=True)
@@ -413,20 +370,3 @@ def describe_validation_error(exc: ValidationError, role: str) -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
-
-
-def runner_for(
-    engine: Engine,
-    model_name: str | None = None,
-    max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS,
-) -> EngineRunner:
-    """The runner that serves ``engine``: tensor-native engines get the numpy codecs.
-
-    ``max_tensor_elements``: a v2 input declaring more elements gets a 400
-    (``server.max_tensor_elements``).
-    """
-    if isinstance(engine, TensorEngine):
-        from omni_sdk._tensor_serving import TensorEngineRunner
-
-        return TensorEngineRunner(engine, model_name, max_tensor_elements)
-    return EngineRunner(engine, model_name, max_tensor_elements)

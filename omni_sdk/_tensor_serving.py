@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from omni_sdk._engine import Engine
-from omni_sdk._serving import RESULT_CLOSE, RESULT_OPEN, EngineRunner, Prepared, dump_json
+from omni_sdk._serving import EngineRunner, Prepared
 from omni_sdk._serving import describe_validation_error as _describe
 from omni_sdk._tensor_engine import DATATYPES, Tensor, TensorEngine
 from omni_sdk._tensors import (
@@ -27,6 +27,7 @@ from omni_sdk._tensors import (
     element_count,
     encode_bytes_tensor,
 )
+from omni_sdk.envelopes import RESULT_CLOSE, RESULT_OPEN, dump_json
 
 __all__ = [
     "TensorEngineRunner",

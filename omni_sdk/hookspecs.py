@@ -9,7 +9,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from omni_sdk._engine import Engine
-    from omni_sdk._model_config import ModelConfig
+    from omni_sdk.model_config import ModelConfig
 
 __all__ = ["hookimpl", "hookspec"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_sdk._engine import Engine, LoadContext
-from omni_sdk._serving import runner_for
+from omni_sdk._runners import runner_for
 
 __all__ = ["EngineCallError", "EngineTester"]
 

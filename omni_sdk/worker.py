@@ -2,7 +2,7 @@
 
 The runtime starts this in the model's own environment with the worker's end of a socket
 pair as ``--fd``. The worker imports the package, loads the engine, says HELLO (or
-LOAD_FAILED with the reason), then answers frames (``omni_sdk._protocol``) until the runtime
+LOAD_FAILED with the reason), then answers frames (``omni_sdk.wire``) until the runtime
 says SHUTDOWN or goes away. Requests that arrive together are decoded together, batched when
 the engine batches, and answered with one write.
 """
@@ -28,7 +28,13 @@ from typing import Any
 
 from omni_sdk._engine import Engine, LoadContext
 from omni_sdk._plugins import EnginePlugins
-from omni_sdk._protocol import (
+from omni_sdk._resources import Resources
+from omni_sdk._runners import runner_for
+from omni_sdk._serving import EngineRunner, Prepared
+from omni_sdk._streaming import encode_chunk
+from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
+from omni_sdk.envelopes import ai_error_body, v2_error_body
+from omni_sdk.wire import (
     PROTOCOL_VERSION,
     RESPONSE_PREFIX,
     V2_PREFIX,
@@ -38,10 +44,6 @@ from omni_sdk._protocol import (
     encode_frame,
     payload,
 )
-from omni_sdk._resources import Resources
-from omni_sdk._serving import EngineRunner, Prepared, ai_error_body, runner_for, v2_error_body
-from omni_sdk._streaming import encode_chunk
-from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 
 log = logging.getLogger("omni.worker")
 _PR_SET_PDEATHSIG = 1

@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from omni_sdk import Resources, Scaling
-from omni_sdk._resources import Bytes, Seconds
+from omni_sdk.units import Bytes, Seconds
 
 __all__ = [
     "ConfigError",

@@ -17,7 +17,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from omni_sdk._serving import ai_error_body, v2_error_body
+from omni_sdk.envelopes import ai_error_body, v2_error_body
 
 __all__ = ["limited_protocol"]
 

@@ -24,8 +24,8 @@ from omni_runtime.isolation.environments import (
 from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.progress import DiscoveryProgress, LoggedProgress
 from omni_sdk import Resources, Scaling
-from omni_sdk._model_config import is_zero_code
-from omni_sdk._units import format_size
+from omni_sdk.model_config import is_zero_code
+from omni_sdk.units import format_size
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
 

@@ -30,7 +30,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from omni_runtime.scheduler import Controller, ModelBusy, ModelState, ModelUnavailable, ServedModel
 from omni_runtime.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
-from omni_sdk._protocol import V2_PREFIX, Kind
+from omni_sdk.wire import V2_PREFIX, Kind
 
 __all__ = ["InferenceService", "grpc_authorizer", "start_grpc_server"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from omni_runtime import sse
 from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
-from omni_sdk._protocol import Kind
+from omni_sdk.wire import Kind
 
 __all__ = ["OpenAIRoutes", "openai_error"]
 

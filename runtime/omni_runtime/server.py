@@ -34,8 +34,8 @@ from omni_runtime.scheduler import (
 )
 from omni_runtime.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
-from omni_sdk._protocol import V2_PREFIX, Kind
-from omni_sdk._serving import ai_error_body, v2_error_body
+from omni_sdk.envelopes import ai_error_body, v2_error_body
+from omni_sdk.wire import V2_PREFIX, Kind
 
 __all__ = ["OmniApp"]
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from omni_runtime.workers.channel import ChunkSink
-from omni_sdk._protocol import Kind
+from omni_sdk.wire import Kind
 
 if TYPE_CHECKING:
     from omni_runtime.scheduler import ServedModel

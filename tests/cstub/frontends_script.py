@@ -84,7 +84,7 @@ def worker_prefetch(hooks: Hooks) -> dict[str, object]:
     """The runtime's PREFETCH frames, as a worker that loaded the hooks handles them."""
     from types import SimpleNamespace
 
-    from omni_sdk._protocol import Kind
+    from omni_sdk.wire import Kind
     from omni_sdk.worker import split_frames
 
     ffi = FFI()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from omni_sdk import Engine, EngineDefinitionError, EnginePlugins, ModelConfig, PackageError
-from omni_sdk._model_config import is_zero_code, read_model_config
+from omni_sdk.model_config import is_zero_code, read_model_config
 
 
 def _write(directory: Path, text: str) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from pydantic import BaseModel
 
 from omni_sdk import Engine, Tensor, TensorEngine
-from omni_sdk._serving import EngineRunner, runner_for
+from omni_sdk._runners import runner_for
+from omni_sdk._serving import EngineRunner
 
 
 class Numbers(BaseModel):

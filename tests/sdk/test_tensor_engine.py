@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from omni_sdk import EngineDefinitionError, InvalidInput, Tensor, TensorEngine
-from omni_sdk._serving import runner_for
+from omni_sdk._runners import runner_for
 from omni_sdk._tensor_serving import TensorEngineRunner, v2_binary_request, v2_binary_response
 from omni_sdk.discover import describe
 from omni_sdk.testing import EngineCallError, EngineTester
@@ -233,7 +233,7 @@ def test_definition_errors() -> None:
 
 
 def test_plain_engines_do_not_import_numpy() -> None:
-    code = "import sys, omni_sdk, omni_sdk._serving; print('numpy' in sys.modules)"
+    code = "import sys, omni_sdk, omni_sdk._runners, omni_sdk.worker; print('numpy' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

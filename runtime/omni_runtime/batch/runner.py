@@ -23,7 +23,7 @@ from omni_runtime.batch.store import BatchItem, BatchStore
 from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
 from omni_runtime.scheduler.queue import Priority
-from omni_sdk._protocol import Kind
+from omni_sdk.wire import Kind
 
 __all__ = ["BatchRunner"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omni_runtime.isolation import sandbox
 from omni_runtime.isolation.cgroups import Cgroups, WorkerCgroup, detect_cgroups
-from omni_sdk._model_config import CONFIG_NAME, is_zero_code
+from omni_sdk.model_config import CONFIG_NAME, is_zero_code
 
 __all__ = ["CacheQuota", "Isolation", "UserIds", "model_uid", "worker_environment"]
 

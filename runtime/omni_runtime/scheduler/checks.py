@@ -11,7 +11,7 @@ import subprocess
 
 from omni_runtime.config import ConfigError, SchedulerSettings
 from omni_runtime.discovery import ModelSpec
-from omni_sdk._units import format_size
+from omni_sdk.units import format_size
 
 __all__ = ["check_models", "detect_gpus"]
 

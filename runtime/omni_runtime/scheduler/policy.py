@@ -31,7 +31,7 @@ from typing import Protocol
 
 from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
 from omni_sdk import Scaling
-from omni_sdk._units import format_size
+from omni_sdk.units import format_size
 
 __all__ = [
     "Blocked",

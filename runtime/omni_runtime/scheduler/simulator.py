@@ -42,8 +42,8 @@ from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable
 from omni_runtime.scheduler.simulated import Physics, SimulatedWorkers
 from omni_runtime.scheduler.virtual_time import VirtualTimeLoop
 from omni_sdk import Resources, Scaling
-from omni_sdk._protocol import Kind
-from omni_sdk._units import format_size, parse_duration, parse_size
+from omni_sdk.units import format_size, parse_duration, parse_size
+from omni_sdk.wire import Kind
 
 __all__ = [
     "POLICIES",

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from omni_runtime.scheduler.backend import Response, WorkerGone
-from omni_sdk._protocol import (
+from omni_sdk.envelopes import ai_error_body, v2_error_body
+from omni_sdk.wire import (
     FLAG_FD,
     RESPONSE_PREFIX,
     FrameReader,
@@ -26,7 +27,6 @@ from omni_sdk._protocol import (
     payload,
     receive_fd,
 )
-from omni_sdk._serving import ai_error_body, v2_error_body
 
 __all__ = ["ChunkSink", "WorkerChannel"]
 

@@ -24,8 +24,8 @@ from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.scheduler.backend import LoadFailed, Response, StartTimings, WorkerGone
 from omni_runtime.workers.channel import WorkerChannel
 from omni_runtime.workers.prewarm import ForkedProcess, PrewarmedProcess
-from omni_sdk._protocol import Kind, Payloads
-from omni_sdk._units import format_size
+from omni_sdk.units import format_size
+from omni_sdk.wire import Kind, Payloads
 
 __all__ = ["WorkerProcess", "describe_exit"]
 

@@ -19,7 +19,7 @@ from omni_runtime.scheduler.backend import LoadFailed
 from omni_runtime.scheduler.simulated import Physics, SimulatedWorker, SimulatedWorkers
 from omni_runtime.scheduler.virtual_time import VirtualTimeLoop
 from omni_sdk import Resources, Scaling
-from omni_sdk._protocol import Kind
+from omni_sdk.wire import Kind
 
 MB = 1_000_000
 

@@ -7,7 +7,7 @@ import json
 import socket
 
 from omni_runtime.workers.channel import WorkerChannel
-from omni_sdk._protocol import FrameReader, Kind, Payloads
+from omni_sdk.wire import FrameReader, Kind, Payloads
 
 
 def test_a_payload_that_cannot_be_handed_over_fails_that_request_alone() -> None:

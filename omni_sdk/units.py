@@ -1,25 +1,25 @@
-"""Sizes and durations as operators write them: ``"2GiB"``, ``"512MiB"``, ``"5m"``, ``"250ms"``."""
+"""Sizes and durations as operators write them: ``"2GiB"``, ``"512MiB"``, ``"5m"``, ``"250ms"``.
+
+``Bytes`` and ``Seconds`` are the pydantic field types of every size and duration in
+``omni.toml`` and in ``Resources``/``Scaling``; ``parse_size`` and ``parse_duration`` are the same
+rules for command-line options and trace files. A size is read as a ``pydantic.ByteSize``
+(units ``KiB``, ``MiB``, ``GiB``, ``TiB``, and the decimal ``KB``, ``MB``, ``GB``, ``TB``, in any
+case; no unit means bytes) and held as a plain int of bytes; a duration is seconds as a float
+(units ``ms``, ``s``, ``m``, ``h``; no unit means seconds).
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-__all__ = ["parse_duration", "parse_size"]
+from pydantic import BeforeValidator, ByteSize, PlainSerializer, TypeAdapter, ValidationError
 
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-}
+__all__ = ["Bytes", "Seconds", "format_size", "parse_duration", "parse_size"]
+
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}  # "": seconds
 _NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 def parse_size(value: int | float | str) -> int:
@@ -30,17 +30,20 @@ def parse_size(value: int | float | str) -> int:
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value!r}")
         return int(value)
-    match = _NUMBER_WITH_UNIT.match(value)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(
-            f"expected a size such as '2GiB', '512MiB', '64KiB' or a number of bytes, got {value!r}"
-        )
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    # ByteSize knows the units but reads only a prefix ("2GiB of RAM" would be 2 GiB): the
+    # whole string must be one number and one unit.
+    if _NUMBER_WITH_UNIT.match(value):
+        try:
+            return int(_BYTE_SIZE.validate_python(value))
+        except ValidationError:
+            pass
+    raise ValueError(
+        f"expected a size such as '2GiB', '512MiB', '64KiB' or a number of bytes, got {value!r}"
+    )
 
 
 def parse_duration(value: int | float | str) -> float:
-    """Seconds from a number or a string such as ``"5m"``, ``"30s"`` or ``"250ms"``."""
+    """Seconds from a number or a string such as ``"5m"``, ``"30s"``, ``"250ms"`` or ``"2"``."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '30s', got {value!r}")
     if isinstance(value, int | float):
@@ -64,3 +67,8 @@ def format_size(n: int) -> str:
             value = n / factor
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n} bytes"
+
+
+# A plain int, not ByteSize: ``Resources(memory=2 << 30)`` type-checks as authors write it.
+Bytes = Annotated[int, BeforeValidator(parse_size), PlainSerializer(int)]
+Seconds = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(float)]

@@ -1,17 +1,40 @@
-"""The wire format between omni-runtime and a worker process.
+"""The wire protocol between omni-runtime and a worker process (public and versioned).
 
-Every message is one frame: a 16-byte header followed by ``length`` bytes of body.
+The runtime and each worker (``python -m omni_sdk.worker`` in the model's own environment) talk
+over a Unix socket pair. Every message is one frame: a 16-byte little-endian header (``HEADER``)
+followed by ``length`` bytes of body::
 
-    length  u32   bytes of body after the header
-    version u8    PROTOCOL_VERSION; a peer refuses any other
-    kind    u8    a ``Kind``
-    flags   u16   ``FLAG_FD``: the body is the payload's size; the payload is in a memfd
+    length  u32   bytes of body after the header, at most MAX_FRAME (64 MiB)
+    version u8    PROTOCOL_VERSION; a peer refuses any other (ProtocolError)
+    kind    u8    a Kind
+    flags   u16   FLAG_FD: the payload is in a memfd; the body is its u64 size (FD_REF)
     id      u64   request id, echoed in the response
+
+Kinds (``Kind``), and their bodies:
+
+    HELLO 1        worker → runtime  JSON {"protocol", "pid", "model", "timings", "modules",
+                                     ...} once the engine loaded
+    LOAD_FAILED 2  worker → runtime  JSON {"error"}; the worker exits after it
+    INFER_V2 3     runtime → worker  V2_PREFIX (u32 Inference-Header-Content-Length, 0 for
+                                     plain JSON) + the v2 request body as received
+    RUN_JSON 4     runtime → worker  the /ai/run JSON body
+    RESPONSE 5     worker → runtime  RESPONSE_PREFIX (u16 HTTP status, u32 header length) +
+                                     the HTTP response body
+    SHUTDOWN 6     runtime → worker  finish what is in flight, then exit
+    PING 7, PONG 8                   liveness
+    PREFETCH 9     runtime → worker  b"device" or b"host": where its GPU memory should live
+    RUN_STREAM 10  runtime → worker  an /ai/run body whose answer is streamed
+    CHUNK 11       worker → runtime  one output chunk (JSON) of a streamed request
+    CANCEL 12      runtime → worker  the client of a streamed request went away
+
+A peer ignores a kind it does not know, so a new kind needs no new version; a change to the
+header or to the meaning of an existing body bumps ``PROTOCOL_VERSION``.
 
 No pickle crosses the boundary: bodies are JSON or the raw bytes of the KServe v2 binary
 tensor extension, so a worker in a venv with other library versions still understands them.
-Payloads of ``shm_threshold`` bytes or more travel as a sealed memfd whose descriptor is passed
-over a second socket (``Payloads``); no frame may be longer than ``MAX_FRAME``.
+Payloads of ``shm_threshold`` bytes (``DEFAULT_SHM_THRESHOLD``, 256 KiB) or more travel as a
+sealed memfd whose descriptor is passed over a second socket (``Payloads``, ``payload``); the
+receiver reads at most ``MAX_PAYLOAD`` bytes from it. docs/architecture.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -25,10 +48,15 @@ import struct
 from collections.abc import Iterator
 
 __all__ = [
+    "DEFAULT_SHM_THRESHOLD",
+    "FD_REF",
     "FLAG_FD",
     "HEADER",
     "MAX_FRAME",
+    "MAX_PAYLOAD",
     "PROTOCOL_VERSION",
+    "RESPONSE_PREFIX",
+    "V2_PREFIX",
     "FrameReader",
     "Kind",
     "PayloadError",
@@ -36,6 +64,9 @@ __all__ = [
     "ProtocolError",
     "encode_frame",
     "payload",
+    "read_payload",
+    "receive_fd",
+    "write_memfd",
 ]
 
 PROTOCOL_VERSION = 2

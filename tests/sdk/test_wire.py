@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from omni_sdk._protocol import (
+from omni_sdk.wire import (
     FLAG_FD,
     HEADER,
     MAX_FRAME,
