@@ -13,6 +13,19 @@ from tests.e2e.embeddings import TEXTS
 from tests.e2e.runtime import RunningRuntime, serve
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A failed test that used a runtime fixture shows what that runtime printed last."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, RunningRuntime):
+                report.sections.append((f"runtime {name!r}", value.last_lines()))
+    return report
+
+
 @pytest.fixture(scope="session")
 def examples() -> Iterator[RunningRuntime]:
     """One runtime serving every package in examples/, shared by the example tests."""
