@@ -46,7 +46,9 @@ def reference() -> np.ndarray:
 @pytest.fixture(scope="module")
 def runtime(echo_package: Path) -> Iterator[RunningRuntime]:
     broken = echo_package.parent / "broken-model"
-    with serve(echo_package, broken, extra=["--max-body-size", "1MiB"]) as running:
+    # At debug, the runtime says how each large payload travelled (tests read that).
+    extra = ["--max-body-size", "1MiB", "--log-level", "debug"]
+    with serve(echo_package, broken, extra=extra) as running:
         yield running
 
 
