@@ -11,3 +11,8 @@ echo "== mypy"
 mypy
 echo "== pytest"
 python -m pytest "$@"
+if [ "$#" -eq 0 ]; then
+    # Its tests share one runtime: run them backwards too, so none leans on another's state.
+    echo "== pytest tests/e2e/test_ai_run.py, in reverse order"
+    python -m pytest -q --reverse tests/e2e/test_ai_run.py
+fi

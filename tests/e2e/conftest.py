@@ -13,6 +13,19 @@ from tests.e2e.embeddings import TEXTS
 from tests.e2e.runtime import RunningRuntime, serve
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A failed test that used a runtime fixture shows what that runtime printed last."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, RunningRuntime):
+                report.sections.append((f"runtime {name!r}", value.last_lines()))
+    return report
+
+
 @pytest.fixture(scope="session")
 def examples() -> Iterator[RunningRuntime]:
     """One runtime serving every package in examples/, shared by the example tests."""
@@ -33,7 +46,9 @@ def reference() -> np.ndarray:
 @pytest.fixture(scope="module")
 def runtime(echo_package: Path) -> Iterator[RunningRuntime]:
     broken = echo_package.parent / "broken-model"
-    with serve(echo_package, broken, extra=["--max-body-size", "1MiB"]) as running:
+    # At debug, the runtime says how each large payload travelled (tests read that).
+    extra = ["--max-body-size", "1MiB", "--log-level", "debug"]
+    with serve(echo_package, broken, extra=extra) as running:
         yield running
 
 

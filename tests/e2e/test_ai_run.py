@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import struct
+from typing import Any
 
 import httpx
 
@@ -164,15 +165,47 @@ def test_reject_if_busy_is_429_with_code_3040(http: httpx.Client, runtime: Runni
         assert waiting.result().json()["result"]["text"] == "wait"
 
 
-def test_metrics(http: httpx.Client) -> None:
+def test_requests_that_arrive_together_reach_infer_batch_together(
+    runtime: RunningRuntime,
+) -> None:
+    def run(body: dict[str, object]) -> Any:
+        response = httpx.post(f"{runtime.url}/ai/run/@test/batch", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["result"]
+
+    mark = len(runtime.lines)
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        first = pool.submit(run, {"text": "hold", "seconds": 1.0})
+        runtime.wait_for_line(r"batch of 1 started", start=mark)  # its worker is busy now
+        # These arrive while it works: the worker hands them to infer_batch together.
+        rest = [pool.submit(run, {"text": f"t{i}"}) for i in range(6)]
+        answers = [future.result() for future in rest]
+    assert first.result() == {"text": "HOLD", "batch_size": 1}
+    assert [a["text"] for a in answers] == [f"T{i}" for i in range(6)]
+    assert max(a["batch_size"] for a in answers) > 1, answers
+
+
+def _crashes(metrics: str, model: str) -> float:
+    prefix = f'omni_model_evictions_total{{model="{model}",reason="crash"}} '
+    return sum(
+        float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+def test_metrics(http: httpx.Client, runtime: RunningRuntime) -> None:
+    crashes = _crashes(http.get("/metrics").text, "@test/fail")
     http.post("/ai/run/@test/echo", json={"text": "x"})
+    assert http.post("/ai/run/@test/fail", json={"text": "x"}).status_code == 500  # it is up
+    mark = len(runtime.lines)
+    assert http.post("/ai/run/@test/fail", json={"text": "crash"}).status_code == 503
+    runtime.wait_for_line(r"model '@test/fail' ready", start=mark)  # back, for the tests after
     text = http.get("/metrics").text
     assert 'omni_requests_total{model="@test/echo",status="200"}' in text
     assert 'omni_request_duration_seconds_bucket{le="0.001",model="@test/echo"}' in text
     assert 'omni_model_replicas{model="@test/echo"} 1.0' in text
     assert 'omni_model_cold_starts_total{model="@test/echo"}' in text
     assert 'omni_model_memory_bytes{kind="host",model="@test/echo"}' in text
-    assert 'omni_model_evictions_total{model="@test/fail",reason="crash"}' in text
+    assert _crashes(text, "@test/fail") == crashes + 1
 
 
 def test_openapi_documents_every_model(http: httpx.Client) -> None:

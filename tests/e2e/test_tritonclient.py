@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -154,8 +155,9 @@ def test_repository_index_unload_and_load(client: triton.InferenceServerClient) 
 def test_large_tensors_travel_through_shared_memory(
     client: triton.InferenceServerClient, runtime: RunningRuntime
 ) -> None:
-    # 400 KB each way: over the 256 KiB threshold, so both directions use /dev/shm.
+    # 400 KB each way: over the 256 KiB threshold, so both directions use a memfd.
     values = np.random.default_rng(0).random(100_000, dtype=np.float32)
+    mark = len(runtime.lines)
     text = triton.InferInput("text", [1], "BYTES")
     text.set_data_from_numpy(np.array([b"big"], dtype=np.object_))
     tensor = triton.InferInput("values", [values.size], "FP32")
@@ -164,5 +166,10 @@ def test_large_tensors_travel_through_shared_memory(
     result = client.infer(ECHO, [text, tensor], outputs=outputs)
     np.testing.assert_array_equal(result.as_numpy("values"), values)
     assert result.as_numpy("total")[0] == pytest.approx(values.sum(dtype=np.float64), rel=1e-4)
+    # The runtime's debug log says how each payload travelled: in a memfd, both ways.
+    sent = runtime.wait_for_line(r"@test/echo.*: request (\d+) went in a memfd", 10, mark)
+    request_id = re.search(r"request (\d+) went", sent).group(1)  # type: ignore[union-attr]
+    runtime.wait_for_line(rf"@test/echo.*: answer {request_id} came in a memfd", 10, mark)
+    # ... and no named file: nothing another process could open.
     prefix = f"omni-{runtime.process.pid}-"
     assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []

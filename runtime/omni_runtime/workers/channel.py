@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -17,6 +18,7 @@ from omni_runtime.scheduler.backend import Response, WorkerGone
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.wire import (
     FLAG_FD,
+    HEADER,
     RESPONSE_PREFIX,
     FrameReader,
     Kind,
@@ -29,6 +31,8 @@ from omni_sdk.wire import (
 )
 
 __all__ = ["ChunkSink", "WorkerChannel"]
+
+log = logging.getLogger(__name__)
 
 STREAM_BUFFER = 4 << 20  # bytes of one stream's chunks that may wait for its client
 STREAM_STALL = 60.0  # seconds a stream may hold its worker back before it is ended
@@ -135,6 +139,11 @@ class WorkerChannel(asyncio.Protocol):
                         continue
                     try:
                         raw = memoryview(payload(flags, body, self.fds))
+                        if flags & FLAG_FD:
+                            log.debug(
+                                "%s: answer %d came in a memfd (%d bytes)",
+                                self.label, request_id, len(raw),
+                            )  # fmt: skip
                         status, header_length = RESPONSE_PREFIX.unpack_from(raw)
                     except (PayloadError, struct.error) as exc:  # that answer alone is lost
                         message = f"{self.label}: its answer could not be read: {exc}"
@@ -243,6 +252,9 @@ class WorkerChannel(asyncio.Protocol):
             body = v2_error_body(message) if kind == Kind.INFER_V2 else ai_error_body(503, message)
             future.set_result((503, 0, body))
             return future
+        if HEADER.unpack_from(frame)[3] & FLAG_FD:
+            size = sum(len(p) for p in parts)
+            log.debug("%s: request %d went in a memfd (%d bytes)", self.label, request_id, size)
         self._pending[request_id] = future
         if on_chunk is not None:
             self._streams[request_id] = on_chunk
