@@ -168,8 +168,10 @@ class LocalWorkers:
             self.metrics.prewarm_refusals.labels(model, kind).inc()
         left_out = self.left_out.setdefault(model, set())
         culprit = process.refused_module
-        if kind == "threads" and culprit and culprit not in left_out:
-            # Once more without that package: its workers import it themselves.
+        named = any(m.partition(".")[0] == culprit for m in process.preload)
+        if kind == "threads" and named and culprit not in left_out and len(left_out) < 3:
+            # Once more without that package: its workers import it themselves. (Three times
+            # at most: the process runs the model's code and could blame one after another.)
             left_out.add(culprit)
             del self.refused[model]  # a new list: not refused yet
             log.info("model '%s': pre-warming again without %s (%s)", model, culprit, reason)

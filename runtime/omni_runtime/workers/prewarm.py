@@ -27,6 +27,10 @@ from omni_runtime.isolation import WorkerCgroup
 __all__ = ["ForkedProcess", "PrewarmedProcess", "trusted_modules"]
 
 log = logging.getLogger("omni.prewarm")
+# Of what a worker says it imported, at most this many modules, from this many packages, are
+# looked at (transformers with torch is about 3,500 modules from 150 packages).
+MAX_MODULES = 20_000
+MAX_PACKAGES = 1_000
 _STOP_WAIT = 2.0  # seconds a fork may take to reach its SIGSTOP
 
 
@@ -147,7 +151,8 @@ class PrewarmedProcess:
                 return
             message = json.loads(data)
             if "refused" in message:
-                self.refused = str(message["refused"])[:500]
+                # Its words reach the log: one line, bounded (it runs the model's code).
+                self.refused = " ".join(str(message["refused"]).split())[:500]
                 self.refused_kind = str(message.get("kind", "failed"))[:32]
                 culprit = message.get("module")
                 if isinstance(culprit, str) and culprit.isidentifier():
@@ -347,11 +352,15 @@ def trusted_modules(names: list[str], package_dir: Path) -> list[str]:
 
     kept: list[str] = []
     seen: set[str] = set()
-    for name in names:
+    for name in names[:MAX_MODULES]:  # (a worker runs the model's code: its list is bounded)
         top = name.partition(".")[0]
-        if name in seen or not all(part.isidentifier() for part in name.split(".")):
+        if name in seen or len(name) > 200:
+            continue
+        if not all(part.isidentifier() for part in name.split(".")):
             continue
         if top not in verdict:
+            if len(verdict) >= MAX_PACKAGES:
+                continue
             verdict[top] = trusted(top)
         if verdict[top]:
             seen.add(name)

@@ -190,3 +190,26 @@ def test_a_frameworks_first_use_caches_are_filled_for_the_forks(tmp_path: Path) 
     parent.close()
     assert process.wait(30) == 0
     assert mark.read_text() == "bert"
+
+
+def test_what_a_worker_says_it_imported_is_looked_at_within_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker runs the model's code: a list of a million made-up packages must not keep the
+    runtime looking them up."""
+    import importlib.util
+
+    from omni_runtime.workers import prewarm
+
+    looked: list[str] = []
+    find_spec = importlib.util.find_spec
+
+    def counting(name: str, *args: object) -> object:
+        looked.append(name)
+        return find_spec(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", counting)
+    names = ["json", "pydantic.fields", *(f"made_up_{i}.x" for i in range(50_000)), "x" * 300]
+    kept = trusted_modules(names, tmp_path)
+    assert kept == ["json", "pydantic.fields"]
+    assert len(looked) <= prewarm.MAX_PACKAGES
