@@ -39,7 +39,7 @@ log = logging.getLogger("omni.runtime")
 if TYPE_CHECKING:
     from grpc.aio import Server as GrpcServer
 
-    from omni_runtime.tokens import Tokens
+    from omni_runtime.server.tokens import Tokens
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -383,7 +383,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from omni_runtime.tokens import Tokens
+    from omni_runtime.server.tokens import Tokens
 
     started = time.monotonic()
     _raise_descriptor_limit()
@@ -401,11 +401,11 @@ def _serve_with(
     import uvicorn
 
     from omni_runtime.batch import BatchRunner, SqliteBatchStore
-    from omni_runtime.connection import limited_protocol
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
-    from omni_runtime.server import OmniApp
+    from omni_runtime.server.app import OmniApp
+    from omni_runtime.server.connection import limited_protocol
     from omni_runtime.workers import LocalWorkers
 
     discovery, files = _discover(args, isolation)
@@ -491,7 +491,7 @@ def _serve_with(
     async def startup() -> None:
         batches.start()
         if args.grpc_port is not None:
-            from omni_runtime.grpc_service import grpc_authorizer, start_grpc_server
+            from omni_runtime.server.grpc_service import grpc_authorizer, start_grpc_server
 
             server, grpc_port = await start_grpc_server(
                 node, args.host, args.grpc_port, grpc_authorizer(tokens)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from omni_runtime.input_check import InputCheck
+from omni_runtime.server.input_check import InputCheck
 from omni_sdk.discover import schema_is_exact
 
 

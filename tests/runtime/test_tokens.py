@@ -8,7 +8,7 @@ import pytest
 
 from omni_runtime.cli import main
 from omni_runtime.config import ConfigError
-from omni_runtime.tokens import Access, Tokens, authorized
+from omni_runtime.server.tokens import Access, Tokens, authorized
 
 
 def test_tokens_from_variables_and_files(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from omni_runtime.scheduler import Controller, ModelBusy, ModelState, ModelUnavailable, ServedModel
-from omni_runtime.tokens import Access, Tokens, authorized
+from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 

@@ -19,12 +19,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omni_runtime import sse
 from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
-from omni_runtime.input_check import InputCheck
-from omni_runtime.openai_api import OpenAIRoutes, openai_error
-from omni_runtime.openapi import build_openapi
 from omni_runtime.scheduler import (
     Controller,
     ModelBusy,
@@ -32,7 +28,11 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
     ServedModel,
 )
-from omni_runtime.tokens import Access, Tokens, authorized
+from omni_runtime.server import sse
+from omni_runtime.server.input_check import InputCheck
+from omni_runtime.server.openai_api import OpenAIRoutes, openai_error
+from omni_runtime.server.openapi import build_openapi
+from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.wire import V2_PREFIX, Kind

@@ -21,8 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omni_runtime import sse
 from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
+from omni_runtime.server import sse
 from omni_sdk.wire import Kind
 
 __all__ = ["OpenAIRoutes", "openai_error"]
