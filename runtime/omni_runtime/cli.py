@@ -3,43 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import ipaddress
-import json
 import logging
 import os
-import resource
-import socket
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from omni_runtime.config import ConfigError, OmniFile, ServerSettings, node_config
-from omni_runtime.discovery import (
-    Discovery,
-    DiscoveryError,
-    config_files,
-    discover_all,
-    find_packages,
-)
-from omni_runtime.doctor import doctor_report
-from omni_runtime.isolation import Isolation
-from omni_runtime.isolation.environments import EnvironmentBuilder
-from omni_runtime.progress import StatusLine, TerminalProgress
+from omni_runtime import commands
+from omni_runtime.config import ConfigError
+from omni_runtime.discovery import DiscoveryError
 from omni_runtime.scheduler.simulator import TraceError
 from omni_sdk import __version__
 
 __all__ = ["main"]
-
-log = logging.getLogger("omni.runtime")
-
-
-if TYPE_CHECKING:
-    from grpc.aio import Server as GrpcServer
-
-    from omni_runtime.server.tokens import Tokens
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,18 +212,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _warn_unknown_models(files: dict[Path, OmniFile], served: set[str]) -> None:
-    """A ``[models."NAME"]`` table for a model nobody serves is most likely a typo: say so."""
-    for path, omni_file in files.items():
-        for name in omni_file.models:
-            if name not in served:
-                log.warning(
-                    '%s: [models."%s"] names no model this runtime serves (it serves %s); '
-                    "is the name misspelt?",
-                    path, name, ", ".join(sorted(served)) or "none",
-                )  # fmt: skip
-
-
 def _port(text: str) -> int:
     """A TCP port for argparse: 0 (any free one) to 65535."""
     try:
@@ -269,394 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            return _serve(args)
+            from omni_runtime.serve import serve
+
+            return serve(args)
         if args.command == "models":
-            return _models(args)
+            return commands.models(args)
         if args.command == "simulate":
-            return _simulate(args)
+            return commands.simulate(args)
         if args.command == "new":
-            return _new(args)
-        return _doctor(args)
+            return commands.new(args)
+        return commands.doctor(args)
     except (DiscoveryError, ConfigError, TraceError) as exc:
         print(f"omni-runtime: {exc}", file=sys.stderr)
         return 2
-
-
-def _discover(
-    args: argparse.Namespace, isolation: Isolation | None = None
-) -> tuple[Discovery, dict[Path, OmniFile]]:
-    packages = find_packages(args.paths)
-    files = config_files(args.paths, getattr(args, "config", None))
-    # Importing a package runs its code: discovery runs in the same sandbox as a worker (and
-    # in a cgroup of its own where the runtime has cgroups).
-    sandbox = isolation if isolation is not None and isolation.namespaces else None
-    # On a terminal a display that updates in place; in a pipe or a log, a line per step.
-    with TerminalProgress() if sys.stderr.isatty() else contextlib.nullcontext() as progress:
-        builder = None
-        if not args.shared_env:
-            builder = EnvironmentBuilder(
-                args.state_dir / "envs",
-                progress=progress,
-                source_builds=_repository_server(files, packages).source_builds,
-                sandbox=sandbox,
-            )
-        discovery = asyncio.run(discover_all(packages, files, builder, sandbox, progress=progress))
-    return discovery, files
-
-
-def _isolation(args: argparse.Namespace) -> Isolation:
-    packages = find_packages(args.paths)
-    files = config_files(args.paths, getattr(args, "config", None))
-    return Isolation.detect(
-        packages,
-        state_dir=args.state_dir,
-        masked=_secret_files(files),
-        cache_quota=_repository_server(files, packages).cache_quota,
-    )
-
-
-def _repository_server(files: dict[Path, OmniFile], packages: list[Path]) -> ServerSettings:
-    """``[server]`` as the repository's omni.toml and ``--config`` set it (never a package's)."""
-    settings = ServerSettings()
-    for path, omni_file in files.items():
-        if omni_file.server is not None and path.parent not in packages:
-            fields = omni_file.server.model_fields_set
-            settings = settings.model_copy(update={k: getattr(omni_file.server, k) for k in fields})
-    return settings
-
-
-def _raise_descriptor_limit() -> None:
-    """Open files up to the hard limit: each connection, worker and payload takes some."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    log.debug("open files: at most %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-
-
-def _secret_files(files: dict[Path, OmniFile]) -> tuple[Path, ...]:
-    """Files no model may read: every omni.toml (other models' env) and the token files."""
-    token_files = [os.environ.get(f"{n}_FILE") for n in ("OMNI_API_TOKEN", "OMNI_ADMIN_TOKEN")]
-    paths = [*files, *(Path(p) for p in token_files if p)]
-    return tuple(dict.fromkeys(p.resolve() for p in paths))
-
-
-def _models(args: argparse.Namespace) -> int:
-    isolation = _isolation(args)
-    try:
-        discovery, _ = _discover(args, isolation)
-    finally:
-        isolation.close()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "models": [spec.summary() for spec in discovery.models],
-                    "failures": [
-                        {"package": str(f.package_dir), "error": f.error}
-                        for f in discovery.failures
-                    ],
-                },
-                indent=2,
-            )
-        )
-    else:
-        rows = [("MODEL", "TASK", "INPUTS", "OUTPUTS")]
-        for spec in discovery.models:
-            rows.append(
-                (
-                    spec.name,
-                    spec.task or "-",
-                    ", ".join(f"{t['name']}:{t['datatype']}{t['shape']}" for t in spec.inputs),
-                    ", ".join(f"{t['name']}:{t['datatype']}{t['shape']}" for t in spec.outputs),
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        for row in rows:
-            print(
-                "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3]
-            )
-        for failure in discovery.failures:
-            print(f"failed: {failure.error}", file=sys.stderr)
-    return 1 if discovery.failures and not discovery.models else 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from omni_runtime.server.tokens import Tokens
-
-    started = time.monotonic()
-    _raise_descriptor_limit()
-    tokens = Tokens.from_environ(os.environ)
-    isolation = _isolation(args)  # before discovery: it runs in a cgroup of its own too
-    try:
-        return _serve_with(args, isolation, tokens, started)
-    finally:
-        isolation.close()  # (the controller closes it too when it stops: twice is harmless)
-
-
-def _serve_with(
-    args: argparse.Namespace, isolation: Isolation, tokens: Tokens, started: float
-) -> int:
-    import uvicorn
-
-    from omni_runtime.batch import BatchRunner, SqliteBatchStore
-    from omni_runtime.metrics import Metrics
-    from omni_runtime.scheduler import Controller, host_budget
-    from omni_runtime.scheduler.checks import check_models, detect_gpus
-    from omni_runtime.server.app import OmniApp
-    from omni_runtime.server.connection import limited_protocol
-    from omni_runtime.workers import LocalWorkers
-
-    discovery, files = _discover(args, isolation)
-    packages = {spec.package_dir for spec in discovery.models}
-    packages |= {failure.package_dir for failure in discovery.failures}
-    node_settings = node_config(files, packages)
-    settings, scheduler = node_settings.server, node_settings.scheduler
-    if args.max_body_size:
-        try:
-            settings = settings.model_copy(
-                update={
-                    "max_body_size": ServerSettings(max_body_size=args.max_body_size).max_body_size
-                }
-            )
-        except ValueError as exc:
-            raise ConfigError(f"--max-body-size: {exc}") from None
-    gpus = dict(scheduler.gpus) if scheduler.gpus is not None else detect_gpus()
-    check_models(
-        discovery.models, scheduler, host_budget(scheduler), node_settings.scheduler_sources, gpus
-    )
-    for failure in discovery.failures:
-        log.error("%s", failure.error)
-    _warn_unknown_models(files, {spec.name for spec in discovery.models})
-    if not discovery.models:
-        print("omni-runtime: no model could be discovered; nothing to serve", file=sys.stderr)
-        return 1
-
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as exc:
-        print(
-            f"omni-runtime: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        return 2
-    sock.listen(2048)
-    sock.set_inheritable(False)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{host}:{port}"
-    if tokens.api is None and not ipaddress.ip_address(host.partition("%")[0]).is_loopback:
-        log.warning(
-            "listening on %s without OMNI_API_TOKEN: anyone who can reach it may run "
-            "inference%s; set OMNI_API_TOKEN and OMNI_ADMIN_TOKEN (docs/http-api.md)",
-            host,
-            "" if tokens.admin else " and load or unload models",
-        )
-    metrics = Metrics()
-    node = Controller(
-        discovery.models,
-        settings,
-        metrics,
-        LocalWorkers(settings, scheduler, isolation, metrics),
-        scheduler,
-        gpus,
-        failures=discovery.failures,
-        env_seconds={path: env.seconds for path, env in discovery.environments.items()},
-    )
-
-    async def load_then_announce() -> None:
-        await node.start()
-        states = [m.state.value for m in node.models.values()]
-        ready = states.count("READY")
-        failed = len(discovery.failures)
-        print(
-            f"omni-runtime: serving {ready} of {len(states)} models at {url} "
-            f"(ready in {time.monotonic() - started:.1f}s)"
-            + (f"; {failed} package(s) failed, see above" if failed else ""),
-            flush=True,
-        )
-
-    tasks: set[asyncio.Task[None]] = set()
-    grpc_servers: list[GrpcServer] = []
-
-    batches = BatchRunner(
-        SqliteBatchStore(args.state_dir / "batch.sqlite3"),
-        node,
-        settings.batch_retention,
-        metrics,
-    )
-
-    async def startup() -> None:
-        batches.start()
-        if args.grpc_port is not None:
-            from omni_runtime.server.grpc_service import grpc_authorizer, start_grpc_server
-
-            server, grpc_port = await start_grpc_server(
-                node, args.host, args.grpc_port, grpc_authorizer(tokens)
-            )
-            grpc_servers.append(server)
-            print(f"omni-runtime: KServe v2 gRPC at {args.host}:{grpc_port}", flush=True)
-        task = asyncio.create_task(load_then_announce())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    async def shutdown() -> None:
-        for server in grpc_servers:
-            await server.stop(settings.drain_timeout)
-        await batches.stop()  # items still running are run again at the next start
-        await node.stop()
-
-    app = OmniApp(node, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches)
-    config = uvicorn.Config(
-        app,
-        http=limited_protocol(
-            settings.max_header_size, settings.body_timeout, settings.max_connections
-        ),
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="on",
-        log_config=None,  # uvicorn logs through the runtime's logging set-up
-        # The controller answers what is left at drain_timeout with 503s; uvicorn's own
-        # deadline comes later, so it never cuts a request off with a bare 500.
-        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
-        server_header=False,
-        proxy_headers=False,  # no proxy in front by default; saves a middleware per request
-    )
-
-    class DrainingServer(uvicorn.Server):
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            drain = asyncio.create_task(node.drain())
-            try:
-                await super().shutdown(sockets)
-            finally:
-                drain.cancel()
-
-    try:
-        DrainingServer(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
-        return 130
-    return 0
-
-
-def template_dir() -> Path:
-    """The model template: packaged with the runtime, or in the source tree beside it."""
-    for candidate in (
-        Path(__file__).resolve().parent / "templates" / "model",
-        Path(__file__).resolve().parents[2] / "templates" / "model",
-    ):
-        if (candidate / "cookiecutter.json").is_file():
-            return candidate
-    raise ConfigError("the model template is missing from this installation of omni-runtime")
-
-
-def _new(args: argparse.Namespace) -> int:
-    from cookiecutter.exceptions import CookiecutterException, FailedHookException
-    from cookiecutter.main import cookiecutter
-
-    logging.getLogger("cookiecutter").setLevel(logging.CRITICAL)  # its errors come as ours
-    context = {"engine": args.engine, "model_name": args.name, "task": args.task}
-    extra = {k: v for k, v in context.items() if v is not None}
-    try:
-        package = Path(
-            cookiecutter(
-                str(template_dir()),
-                no_input=args.no_input or not sys.stdin.isatty(),
-                output_dir=str(args.output_dir),
-                extra_context=extra,
-            )
-        )
-    except FailedHookException:
-        return 2  # the template's check said what was wrong, on stderr
-    except (CookiecutterException, OSError) as exc:
-        print(f"omni-runtime new: {exc}", file=sys.stderr)
-        return 2
-    print(f"created {package}")
-    print(f"next: omni-runtime serve {package}")
-    if (package / "tests").is_dir():
-        print(f"its tests: cd {package} && pip install -e '.[test]' && pytest")
-    return 0
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from omni_runtime.scheduler.simulator import parse_options, plan, read_trace
-
-    options = parse_options(
-        gpu_memory=args.gpu_memory,
-        max_batch=args.max_batch,
-        pcie_gbps=args.pcie_gbps,
-        disk_gbps=args.disk_gbps,
-        slo=args.slo,
-        target=args.target,
-        gpus=args.gpus,
-        policy=args.policy,
-        host_memory=args.host_memory,
-        start_seconds=args.start_seconds,
-        concurrency=args.concurrency,
-        config=args.config,
-    )
-    trace = read_trace(args.trace)
-    print(
-        f"omni-runtime simulate: {len(trace)} requests; each run replays them through the "
-        "scheduler on a virtual clock",
-        file=sys.stderr,
-        flush=True,
-    )
-    # A line per replay: rewritten in place on a terminal, one after another in a pipe.
-    status = StatusLine(sys.stderr)
-    try:
-        result = plan(trace, options, status.update)
-    finally:
-        status.close()
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    p99 = result["p99_wait_seconds"]
-    cpu = result["gpus"] == 0
-    gpus = "none: a CPU node" if cpu else str(result["gpus"])
-    if result["searched"]:
-        gpus += " (fewest meeting the target)"
-    rows = [
-        ("requests", f"{result['requests']}"),
-        ("models", f"{result['models']}"),
-        (f"GPUs ({result['policy']})", gpus),
-        ("SLO attainment", f"{result['slo_attainment']:.2%} (target {result['target']:.0%})"),
-        (
-            "one replica per model" if cpu else "one model per GPU",
-            "always running" if cpu else f"{result['baseline_gpus']} GPUs",
-        ),
-        ("  its SLO attainment", f"{result['baseline_slo_attainment']:.2%}"),
-        ("GPUs saved", "-" if cpu else f"{result['gpu_saving']:.1%}"),
-        (
-            "cold starts",
-            f"{result['cold_starts']} ({result['cold_starts_per_1000']:g} per 1,000 requests)",
-        ),
-        ("evictions", f"{result['evictions']}"),
-        ("wakes", f"{result['wakes']}"),
-        ("refused (429/503)", f"{result['refused']}"),
-        ("p99 wait", "never started" if p99 is None else f"{p99:.3f}s"),
-    ]
-    for label, value in rows:
-        print(f"{label:<22} {value}")
-    if not result["meets_target"]:
-        where = "a CPU node" if cpu else f"{result['gpus']} GPUs"
-        print(
-            f"omni-runtime: {where} do not meet the target of {result['target']:.0%} "
-            "within the SLO",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    report = doctor_report()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for key, value in report.items():
-        print(f"{key:<22} {value}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ __all__ = [
     "SchedulerSettings",
     "ServerSettings",
     "NodeConfig",
+    "command_line_server",
     "load_omni_file",
     "node_config",
+    "repository_server",
 ]
 
 CONFIG_NAME = "omni.toml"
@@ -312,3 +314,31 @@ def node_config(files: dict[Path, OmniFile], packages: set[Path] | None = None) 
                 )
                 raise ConfigError(f"[scheduler] as {setters} set it: {message}") from None
     return node
+
+
+def repository_server(files: dict[Path, OmniFile], packages: list[Path]) -> ServerSettings:
+    """``[server]`` as the repository's omni.toml and ``--config`` set it (never a package's).
+
+    What isolation and environments need before discovery; ``node_config`` reads the same.
+    """
+    settings = ServerSettings()
+    for path, omni_file in files.items():
+        if omni_file.server is not None and path.parent not in packages:
+            fields = omni_file.server.model_fields_set
+            settings = settings.model_copy(update={k: getattr(omni_file.server, k) for k in fields})
+    return settings
+
+
+def command_line_server(settings: ServerSettings, options: dict[str, Any]) -> ServerSettings:
+    """``settings`` with what the command line set (``{"max_body_size": "2MB"}``; None: not
+    given), which wins over every file; ``ConfigError`` names the option that is wrong."""
+    update = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        try:
+            update[name] = getattr(ServerSettings.model_validate({name: value}), name)
+        except ValidationError as exc:
+            message = "; ".join(e["msg"] for e in exc.errors(include_url=False))
+            raise ConfigError(f"--{name.replace('_', '-')}: {message}") from None
+    return settings.model_copy(update=update)

@@ -6,7 +6,7 @@ import sys
 CODE = """
 import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 512))
-from omni_runtime.cli import _raise_descriptor_limit
+from omni_runtime.serve import _raise_descriptor_limit
 _raise_descriptor_limit()
 print(resource.getrlimit(resource.RLIMIT_NOFILE))
 """

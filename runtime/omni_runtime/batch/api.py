@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from omni_runtime.batch.runner import BatchRunner
-from omni_runtime.scheduler import ServedModel
+from omni_runtime.scheduler import ModelHandle
 
 __all__ = ["batch_index", "is_poll", "is_submission", "poll", "submit"]
 
@@ -41,7 +41,7 @@ def is_poll(body: bytes) -> str | None:
     return None
 
 
-async def submit(runner: BatchRunner, model: ServedModel, body: bytes, limit: int) -> Answer:
+async def submit(runner: BatchRunner, model: ModelHandle, body: bytes, limit: int) -> Answer:
     if len(body) > limit:
         return 413, {
             "error": f"model '{model.name}': the batch is {len(body)} bytes, larger than the "
@@ -74,7 +74,7 @@ async def submit(runner: BatchRunner, model: ServedModel, body: bytes, limit: in
     return 200, {"result": {"status": "queued", "request_id": request_id, "model": model.name}}
 
 
-async def poll(runner: BatchRunner, model: ServedModel, request_id: str) -> Answer:
+async def poll(runner: BatchRunner, model: ModelHandle, request_id: str) -> Answer:
     status = await runner.db(runner.store.status, request_id) if request_id else None
     if status is None or status.model != model.name:
         return 404, {

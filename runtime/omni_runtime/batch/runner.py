@@ -21,7 +21,13 @@ from typing import Any, TypeVar
 
 from omni_runtime.batch.store import BatchItem, BatchStore
 from omni_runtime.metrics import Metrics
-from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
+from omni_runtime.scheduler import (
+    Controller,
+    ModelBusy,
+    ModelHandle,
+    ModelUnavailable,
+    ServedModel,
+)
 from omni_runtime.scheduler.queue import Priority
 from omni_sdk.wire import Kind
 
@@ -128,7 +134,7 @@ class BatchRunner:
         self.in_flight[model.name] += 1
         try:
             try:
-                status, _, body = await model.call(
+                status, _, body = await ModelHandle(model).call(  # counted as any request
                     Kind.RUN_JSON, [item.body], priority=Priority.BATCH
                 )
             except ModelBusy:  # its queue is full of interactive work: later, at no cost

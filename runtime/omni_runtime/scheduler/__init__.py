@@ -2,7 +2,8 @@
 
 ``policy`` and ``autoscaler`` are pure (a clock reading and a view of the node in, decisions
 out) and import nothing of the live runtime; ``models`` holds each model's queue and replicas;
-``controller`` applies decisions through a workers backend (``backend``), live or simulated.
+``controller`` applies decisions through a workers backend (``backend``), live or simulated;
+``handle`` is all the front ends see of a model (call, state, description, statistics).
 The controller and the models are imported on first use, so the policy stays light.
 """
 
@@ -12,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
+from omni_runtime.scheduler.handle import ModelDirectory, ModelHandle
 from omni_runtime.scheduler.policy import (
     Blocked,
     Decision,
@@ -55,6 +57,8 @@ __all__ = [
     "Controller",
     "Decision",
     "ModelBusy",
+    "ModelDirectory",
+    "ModelHandle",
     "ModelState",
     "ModelStats",
     "ModelUnavailable",

@@ -27,7 +27,13 @@ import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from omni_runtime.scheduler import Controller, ModelBusy, ModelState, ModelUnavailable, ServedModel
+from omni_runtime.scheduler import (
+    ModelBusy,
+    ModelDirectory,
+    ModelHandle,
+    ModelState,
+    ModelUnavailable,
+)
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
@@ -164,11 +170,13 @@ def _config_tensor(t: dict[str, Any], cls: Any) -> Any:
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The v2 gRPC service over the runtime's ``Controller``."""
+    """The v2 gRPC service over the node's models."""
 
-    def __init__(self, node: Controller, authorize: Callable[[Any, bool], str | None]) -> None:
-        self.node = node
-        self.metrics = node.metrics
+    def __init__(
+        self, models: ModelDirectory, authorize: Callable[[Any, bool], str | None]
+    ) -> None:
+        self.models = models
+        self.max_body = models.settings.max_body_size
         self.authorize = authorize  # (context, admin) -> an error message, or None
 
     async def _guard(self, context: Any, admin: bool = False) -> None:
@@ -176,10 +184,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if error:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, error)
 
-    async def _model(self, context: Any, name: str, version: str = "") -> ServedModel:
-        model = self.node.models.get(name)
+    async def _model(self, context: Any, name: str, version: str = "") -> ModelHandle:
+        model = self.models.get(name)
         if model is None:
-            known = ", ".join(sorted(self.node.models)) or "none"
+            known = ", ".join(self.models.names()) or "none"
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"unknown model '{name}' (served models: {known})"
             )
@@ -196,7 +204,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerReadyResponse(ready=self.node.ready)
+        return service_pb2.ServerReadyResponse(ready=self.models.ready)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         await self._guard(context)
@@ -240,7 +248,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if request.name:
             models = [await self._model(context, request.name, request.version)]
         else:
-            models = list(self.node.models.values())
+            models = list(self.models)
         response = service_pb2.ModelStatisticsResponse()
         for model in models:
             s = model.stats
@@ -268,25 +276,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         try:
             body, header_length = infer_body(request)
         except (RequestError, ValueError, OverflowError, TypeError) as exc:
-            self.metrics.observe(model.name, 400, 0.0)
+            model.account(400, started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model '{model.name}': {exc}")
-        if len(body) > self.node.settings.max_body_size:
+        if len(body) > self.max_body:
+            model.account(413, started)
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model '{model.name}': the request is larger than the server's limit of "
-                f"{self.node.settings.max_body_size} bytes (server.max_body_size in omni.toml)",
+                f"{self.max_body} bytes (server.max_body_size in omni.toml)",
             )
         try:
             status, out_length, answer = await model.call(
-                Kind.INFER_V2, [V2_PREFIX.pack(header_length), body]
+                Kind.INFER_V2, [V2_PREFIX.pack(header_length), body], started=started
             )
         except ModelBusy as exc:
             status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
         except ModelUnavailable as exc:
             status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
-        elapsed = time.perf_counter() - started
-        model.stats.record(status == 200, int(elapsed * 1e9))
-        self.metrics.observe(model.name, status, elapsed)
         if status != 200:
             try:
                 message = str(json.loads(answer)["error"])
@@ -300,7 +306,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         await self._guard(context, admin=True)
         response = service_pb2.RepositoryIndexResponse()
-        for model in self.node.models.values():
+        for model in self.models:
             if request.ready and model.state is not ModelState.READY:
                 continue
             response.models.add(
@@ -311,16 +317,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         await self._guard(context, admin=True)
         model = await self._model(context, request.model_name)
-        error = await self.node.load(model)
+        error = await self.models.load(model)
         if error:
-            code = grpc.StatusCode.UNAVAILABLE if model.closing else grpc.StatusCode.INTERNAL
+            code = grpc.StatusCode.UNAVAILABLE if model.stopping else grpc.StatusCode.INTERNAL
             await context.abort(code, f"failed to load model '{model.name}': {error}")
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         await self._guard(context, admin=True)
         model = await self._model(context, request.model_name)
-        await self.node.unload(model)
+        await self.models.unload(model)
         return service_pb2.RepositoryModelUnloadResponse()
 
 
@@ -345,20 +351,20 @@ def grpc_authorizer(tokens: Tokens) -> Callable[[Any, bool], str | None]:
 
 
 async def start_grpc_server(
-    node: Controller,
+    models: ModelDirectory,
     host: str,
     port: int,
     authorize: Callable[[Any, bool], str | None] | None = None,
 ) -> tuple[Any, int]:
     """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
-    max_message = int(node.settings.max_body_size) + (1 << 20)
+    max_message = int(models.settings.max_body_size) + (1 << 20)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
         ]
     )
-    service = InferenceService(node, authorize or (lambda context, admin: None))
+    service = InferenceService(models, authorize or (lambda context, admin: None))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(address)

@@ -18,28 +18,25 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from omni_runtime.scheduler import Controller, ModelBusy, ModelUnavailable, ServedModel
+from omni_runtime.scheduler import ModelBusy, ModelDirectory, ModelHandle, ModelUnavailable
 from omni_runtime.server import sse
+from omni_runtime.server.http import (
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    openai_error,
+    read_body,
+    respond,
+    respond_json,
+)
 from omni_sdk.wire import Kind
 
-__all__ = ["OpenAIRoutes", "openai_error"]
+__all__ = ["OpenAIError", "OpenAIRoutes"]
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
 # Request fields passed on to the engine when its input has them (Workers AI's names).
 _GENERATION_FIELDS = (
     "max_tokens",
@@ -53,78 +50,38 @@ _GENERATION_FIELDS = (
 )
 
 
-class OpenAIError(Exception):
+class OpenAIError(HTTPError):
+    """An error answered in OpenAI's shape (every error on a ``/v1`` route is)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str = ""):
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code or None
-
-
-def openai_error(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> bytes:
-    """An error body in OpenAI's shape."""
-    error = {
-        "message": message,
-        "type": _TYPES.get(status, "server_error"),
-        "param": param,
-        "code": code,
-    }
-    return json.dumps({"error": error}).encode()
+        super().__init__(status, message, param=param, code=code or None)
 
 
 class OpenAIRoutes:
-    """The ``/v1`` routes over the runtime's ``Controller``."""
+    """The ``/v1`` handlers; each takes ``(scope, receive, send, None)``: the body names the
+    model."""
 
-    def __init__(
-        self,
-        node: Controller,
-        respond: Callable[..., Awaitable[None]],
-        observe: Callable[[ServedModel, int, float], None],
-    ) -> None:
-        self.node = node
-        self.respond = respond
-        self.observe = observe
+    def __init__(self, models: ModelDirectory) -> None:
+        self.models = models
+        self.max_body = models.settings.max_body_size
         self.created = int(time.time())
-
-    def handler(self, method: str, path: str) -> Callable[..., Awaitable[None]] | None:
-        routes = {
-            ("GET", "/v1/models"): self.models,
-            ("POST", "/v1/embeddings"): self.embeddings,
-            ("POST", "/v1/chat/completions"): self.chat_completions,
-            ("POST", "/v1/completions"): self.completions,
-        }
-        found = routes.get((method, path))
-        if found is None:
-            return None
-
-        async def guarded(scope: Scope, receive: Receive, send: Send, _: Any) -> None:
-            try:
-                await found(scope, receive, send)
-            except OpenAIError as exc:
-                body = openai_error(exc.status, str(exc), exc.param, exc.code)
-                await self.respond(send, exc.status, body)
-
-        guarded.__name__ = found.__name__
-        return guarded
 
     # -- routes --------------------------------------------------------------------------
 
-    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def list_models(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         data = [
             {
-                "id": name,
+                "id": model.name,
                 "object": "model",
                 "created": self.created,
                 "owned_by": "omni",
                 "task": model.spec.task,
             }
-            for name, model in self.node.models.items()
+            for model in self.models
         ]
-        await self.respond(send, 200, json.dumps({"object": "list", "data": data}).encode())
+        await respond_json(send, {"object": "list", "data": data})
 
-    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         request, model = await self._request(scope, receive, "text-embeddings")
         texts = request.get("input")
         if isinstance(texts, str):
@@ -158,9 +115,9 @@ class OpenAIRoutes:
             "model": model.name,
             "usage": _usage(result, prompt=sum(len(t.split()) for t in texts)),
         }
-        await self.respond(send, 200, json.dumps(answer).encode())
+        await respond_json(send, answer)
 
-    async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def chat_completions(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         request, model = await self._request(scope, receive, "text-generation")
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -175,7 +132,7 @@ class OpenAIRoutes:
         values = {"messages": [_message(m) for m in messages]}
         await self._generate(scope, receive, send, model, request, values, chat=True)
 
-    async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def completions(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
         request, model = await self._request(scope, receive, "text-generation")
         prompt = request.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -195,7 +152,7 @@ class OpenAIRoutes:
         scope: Scope,
         receive: Receive,
         send: Send,
-        model: ServedModel,
+        model: ModelHandle,
         request: dict[str, Any],
         values: dict[str, Any],
         chat: bool,
@@ -222,7 +179,7 @@ class OpenAIRoutes:
                 "choices": [choice],
                 "usage": _usage(result),
             }
-            await self.respond(send, 200, json.dumps(answer).encode())
+            await respond_json(send, answer)
             return
         values["stream"] = True
         body = json.dumps(self._input(model, values)).encode()
@@ -252,14 +209,12 @@ class OpenAIRoutes:
         self,
         receive: Receive,
         send: Send,
-        model: ServedModel,
+        model: ModelHandle,
         body: bytes,
         event: Callable[..., bytes],
     ) -> None:
-        started = time.perf_counter()
         stream = sse.StreamedCall(model, body, receive)
         opened = False
-        status = 200
         try:
             async for raw in stream:
                 try:
@@ -267,7 +222,6 @@ class OpenAIRoutes:
                 except (OpenAIError, ValueError) as exc:
                     if not opened:
                         raise OpenAIError(500, str(exc)) from None
-                    status = 500
                     error = b"data: " + openai_error(500, str(exc)) + b"\n\n"
                     await send({"type": "http.response.body", "body": error})
                     return
@@ -276,7 +230,6 @@ class OpenAIRoutes:
                 await send(sse.event(event(text, None, first=not opened)))
                 opened = True
             if stream.client_gone:
-                status = 499
                 return
             try:
                 status, _, final = stream.result()
@@ -287,7 +240,7 @@ class OpenAIRoutes:
             if status != 200:
                 message = _message_of(final)
                 if not opened:
-                    await self.respond(send, status, openai_error(status, message))
+                    await respond(send, status, openai_error(status, message))
                     return
                 error = b"data: " + openai_error(status, message) + b"\n\n"
                 await send({"type": "http.response.body", "body": error})
@@ -297,18 +250,17 @@ class OpenAIRoutes:
                 await send(sse.event(event("", None, first=True)))
             closing = event(None, "stop") + b"data: [DONE]\n\n"
             await send({"type": "http.response.body", "body": closing})
-        except OSError:
-            status = 499
+        except OSError:  # the client went away while we wrote
+            pass
         finally:
             stream.close()  # whatever ended this, the engine's generator stops too
-            self.observe(model, status, time.perf_counter() - started)
 
     # -- helpers -------------------------------------------------------------------------
 
     async def _request(
         self, scope: Scope, receive: Receive, task: str
-    ) -> tuple[dict[str, Any], ServedModel]:
-        body = await self._read_body(scope, receive)
+    ) -> tuple[dict[str, Any], ModelHandle]:
+        body = await read_body(scope, receive, self.max_body)
         try:
             request = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -318,9 +270,9 @@ class OpenAIRoutes:
         name = request.get("model")
         if not isinstance(name, str):
             raise OpenAIError(400, "'model' is required: the name of a served model", "model")
-        model = self.node.models.get(name)
+        model = self.models.get(name)
         if model is None:
-            known = ", ".join(sorted(self.node.models)) or "none"
+            known = ", ".join(self.models.names()) or "none"
             raise OpenAIError(
                 404,
                 f"The model '{name}' does not exist (served models: {known})",
@@ -335,42 +287,18 @@ class OpenAIRoutes:
             )
         return request, model
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.node.settings.max_body_size
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise OpenAIError(400, "the client went away before its body arrived")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise OpenAIError(
-                    413,
-                    f"the request body is larger than the server's limit of {limit} bytes "
-                    "(server.max_body_size in omni.toml)",
-                )
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
-
-    def _input(self, model: ServedModel, values: dict[str, Any]) -> dict[str, Any]:
+    def _input(self, model: ModelHandle, values: dict[str, Any]) -> dict[str, Any]:
         """The engine's own input: only the fields its schema has."""
         fields = model.spec.input_schema.get("properties", {})
         return {k: v for k, v in values.items() if k in fields}
 
-    async def _run(self, model: ServedModel, values: dict[str, Any]) -> Any:
-        started = time.perf_counter()
+    async def _run(self, model: ModelHandle, values: dict[str, Any]) -> Any:
         try:
             status, _, body = await model.call(Kind.RUN_JSON, [json.dumps(values).encode()])
         except ModelBusy as exc:
-            self.observe(model, 429, time.perf_counter() - started)
             raise OpenAIError(429, str(exc)) from None
         except ModelUnavailable as exc:
-            self.observe(model, 503, time.perf_counter() - started)
             raise OpenAIError(503, str(exc)) from None
-        self.observe(model, status, time.perf_counter() - started)
         if status != 200:
             raise OpenAIError(status, _message_of(body))
         return json.loads(body)["result"]
@@ -387,7 +315,7 @@ def _message(message: Any) -> dict[str, Any]:
     return {"role": message["role"], "content": content if isinstance(content, str) else ""}
 
 
-def _response_text(model: ServedModel, result: Any) -> str:
+def _response_text(model: ModelHandle, result: Any) -> str:
     if not isinstance(result, dict) or not isinstance(result.get("response"), str):
         raise OpenAIError(500, f"model '{model.name}' did not answer a 'response' string")
     text: str = result["response"]

@@ -10,7 +10,7 @@ from omni_runtime.workers.channel import ChunkSink
 from omni_sdk.wire import Kind
 
 if TYPE_CHECKING:
-    from omni_runtime.scheduler import ServedModel
+    from omni_runtime.scheduler import ModelHandle
 
 __all__ = ["START", "StreamedCall", "disconnected", "event"]
 
@@ -47,15 +47,18 @@ class StreamedCall:
 
     def __init__(
         self,
-        model: ServedModel,
+        model: ModelHandle,
         body: bytes,
         receive: Callable[[], Awaitable[dict[str, Any]]],
         reject_if_busy: bool = False,
+        started: float | None = None,
     ) -> None:
         # Bounded: a client that reads slowly holds its worker back, not the runtime's memory.
         self._chunks = ChunkSink()
         self._call = asyncio.ensure_future(
-            model.call(Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=self._chunks)
+            model.call(
+                Kind.RUN_STREAM, [body], reject_if_busy, on_chunk=self._chunks, started=started
+            )
         )
         self._gone = asyncio.ensure_future(disconnected(receive))
         self.client_gone = False

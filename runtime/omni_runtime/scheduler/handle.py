@@ -1,0 +1,174 @@
+"""What the front ends may do with the node's models, and nothing more.
+
+The HTTP, gRPC, ``/v1`` and batch surfaces know a model by its name and reach it through a
+``ModelHandle``: call it (or stream from it), read its state and reason, describe it, read its
+statistics. They never see its replicas, its queue or the controller. ``ModelDirectory`` is the
+node as they see it: the handles by name, whether the node is ready, the packages that failed,
+and the operator's load and unload.
+
+Request accounting lives here, in ``ModelHandle.call``, which every request passes whatever
+its protocol: Triton's statistics (``ModelStats``) and the Prometheus request counters and
+durations are counted once, with the status the model answered (429 when its queue is full,
+503 when it is unavailable, 499 when the caller went away first). Outcomes a surface decides
+before any call (a body too large, an input refused before a cold start) go through
+``ModelHandle.account``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority
+
+if TYPE_CHECKING:
+    from omni_runtime.config import ServerSettings
+    from omni_runtime.discovery import ModelSpec, PackageFailure
+    from omni_runtime.metrics import Metrics
+    from omni_runtime.scheduler.backend import Response
+    from omni_runtime.scheduler.controller import Controller
+    from omni_runtime.scheduler.models import ModelState, ModelStats, ServedModel
+
+__all__ = ["ModelDirectory", "ModelHandle"]
+
+CLIENT_GONE = 499  # nginx's code for a request whose client closed the connection first
+
+
+class ModelHandle:
+    """One model as a front end sees it."""
+
+    __slots__ = ("__weakref__", "_metrics", "_model", "name", "spec")
+
+    def __init__(self, model: ServedModel) -> None:
+        self._model = model
+        self._metrics = model.metrics
+        self.name = model.name
+        self.spec: ModelSpec = model.spec  # what ``describe`` routes show
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ModelState:
+        return self._model.state
+
+    @property
+    def reason(self) -> str:
+        return self._model.reason
+
+    @property
+    def ready_replicas(self) -> int:
+        return self._model.ready_replicas
+
+    @property
+    def stopping(self) -> bool:
+        """The runtime is shutting down: what fails now may work on another node or later."""
+        return self._model.closing
+
+    @property
+    def stats(self) -> ModelStats:
+        return self._model.stats
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def call(
+        self,
+        kind: int,
+        parts: list[bytes],
+        reject_if_busy: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
+        on_chunk: Callable[[bytes], None] | None = None,
+        started: float | None = None,
+    ) -> Response:
+        """One request to the model (``ServedModel.call``), counted once however it ends.
+
+        ``started`` is when the request arrived (``time.perf_counter()``), so that reading its
+        body counts in its duration; by default, now.
+        """
+        if started is None:
+            started = time.perf_counter()
+        status = 500
+        try:
+            response = await self._model.call(kind, parts, reject_if_busy, priority, on_chunk)
+            status = response[0]
+            return response
+        except ModelBusy:
+            status = 429
+            raise
+        except ModelUnavailable:
+            status = 503
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
+        finally:
+            self.account(status, started)
+
+    def account(self, status: int, started: float) -> None:
+        """Count one answer the model did not give itself (e.g. a body refused unread)."""
+        elapsed = time.perf_counter() - started
+        self._model.stats.record(status == 200, int(elapsed * 1e9))
+        self._metrics.observe(self.name, status, elapsed)
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.name!r})"
+
+
+class ModelDirectory:
+    """The node's models by name, as the front ends see them."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+        self._handles: dict[str, ModelHandle] = {}
+
+    def get(self, name: str) -> ModelHandle | None:
+        model = self._controller.models.get(name)
+        if model is None:
+            return None
+        handle = self._handles.get(name)
+        if handle is None or handle._model is not model:
+            handle = self._handles[name] = ModelHandle(model)
+        return handle
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._controller.models
+
+    def __iter__(self) -> Iterator[ModelHandle]:
+        for name in list(self._controller.models):
+            handle = self.get(name)
+            if handle is not None:
+                yield handle
+
+    def names(self) -> list[str]:
+        return sorted(self._controller.models)
+
+    @property
+    def ready(self) -> bool:
+        """Every model that should be up is up (``/v2/health/ready``)."""
+        return self._controller.ready
+
+    @property
+    def failures(self) -> list[PackageFailure]:
+        """Packages found but not served, with why."""
+        return self._controller.failures
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self._controller.settings
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._controller.metrics
+
+    @property
+    def isolation(self) -> str:
+        """How worker processes are kept apart, in words (server metadata)."""
+        return self._controller.backend.description
+
+    async def load(self, handle: ModelHandle) -> str:
+        """An operator's load: "" once a replica is ready, else why not."""
+        return await self._controller.load(handle._model)
+
+    async def unload(self, handle: ModelHandle) -> None:
+        await self._controller.unload(handle._model)

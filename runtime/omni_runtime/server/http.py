@@ -1,0 +1,150 @@
+"""What every HTTP surface shares: ASGI types, errors, reading a body, writing an answer.
+
+An error raised as ``HTTPError`` anywhere in a handler becomes one answer in the envelope of
+the route's family: OpenAI's under ``/v1/``, Workers AI's under ``/ai/``, KServe v2's
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from omni_sdk.envelopes import ai_error_body, v2_error_body
+
+__all__ = [
+    "JSON",
+    "ClientGone",
+    "HTTPError",
+    "Receive",
+    "Scope",
+    "Send",
+    "error_body",
+    "family_error",
+    "read_body",
+    "respond",
+    "respond_json",
+]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON = b"application/json"
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class HTTPError(Exception):
+    """Answer this request with ``status`` and ``message``; ``param`` and ``code`` fill
+    OpenAI's error fields on ``/v1`` routes."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+        self.param = param
+        self.code = code
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived whole."""
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    """An error body in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    error = {
+        "message": message,
+        "type": _OPENAI_TYPES.get(status, "server_error"),
+        "param": param,
+        "code": code,
+    }
+    return json.dumps({"error": error}).encode()
+
+
+def error_body(ai: bool, status: int, message: str) -> bytes:
+    """An error body in the envelope of Workers AI (``ai``) or KServe v2."""
+    return ai_error_body(status, message) if ai else v2_error_body(message)
+
+
+def family_error(path: str, error: HTTPError) -> bytes:
+    """``error`` in the shape of the route's family: OpenAI, Workers AI or KServe v2."""
+    if path.startswith("/v1/"):
+        return openai_error(error.status, str(error), error.param, error.code)
+    return error_body(path.startswith("/ai/"), error.status, str(error))
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, subject: str = "") -> bytes:
+    """The whole request body, refused with 413 once it passes ``limit`` bytes.
+
+    ``subject`` (e.g. "model 'x'") starts the 413 message when the route already knows it.
+    """
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(limit, subject)
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        if len(body) > limit:
+            raise _too_large(limit, subject)
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, subject)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, subject: str) -> HTTPError:
+    prefix = f"{subject}: the" if subject else "the"
+    return HTTPError(
+        413,
+        f"{prefix} request body is larger than the server's limit of {limit} bytes "
+        "(server.max_body_size in omni.toml)",
+    )
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = JSON,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_json(send: Send, value: Any, status: int = 200) -> None:
+    await respond(send, status, json.dumps(value).encode())

@@ -1,0 +1,261 @@
+"""KServe v2 over HTTP, with Triton's extensions: health, metadata, configuration,
+statistics, inference and the model repository.
+
+``/infer`` is the hot path: its body goes to the model's worker untouched (decoding and
+validation happen there, on the worker's core) and the worker's answer comes back as written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from omni_runtime.scheduler import (
+    ModelBusy,
+    ModelDirectory,
+    ModelHandle,
+    ModelState,
+    ModelUnavailable,
+)
+from omni_runtime.server.http import (
+    JSON,
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    read_body,
+    respond,
+    respond_json,
+)
+from omni_sdk import __version__
+from omni_sdk.wire import V2_PREFIX, Kind
+
+__all__ = ["KServeRoutes", "call_model"]
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
+
+
+async def call_model(
+    send: Send,
+    model: ModelHandle,
+    kind: int,
+    parts: list[bytes],
+    started: float,
+    ai: bool,
+    reject_if_busy: bool = False,
+) -> None:
+    """Send one request to the model and write its answer (or why there is none) back."""
+    extra: list[tuple[bytes, bytes]] = []
+    try:
+        status, header_length, body = await model.call(kind, parts, reject_if_busy, started=started)
+    except ModelBusy as exc:
+        status, header_length, body = 429, 0, error_body(ai, 429, str(exc))
+    except ModelUnavailable as exc:
+        status, header_length, body = 503, 0, error_body(ai, 503, str(exc))
+        extra = [(b"retry-after", str(exc.retry_after).encode())]
+    if header_length:
+        extra.append((b"inference-header-content-length", str(header_length).encode()))
+        await respond(send, status, body, b"application/octet-stream", extra)
+    else:
+        await respond(send, status, body, JSON, extra)
+
+
+class KServeRoutes:
+    """The v2 handlers; each takes ``(scope, receive, send, model)``."""
+
+    def __init__(self, models: ModelDirectory) -> None:
+        self.models = models
+        self.max_body = models.settings.max_body_size
+
+    async def read(self, scope: Scope, receive: Receive, model: ModelHandle) -> bytes:
+        """A model's request body; one larger than the server's limit counts as a 413."""
+        try:
+            return await read_body(scope, receive, self.max_body, f"model '{model.name}'")
+        except HTTPError as exc:
+            model.account(exc.status, time.perf_counter())
+            raise
+
+    # -- inference -----------------------------------------------------------------------
+
+    async def infer(self, scope: Scope, receive: Receive, send: Send, model: ModelHandle) -> None:
+        started = time.perf_counter()
+        header_length = 0
+        for name, value in scope["headers"]:
+            if name == b"inference-header-content-length":
+                try:
+                    header_length = int(value)
+                except ValueError:
+                    raise HTTPError(
+                        400,
+                        f"model '{model.name}': Inference-Header-Content-Length must be an integer",
+                    ) from None
+        body = await self.read(scope, receive, model)
+        if header_length < 0 or header_length > len(body):
+            raise HTTPError(
+                400,
+                f"model '{model.name}': Inference-Header-Content-Length is {header_length} "
+                f"but the body has {len(body)} bytes",
+            )
+        parts = [V2_PREFIX.pack(header_length), body]
+        await call_model(send, model, Kind.INFER_V2, parts, started, False)
+
+    # -- health and metadata -------------------------------------------------------------
+
+    async def live(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await respond(send, 200, b"")
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await respond(send, 200 if self.models.ready else 503, b"")
+
+    async def server_metadata(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await respond_json(
+            send,
+            {
+                "name": "omni",
+                "version": __version__,
+                "extensions": EXTENSIONS,
+                "isolation": self.models.isolation,
+            },
+        )
+
+    async def model_metadata(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
+    ) -> None:
+        spec = model.spec
+        await respond_json(
+            send,
+            {
+                "name": spec.name,
+                "versions": ["1"],
+                "platform": "omni",
+                "inputs": [_tensor(t) for t in spec.inputs],
+                "outputs": [_tensor(t) for t in spec.outputs],
+            },
+        )
+
+    async def model_ready(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
+    ) -> None:
+        await respond(send, 200 if model.state is ModelState.READY else 400, b"")
+
+    async def model_config(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
+    ) -> None:
+        spec = model.spec
+        await respond_json(
+            send,
+            {
+                "name": spec.name,
+                "platform": "omni",
+                "backend": "omni",
+                "max_batch_size": spec.max_batch_size,
+                "input": [_config_tensor(t) for t in spec.inputs],
+                "output": [_config_tensor(t) for t in spec.outputs],
+                "parameters": {
+                    "task": {"string_value": spec.task},
+                    "package": {"string_value": spec.package},
+                },
+                "instance_group": [
+                    {
+                        "count": spec.scaling.max_replicas,
+                        "kind": "KIND_GPU" if spec.device.startswith("cuda") else "KIND_CPU",
+                    }
+                ],
+                "omni": {
+                    "resources": spec.resources.model_dump(),
+                    "scaling": spec.scaling.model_dump(),
+                },
+            },
+        )
+
+    async def model_stats(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
+    ) -> None:
+        await respond_json(send, {"model_stats": [_stats(model)]})
+
+    async def all_stats(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        await respond_json(send, {"model_stats": [_stats(m) for m in self.models]})
+
+    # -- repository extension ------------------------------------------------------------
+
+    async def repository_index(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
+        body = await read_body(scope, receive, self.max_body)
+        try:
+            request = json.loads(body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise HTTPError(400, f"repository index: the body is not valid JSON: {exc}") from None
+        only_ready = isinstance(request, dict) and bool(request.get("ready"))
+        index: list[dict[str, Any]] = []
+        for model in self.models:
+            if only_ready and model.state is not ModelState.READY:
+                continue
+            index.append(
+                {
+                    "name": model.name,
+                    "version": "1",
+                    "state": model.state.value,
+                    "reason": model.reason,
+                    "replicas": model.ready_replicas,
+                }
+            )
+        if not only_ready:
+            for failure in self.models.failures:
+                index.append(
+                    {
+                        "name": failure.package_dir.name,
+                        "version": "",
+                        "state": "UNAVAILABLE",
+                        "reason": failure.error,
+                    }
+                )
+        await respond_json(send, index)
+
+    async def repository_load(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
+    ) -> None:
+        error = await self.models.load(model)
+        if error and model.stopping:
+            raise HTTPError(503, error, [(b"retry-after", b"5")])
+        if error:
+            raise HTTPError(400, f"failed to load model '{model.name}': {error}")
+        await respond(send, 200, b"")
+
+    async def repository_unload(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
+    ) -> None:
+        await self.models.unload(model)
+        await respond(send, 200, b"")
+
+
+def _tensor(t: dict[str, Any]) -> dict[str, Any]:
+    return {"name": t["name"], "datatype": t["datatype"], "shape": t["shape"]}
+
+
+def _config_tensor(t: dict[str, Any]) -> dict[str, Any]:
+    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
+    entry = {"name": t["name"], "data_type": f"TYPE_{datatype}", "dims": t["shape"]}
+    if t.get("optional"):
+        entry["optional"] = True
+    return entry
+
+
+def _stats(model: ModelHandle) -> dict[str, Any]:
+    s = model.stats
+    return {
+        "name": model.name,
+        "version": "1",
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.success_count,
+        "execution_count": s.success_count,
+        "inference_stats": {
+            "success": {"count": s.success_count, "ns": s.success_ns},
+            "fail": {"count": s.fail_count, "ns": s.fail_ns},
+            "queue": {"count": s.queue_count, "ns": s.queue_ns},
+            "compute_input": {"count": 0, "ns": 0},
+            "compute_infer": {"count": 0, "ns": 0},
+            "compute_output": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [],
+    }
