@@ -12,7 +12,7 @@ from typing import NoReturn
 from omni_runtime import commands
 from omni_runtime.config import ConfigError
 from omni_runtime.discovery import DiscoveryError
-from omni_runtime.scheduler.simulator import TraceError
+from omni_runtime.scheduler.replay import TraceError
 from omni_sdk import __version__
 
 __all__ = ["main"]

@@ -80,11 +80,7 @@ def test_what_matches_no_route_keeps_the_access_of_its_family(table: RouteTable)
 def test_only_health_and_the_metrics_scrape_are_open() -> None:
     async def build() -> None:
         app = OmniApp(ModelDirectory(Node(spec("a")).controller))
-        opened = {
-            (r.method, r.path)
-            for r in _routes(app)
-            if r.access is Access.OPEN  # fmt: skip
-        }
+        opened = {(r.method, r.path) for r in _routes(app) if r.access is Access.OPEN}
         assert opened == {
             ("GET", "/v2/health/live"),
             ("GET", "/v2/health/ready"),

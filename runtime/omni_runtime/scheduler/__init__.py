@@ -1,8 +1,10 @@
 """The scheduler: per-model queues, autoscaling, placement and eviction, and the controller.
 
 ``policy`` and ``autoscaler`` are pure (a clock reading and a view of the node in, decisions
-out) and import nothing of the live runtime; ``models`` holds each model's queue and replicas;
-``controller`` applies decisions through a workers backend (``backend``), live or simulated;
+out: ``views`` and ``decisions``; ``placement`` does the memory arithmetic) and import nothing
+of the live runtime; ``models`` holds each model's queue and replicas (``replica``);
+``controller`` applies decisions through its ``actuator`` and a workers backend (``backend``),
+live or simulated.
 ``handle`` is all the front ends see of a model (call, state, description, statistics).
 The controller and the models are imported on first use, so the policy stays light.
 """
@@ -13,33 +15,30 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from omni_runtime.scheduler.autoscaler import Autoscaler, ScaleTarget
-from omni_runtime.scheduler.handle import ModelDirectory, ModelHandle
-from omni_runtime.scheduler.policy import (
+from omni_runtime.scheduler.decisions import (
     Blocked,
     Decision,
-    ModelView,
-    NodeView,
     ParkReplica,
-    Policy,
-    ReplicaState,
-    ReplicaView,
-    SchedulerPolicy,
     StartReplica,
     StopReplica,
     WakeReplica,
 )
+from omni_runtime.scheduler.handle import ModelDirectory, ModelHandle
+from omni_runtime.scheduler.policy import Policy, SchedulerPolicy
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
+from omni_runtime.scheduler.views import ModelView, NodeView, ReplicaState, ReplicaView
 
 if TYPE_CHECKING:
     from omni_runtime.scheduler.controller import Controller, host_budget
-    from omni_runtime.scheduler.models import ModelState, ModelStats, Replica, ServedModel
+    from omni_runtime.scheduler.models import ModelState, ModelStats, ServedModel
+    from omni_runtime.scheduler.replica import Replica
 
 _LAZY = {
     "Controller": "controller",
     "host_budget": "controller",
     "ModelState": "models",
     "ModelStats": "models",
-    "Replica": "models",
+    "Replica": "replica",
     "ServedModel": "models",
 }
 

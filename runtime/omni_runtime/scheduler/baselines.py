@@ -15,15 +15,12 @@ import math
 from collections.abc import Sequence
 
 from omni_runtime.scheduler.autoscaler import ScaleTarget
-from omni_runtime.scheduler.policy import (
-    Blocked,
-    Decision,
+from omni_runtime.scheduler.decisions import Blocked, Decision, StartReplica, StopReplica
+from omni_runtime.scheduler.views import (
     ModelView,
     NodeView,
     ReplicaState,
     ReplicaView,
-    StartReplica,
-    StopReplica,
     gpu_held,
     gpu_key,
     host_held,

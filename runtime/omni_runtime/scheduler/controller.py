@@ -1,8 +1,9 @@
 """The controller: the one reconcile loop that starts, stops, parks and wakes replicas.
 
 Every tick (and at once when a request has to wait) it measures each replica's memory, shows
-the policy a view of the node, and applies what the policy decides, logging each decision
-with its reason and counting it in the metrics. It touches workers only through a
+the policy a view of the node, and applies what the policy decides (its ``ReplicaActuator``
+does each start, stop, park and wake), logging each decision with its reason and counting it
+in the metrics. It touches workers only through a
 ``WorkersBackend`` and reads time only from its clock, so the same code serves live (worker
 processes, ``time.monotonic``) and in ``omni-runtime simulate`` (simulated workers, a
 virtual clock).
@@ -17,41 +18,39 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from omni_runtime.config import SchedulerSettings, ServerSettings
 from omni_runtime.discovery import ModelSpec, PackageFailure
 from omni_runtime.isolation import node_memory_bytes
 from omni_runtime.metrics import Metrics, ModelGauges
-from omni_runtime.scheduler.backend import Clock, LoadFailed, Worker, WorkersBackend
-from omni_runtime.scheduler.models import Replica, ServedModel
-from omni_runtime.scheduler.policy import (
+from omni_runtime.scheduler.actuator import ReplicaActuator
+from omni_runtime.scheduler.backend import Clock, Worker, WorkersBackend
+from omni_runtime.scheduler.decisions import (
     Blocked,
-    ModelView,
-    NodeView,
     ParkReplica,
-    Policy,
-    ReplicaState,
-    SchedulerPolicy,
     StartReplica,
     StopReplica,
     WakeReplica,
+)
+from omni_runtime.scheduler.models import ServedModel
+from omni_runtime.scheduler.policy import Policy, SchedulerPolicy
+from omni_runtime.scheduler.queue import ModelUnavailable
+from omni_runtime.scheduler.views import (
+    ModelView,
+    NodeView,
+    ReplicaState,
     gpu_held,
     gpu_key,
     host_held,
 )
-from omni_runtime.scheduler.queue import ModelUnavailable
 
 __all__ = ["Controller", "host_budget"]
 
 log = logging.getLogger("omni.scheduler")
 TICK = 1.0  # seconds between reconciles when nothing wakes the loop (Knative: 2 s)
 _MEASURE_EVERY = 1.0
-_BACKOFF_FIRST = 0.2
-_BACKOFF_MAX = 30.0
-_STABLE_AFTER = 30.0  # a worker that lived this long resets the backoff
 _RUNTIME_RESERVE = 1 << 30
 PCIE_GBPS = 25.0  # host <-> GPU, GB/s: what waking a parked replica is estimated to cost
 
@@ -61,11 +60,6 @@ def host_budget(settings: SchedulerSettings) -> int:
     if settings.host_memory:
         return settings.host_memory
     return max(_RUNTIME_RESERVE, node_memory_bytes() - _RUNTIME_RESERVE)
-
-
-def backoff(attempt: int) -> float:
-    """Seconds before the next start after ``attempt`` failures in a row (0.2 s doubling)."""
-    return float(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** max(0, attempt - 1)))
 
 
 class Controller:
@@ -96,7 +90,6 @@ class Controller:
             spec.name: ServedModel(spec, settings, metrics, self.wake, clock) for spec in specs
         }
         self.failures: list[PackageFailure] = failures or []
-        self.env_seconds = dict(env_seconds or {})  # paid once per package, at discovery
         self.policy: Policy = policy or SchedulerPolicy(
             self.scheduler.stable_window, self.scheduler.panic_window
         )
@@ -109,12 +102,13 @@ class Controller:
         self.started = False  # start() has run: the node answers ready
         self.closing = False
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._next_replica = 0
         self._measured_at = -math.inf
         self._arrivals: dict[str, deque[tuple[float, int]]] = {m: deque() for m in self.models}
-        self._starting: list[asyncio.Task[None]] | None = None  # collected during start()
+        # Starts, stops, parks and wakes replicas: what the decisions below do.
+        self.actuator = ReplicaActuator(
+            self.models, settings, metrics, backend, clock, self.wake, dict(env_seconds or {})
+        )
         metrics.watch_models(self._gauges)
 
     def _gauges(self) -> dict[str, ModelGauges]:
@@ -142,9 +136,9 @@ class Controller:
             asyncio.create_task(self._run()),
             asyncio.create_task(self.backend.run(self._ready_workers)),
         ]
-        self._starting = []
+        self.actuator.starting = []
         self.reconcile()
-        starting, self._starting = self._starting, None
+        starting, self.actuator.starting = self.actuator.starting, None
         await asyncio.gather(*starting, return_exceptions=True)
         self.started = True
 
@@ -173,7 +167,7 @@ class Controller:
             self._measured_at = now
             for model in self.models.values():
                 if model.replicas:
-                    self._measure(model)
+                    model.measure()
         # A model with nothing running, nothing asked of it and nothing wanted stays that way
         # until a request arrives: the policy need not look at it (this keeps a node with
         # hundreds of idle models, and a long simulation, cheap).
@@ -190,7 +184,7 @@ class Controller:
         for decision in decisions:
             model = self.models[decision.model]
             if isinstance(decision, StartReplica):
-                self._start_replica(model, decision.device, decision.reason)
+                self.actuator.start(model, decision.device, decision.reason)
                 continue
             if isinstance(decision, Blocked):
                 continue
@@ -198,11 +192,11 @@ class Controller:
             if replica is None:
                 continue
             if isinstance(decision, StopReplica):
-                self._stop(model, replica, decision.reason, decision.cause)
+                self.actuator.stop(model, replica, decision.reason, decision.cause)
             elif isinstance(decision, ParkReplica):
-                self._park(model, replica, decision.reason, decision.cause)
+                self.actuator.park(model, replica, decision.reason, decision.cause)
             elif isinstance(decision, WakeReplica):
-                self._spawn(self._wake_replica(model, replica, decision.reason))
+                self.actuator.wake(model, replica, decision.reason)
         for model in self.models.values():
             reason = blocked.get(model.name, "")
             if reason and not model.blocked:
@@ -252,223 +246,6 @@ class Controller:
             replicas=[r.view() for r in model.replicas],
         )
 
-    def _measure(self, model: ServedModel) -> None:
-        """What each ready replica holds now replaces its reservation, and is what the next
-        replica of the model reserves."""
-        host_seen, gpu_seen = [], []
-        for replica in model.replicas:
-            if replica.state is not ReplicaState.READY:
-                continue
-            host = replica.worker.memory_bytes()
-            if host:
-                replica.host_bytes = host
-                host_seen.append(host)
-            gpu = replica.worker.gpu_memory_bytes()
-            if gpu:
-                replica.gpu_bytes = gpu
-                gpu_seen.append(gpu)
-        if host_seen:
-            model.expected_host = max(host_seen)
-        if gpu_seen:
-            model.expected_gpu = max(gpu_seen)
-
-    # -- starting and stopping -----------------------------------------------------------
-
-    def _start_replica(self, model: ServedModel, device: str, reason: str) -> None:
-        self._next_replica += 1
-        spec = model.spec
-        if device != spec.device:  # "cuda" placed on one GPU of several
-            spec = dataclasses.replace(spec, device=device)
-        worker = self.backend.worker(spec)
-        replica = Replica(self._next_replica, worker, model.capacity, self.clock())
-        replica.host_bytes = model.expected_host
-        replica.gpu_bytes = model.expected_gpu
-        model.replicas.append(replica)
-        log.info("model '%s': starting replica %d (%s)", model.name, replica.id, reason)
-        task = self._spawn(self._start(model, replica, reason))
-        if self._starting is not None:
-            self._starting.append(task)
-
-    async def _start(self, model: ServedModel, replica: Replica, reason: str) -> None:
-        worker = replica.worker
-        self.metrics.cold_starts.labels(model.name).inc()
-        try:
-            await worker.start()
-        except Exception as exc:
-            if not isinstance(exc, LoadFailed):
-                log.exception("model '%s': starting replica %d failed", model.name, replica.id)
-                worker.kill()
-                exc = LoadFailed(f"model '{model.name}': its worker could not start: {exc}")
-            self._remove(model, replica, ReplicaState.FAILED)
-            if replica.stop_reason is not None:
-                return  # stopped while it started: nobody is waiting for it
-            self._start_failed(model, str(exc))
-            return
-        model.load_seconds = worker.load_seconds
-        self.metrics.load_seconds.labels(model.name).observe(worker.load_seconds)
-        if replica.stop_reason is not None:
-            await worker.stop(timeout=5)
-            self._remove(model, replica, ReplicaState.STOPPED)
-            return
-        if model.failure:
-            log.info("model '%s' started again after failing: %s", model.name, model.failure)
-        model.failure = ""
-        model.restarts = 0
-        self._record_cold_start(model, worker)
-        replica.state = ReplicaState.READY
-        replica.idle_since = self.clock()
-        self._measure(model)
-        model.changed.set()
-        log.info(
-            "model '%s' ready: replica %d, worker pid %s, %s in %.2fs (%s)",
-            model.name, replica.id, worker.pid,
-            "forked from a pre-warmed process" if worker.forked else (
-                f"started (not pre-warmed: {worker.not_prewarmed})"
-                if worker.not_prewarmed else "started"
-            ),
-            worker.load_seconds, reason,
-        )  # fmt: skip
-        self.backend.started(worker, any(m.blocked for m in self.models.values()))
-        self._spawn(self._watch(model, replica))
-        model.hand_over(replica)
-
-    def _start_failed(self, model: ServedModel, error: str) -> None:
-        """Back off, then try again when the model is wanted: a failed start is not final."""
-        model.restarts += 1
-        delay = backoff(model.restarts)
-        model.not_before = self.clock() + delay
-        others = [
-            r for r in model.replicas if r.state in (ReplicaState.READY, ReplicaState.STARTING)
-        ]
-        if others:
-            log.error(
-                "%s; %d other replicas serve, trying again in %.1fs", error, len(others), delay
-            )
-            return
-        model.failure = error
-        model.changed.set()
-        log.error("%s; trying again in %.1fs if it is still wanted", error, delay)
-        model.fail_waiting(ModelUnavailable(error, max(1, math.ceil(delay))))
-
-    def _record_cold_start(self, model: ServedModel, worker: Worker) -> None:
-        phases = self.metrics.cold_start
-        env = self.env_seconds.pop(model.spec.package_dir, 0.0)  # paid once, at discovery
-        t = worker.timings
-        for phase, seconds in (
-            ("env", env), ("spawn", t.spawn), ("import", t.import_), ("load", t.load),
-        ):  # fmt: skip
-            phases.labels(model.name, phase).observe(seconds)
-
-    async def _watch(self, model: ServedModel, replica: Replica) -> None:
-        worker = replica.worker
-        returncode = await worker.wait()
-        if replica.stop_reason is not None:
-            self._remove(model, replica, ReplicaState.STOPPED)  # stopped on purpose
-            return
-        self._remove(model, replica, ReplicaState.FAILED)
-        lived = self.clock() - worker.started_at
-        model.restarts = 0 if lived > _STABLE_AFTER else model.restarts + 1
-        delay = backoff(model.restarts)
-        model.not_before = self.clock() + delay
-        cause = "hung" if worker.hung_after else "oom" if worker.oom_killed else "crash"
-        self.metrics.evictions.labels(model.name, cause).inc()
-        log.warning(
-            "model '%s': worker pid %s %s; a new replica may start in %.1fs if it is needed",
-            model.name, worker.pid, worker.exit_reason(returncode), delay,
-        )  # fmt: skip
-        self.wake()
-
-    def _park(self, model: ServedModel, replica: Replica, reason: str, cause: str) -> None:
-        """Move an idle replica's device memory to the host; its process stays.
-
-        Its state changes here, in the reconcile that decided it, before any request can be
-        handed to it; the move itself goes on in a task."""
-        if replica.state is not ReplicaState.READY or replica.in_flight:
-            return
-        replica.state = ReplicaState.PARKED
-        replica.on_host = True
-        self.metrics.evictions.labels(model.name, cause).inc()
-        log.info("model '%s': parked replica %d (%s)", model.name, replica.id, reason)
-        self._spawn(replica.worker.park())
-
-    async def _wake_replica(self, model: ServedModel, replica: Replica, reason: str) -> None:
-        """Bring a parked replica's memory back to its device, then give it requests."""
-        if replica.state is not ReplicaState.PARKED:
-            return
-        replica.state = ReplicaState.STARTING
-        replica.waking = True
-        started = self.clock()
-        try:
-            await replica.worker.wake()
-        finally:
-            replica.waking = False
-            replica.on_host = False
-        if replica.state is not ReplicaState.STARTING:
-            return  # stopped meanwhile
-        replica.state = ReplicaState.READY
-        self.metrics.wakes.labels(model.name).inc()
-        log.info(
-            "model '%s': woke replica %d in %.3fs (%s)",
-            model.name, replica.id, self.clock() - started, reason,
-        )  # fmt: skip
-        model.changed.set()
-        model.hand_over(replica)
-
-    def _stop(
-        self, model: ServedModel, replica: Replica, reason: str, cause: str
-    ) -> asyncio.Task[None]:
-        """Drain the replica (no new requests; those in flight finish), then stop it.
-
-        It stops taking requests here, in the caller's step (a reconcile that decided it);
-        the returned task ends once it is gone."""
-        worker = replica.worker
-        if replica.stop_reason is not None or worker.returncode is not None:
-            return self._spawn(_gone(replica))  # already stopping, or its watcher reports
-        replica.stop_reason = reason
-        if replica.state is ReplicaState.STARTING and not replica.waking:
-            worker.abort()  # its start fails, and _start removes it
-            return self._spawn(_gone(replica))
-        replica.state = ReplicaState.DRAINING
-        return self._spawn(self._drain_and_stop(model, replica, reason, cause))
-
-    async def _drain_and_stop(
-        self, model: ServedModel, replica: Replica, reason: str, cause: str
-    ) -> None:
-        worker = replica.worker
-        try:
-            await asyncio.wait_for(replica.idle.wait(), self.settings.drain_timeout)
-        except TimeoutError:
-            log.warning(
-                "model '%s': replica %d still has %d requests in flight after %.0fs "
-                "(server.drain_timeout); stopping it anyway",
-                model.name, replica.id, replica.in_flight, self.settings.drain_timeout,
-            )  # fmt: skip
-        await worker.stop(timeout=10)
-        self._remove(model, replica, ReplicaState.STOPPED)
-        if cause != "unload":
-            self.metrics.evictions.labels(model.name, cause).inc()
-        log.info(
-            "model '%s': stopped replica %d, worker pid %s (%s)",
-            model.name, replica.id, worker.pid, reason,
-        )  # fmt: skip
-
-    def _remove(self, model: ServedModel, replica: Replica, state: ReplicaState) -> None:
-        replica.state = state
-        if replica in model.replicas:
-            model.replicas.remove(replica)
-        replica.gone.set()
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a scheduler task failed", exc_info=task.exception())
-
     # -- operators -----------------------------------------------------------------------
 
     async def load(self, model: ServedModel) -> str:
@@ -512,7 +289,7 @@ class Controller:
                     ModelUnavailable(f"model '{model.name}' is unavailable: {reason}", 5)
                 )
                 await asyncio.gather(
-                    *(self._stop(model, r, reason, "unload") for r in list(model.replicas))
+                    *(self.actuator.stop(model, r, reason, "unload") for r in list(model.replicas))
                 )
             finally:
                 model.unloading = False
@@ -578,7 +355,3 @@ class Controller:
         """The node serves: started and not shutting down (a model's own trouble is its
         own: ``/v2/models/{name}/ready`` tells)."""
         return self.started and not self.closing
-
-
-async def _gone(replica: Replica) -> None:
-    await replica.gone.wait()

@@ -20,13 +20,13 @@ from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler.backend import Clock, Response, Worker, WorkerGone
-from omni_runtime.scheduler.policy import ReplicaState, ReplicaView
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
+from omni_runtime.scheduler.replica import Replica, pipelines, replica_capacity
+from omni_runtime.scheduler.views import ACTIVE, ReplicaState
 
-__all__ = ["ModelState", "ModelStats", "Replica", "ServedModel", "replica_capacity"]
+__all__ = ["ModelState", "ModelStats", "ServedModel"]
 
 log = logging.getLogger("omni.scheduler")
-_ACTIVE = (ReplicaState.STARTING, ReplicaState.READY)
 PIPELINE_WINDOW = 0.002  # seconds of work a sync replica may hold beyond the running request
 PIPELINE_MAX = 8
 
@@ -59,56 +59,6 @@ class ModelStats:
             self.fail_count += 1
             self.fail_ns += elapsed_ns
         self.last_inference_ms = time.time_ns() // 1_000_000
-
-
-def replica_capacity(spec: ModelSpec) -> int:
-    """Requests one replica is handed at once (``scaling.max_ongoing_requests``)."""
-    if spec.scaling.max_ongoing_requests:
-        return spec.scaling.max_ongoing_requests
-    if spec.max_batch_size > 1:
-        return spec.max_batch_size
-    if spec.is_async:
-        return 4 * spec.scaling.target_ongoing_requests
-    return 1  # a sync engine answers one request at a time
-
-
-def pipelines(spec: ModelSpec) -> bool:
-    """Whether a fast sync replica may hold one request behind the one it runs."""
-    return not (spec.scaling.max_ongoing_requests or spec.max_batch_size > 1 or spec.is_async)
-
-
-class Replica:
-    """One worker process of a model, and what the scheduler knows of it."""
-
-    def __init__(self, id: int, worker: Worker, capacity: int, now: float) -> None:
-        self.id = id
-        self.worker = worker
-        self.capacity = capacity
-        self.state = ReplicaState.STARTING
-        self.in_flight = 0
-        self.served = 0
-        self.last_done = 0.0  # when it last answered
-        self.idle_since = now
-        self.host_bytes = 0  # its reservation while starting; what it holds now once ready
-        self.gpu_bytes = 0
-        self.stop_reason: str | None = None  # set when it is stopped on purpose
-        self.waking = False  # parked, and its memory is on its way back to its device
-        self.on_host = False  # parked (its device memory on the host), until woken
-        self.gone = asyncio.Event()  # set once it has left its model's replica list
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def view(self) -> ReplicaView:
-        # A parked replica being stopped still holds its memory on the host, not the GPU.
-        parked = self.on_host and self.state is ReplicaState.DRAINING
-        return ReplicaView(
-            id=self.id,
-            state=ReplicaState.PARKED if parked else self.state,
-            in_flight=self.in_flight,
-            host_bytes=self.host_bytes,
-            gpu_bytes=self.gpu_bytes,
-            device=self.worker.spec.device,
-        )
 
 
 class ServedModel:
@@ -210,6 +160,28 @@ class ServedModel:
             retry_after = max(1, math.ceil(self.not_before - self.clock()))
         return ModelUnavailable(f"model '{self.name}' is unavailable: {self.reason}", retry_after)
 
+    # -- memory --------------------------------------------------------------------------
+
+    def measure(self) -> None:
+        """What each ready replica holds now replaces its reservation, and is what the next
+        replica of the model reserves."""
+        host_seen, gpu_seen = [], []
+        for replica in self.replicas:
+            if replica.state is not ReplicaState.READY:
+                continue
+            host = replica.worker.memory_bytes()
+            if host:
+                replica.host_bytes = host
+                host_seen.append(host)
+            gpu = replica.worker.gpu_memory_bytes()
+            if gpu:
+                replica.gpu_bytes = gpu
+                gpu_seen.append(gpu)
+        if host_seen:
+            self.expected_host = max(host_seen)
+        if gpu_seen:
+            self.expected_gpu = max(gpu_seen)
+
     # -- requests ------------------------------------------------------------------------
 
     async def call(
@@ -271,7 +243,7 @@ class ServedModel:
                 "(scaling.max_queue_size); try again shortly"
             )
         future = self.queue.push(priority)
-        if not any(r.state in _ACTIVE for r in self.replicas):
+        if not any(r.state in ACTIVE for r in self.replicas):
             self._wake()  # a cold start: no need to wait for the next tick
         timeout = self.settings.load_timeout
         waited = self.clock()

@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from omni_runtime.scheduler.simulator import (
-    SimulationOptions,
-    TraceError,
-    TraceRequest,
-    parse_options,
-    plan,
-    read_trace,
-    simulate,
-)
+from omni_runtime.scheduler.replay import SimulationOptions, TraceError, TraceRequest, simulate
+from omni_runtime.scheduler.simulator import parse_options, plan, read_trace
 
 GiB = 1 << 30
 
