@@ -14,6 +14,9 @@ the Python driver shares the CPU with the runtime, so gRPC figures are a floor.
 Then time to first event of a streamed /ai/run (server-sent events) from a model that yields
 a word every 20 ms.
 With --token, omni-runtime runs with OMNI_API_TOKEN set and wrk sends it on every request.
+With --compare DIR, the v2 and ai/run rows are measured a second time, in the same run, with
+the runtime (omni_runtime) of another checkout DIR, e.g. a worktree of an older commit:
+``git worktree add /tmp/before REV && python bench/overhead.py --compare /tmp/before``.
 """
 
 from __future__ import annotations
@@ -169,6 +172,37 @@ def first_event(url: str, runs: int = 20) -> dict[str, float]:
     return {"first_ms": firsts[len(firsts) // 2] * 1e3, "done_ms": totals[len(totals) // 2] * 1e3}
 
 
+def omni_rows(
+    label: str, seconds: float, token: str | None, runtime: Path | None = None
+) -> list[tuple[str, int, dict[str, float]]]:
+    """omni-runtime's rows: v2 and ai/run at concurrency 1 and 8, gRPC unless ``token``;
+    ``runtime``: the omni_runtime source to run instead of the installed one."""
+    env = {"OMNI_API_TOKEN": token} if token else {}
+    if runtime is not None:
+        env["PYTHONPATH"] = str(runtime)
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    port, grpc_port = free_port(), free_port()
+    omni = start(
+        [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
+         "--grpc-port", str(grpc_port), "--log-level", "warning"],
+        port, ready="omni-runtime: serving", env=env,
+    )  # fmt: skip
+    try:
+        for c in (1, 8):
+            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+            rows.append((f"{label} v2", c, wrk(url, V2_BODY, c, seconds, token)))
+        for c in (1, 8):
+            url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
+            rows.append((f"{label} ai/run", c, wrk(url, AI_BODY, c, seconds, token)))
+        if not token:
+            for c in (1, 8):
+                address = f"127.0.0.1:{grpc_port}"
+                rows.append((f"{label} gRPC", c, grpc_load(address, c, seconds)))
+    finally:
+        stop(omni)
+    return rows
+
+
 def start(
     command: list[str], port: int, ready: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
@@ -200,6 +234,12 @@ def main() -> int:
     parser.add_argument(
         "--token", action="store_true", help="serve with OMNI_API_TOKEN; wrk sends it"
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="also measure the runtime of the checkout DIR (its runtime/ on PYTHONPATH)",
+    )
     args = parser.parse_args()
     token = "bench-token" if args.token else None
     if shutil.which("wrk") is None:
@@ -222,25 +262,13 @@ def main() -> int:
     finally:
         stop(baseline)
 
-    port, grpc_port = free_port(), free_port()
-    omni = start(
-        [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
-         "--grpc-port", str(grpc_port), "--log-level", "warning"],
-        port, ready="omni-runtime: serving", env={"OMNI_API_TOKEN": token} if token else None,
-    )  # fmt: skip
-    try:
-        for c in (1, 8):
-            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-            rows.append(("omni-runtime v2", c, wrk(url, V2_BODY, c, args.seconds, token)))
-        for c in (1, 8):
-            url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
-            rows.append(("omni-runtime ai/run", c, wrk(url, AI_BODY, c, args.seconds, token)))
-        if not token:
-            for c in (1, 8):
-                address = f"127.0.0.1:{grpc_port}"
-                rows.append(("omni-runtime gRPC", c, grpc_load(address, c, args.seconds)))
-    finally:
-        stop(omni)
+    rows.extend(omni_rows("omni-runtime", args.seconds, token))
+    if args.compare is not None:
+        runtime = (args.compare / "runtime").resolve()
+        if not (runtime / "omni_runtime").is_dir():
+            print(f"--compare: {runtime}/omni_runtime does not exist", file=sys.stderr)
+            return 2
+        rows.extend(omni_rows(f"{args.compare.name}", args.seconds, token, runtime))
 
     port = free_port()
     streams = start(
@@ -256,12 +284,12 @@ def main() -> int:
 
     base = {c: r for name, c, r in rows if name == "plain ASGI app"}
     direct = rows[0][2]
-    print(f"{'path':<22}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+    print(f"{'path':<26}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
           f"{'+p50 vs call':>14}{'req/s vs ASGI':>15}")  # fmt: skip
     for name, c, r in rows:
         added = f"{(r['p50_ms'] - direct['p50_ms']):.3f}" if name != "in-process call" else "-"
-        ratio = f"{r['rps'] / base[c]['rps']:.2f}" if name.startswith("omni") else "-"
-        print(f"{name:<22}{c:>5}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['rps']:>9.0f}"
+        ratio = f"{r['rps'] / base[c]['rps']:.2f}" if not name.startswith(("in-", "plain")) else "-"
+        print(f"{name:<26}{c:>5}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['rps']:>9.0f}"
               f"{added:>14}{ratio:>15}")  # fmt: skip
     print(
         f"\nstreamed /ai/run, 10 words 20 ms apart: first event {sse['first_ms']:.1f} ms, "
