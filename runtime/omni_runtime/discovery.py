@@ -22,6 +22,7 @@ from omni_runtime.isolation.environments import (
     PackageEnvironment,
 )
 from omni_runtime.isolation.plan import worker_environment
+from omni_runtime.overrides import override_for, own_overrides, shared_overrides, warn_shadowed
 from omni_runtime.progress import DiscoveryProgress, LoggedProgress
 from omni_sdk import Resources, Scaling
 from omni_sdk.model_config import is_zero_code
@@ -230,24 +231,6 @@ async def _describe_package(
     return result
 
 
-def _own_overrides(package_dir: Path, files: dict[Path, OmniFile]) -> list[ModelOverride]:
-    """The entries of the package's own omni.toml: they apply to no other package's models."""
-    return [o for path, f in files.items() if path.parent == package_dir for o in f.models.values()]
-
-
-def _shared_overrides(
-    names: list[str], files: dict[Path, OmniFile], packages: list[Path]
-) -> list[ModelOverride]:
-    """The repository's (and --config's) entries for the models ``names``."""
-    return [
-        f.models[name]
-        for path, f in files.items()
-        if path.parent not in packages
-        for name in names
-        if name in f.models
-    ]
-
-
 def _registered(result: dict[str, Any]) -> list[str]:
     """The model names a discovery result registers: its engines', or, when describing one
     failed, those it registered before (a TritonEngine without its remote's URL, say)."""
@@ -268,69 +251,6 @@ def _check_unique(packages: list[Path], results: list[dict[str, Any]]) -> None:
                     "rename one of them or serve only one of the two packages"
                 )
             seen[name] = package_dir
-
-
-def _override_for(
-    name: str, package_dir: Path, files: dict[Path, OmniFile], packages: list[Path]
-) -> list[tuple[Path, ModelOverride]]:
-    """The overrides that apply to one model, with their files, least specific first.
-
-    Repository-root and explicit files apply to every package; a package's own omni.toml only
-    to that package's engines, never to a neighbour's.
-    """
-    applicable = [
-        (path, f)
-        for path, f in files.items()
-        if path.parent == package_dir or path.parent not in packages
-    ]
-    ordered = sorted(applicable, key=lambda item: item[0].parent == package_dir)
-    return [(path, f.models[name]) for path, f in ordered if name in f.models]
-
-
-def _settings(override: ModelOverride) -> dict[str, Any]:
-    """What one ``[models."X"]`` table sets, by dotted name ("scaling.max_replicas")."""
-    settings: dict[str, Any] = {}
-    for section in ("resources", "scaling"):
-        value = getattr(override, section)
-        for key in sorted(value.model_fields_set) if value is not None else ():
-            settings[f"{section}.{key}"] = getattr(value, key)
-    for key in ("device", "network"):
-        if getattr(override, key) is not None:
-            settings[key] = getattr(override, key)
-    for key, value in (override.env or {}).items():
-        settings[f"env.{key}"] = value
-    return settings
-
-
-def _warn_shadowed(
-    name: str, package_dir: Path, overrides: list[tuple[Path, ModelOverride]]
-) -> None:
-    """A repository-level setting that the package's own omni.toml replaces is easy to miss:
-    the operator edits the repository's file and nothing changes. Say which file wins."""
-    own = [(path, o) for path, o in overrides if path.parent == package_dir]
-    if not own:
-        return
-    own_path, own_settings = own[-1][0], _settings(own[-1][1])
-    for path, override in overrides:
-        if path.parent == package_dir:
-            continue
-        for setting, value in _settings(override).items():
-            if setting in own_settings and own_settings[setting] != value:
-                log.warning(
-                    "%s sets %s%s for model %r, but the package's own %s sets it%s, which "
-                    "wins; change it there, or remove it from one of the two files",
-                    path, setting, _shown(setting, value), name, own_path,
-                    _shown(setting, own_settings[setting], " to "),
-                )  # fmt: skip
-
-
-def _shown(setting: str, value: Any, prefix: str = " = ") -> str:
-    if setting.startswith("env."):
-        return ""  # the value may be a secret
-    if setting in ("resources.memory", "resources.gpu_memory") and isinstance(value, int):
-        return prefix + format_size(value)
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return f"{prefix}{value:g}" if number else f"{prefix}{value!r}"
 
 
 async def discover_all(
@@ -383,13 +303,13 @@ async def discover_all(
     # Each package's discovery sees the env and network of its own models alone. First with
     # what its own omni.toml says; then, only where the repository's omni.toml gives the
     # models it registered an env or the node's network, once more with those.
-    results = await asyncio.gather(*(describe(p, _own_overrides(p, files)) for p in packages))
+    results = await asyncio.gather(*(describe(p, own_overrides(p, files)) for p in packages))
     _check_unique(packages, results)
     again: dict[int, list[ModelOverride]] = {}
     for index, (package_dir, result) in enumerate(zip(packages, results, strict=True)):
-        shared = _shared_overrides(_registered(result), files, every_package)
+        shared = shared_overrides(_registered(result), files, every_package)
         if any(o.env or o.network == "host" for o in shared):
-            again[index] = [*_own_overrides(package_dir, files), *shared]
+            again[index] = [*own_overrides(package_dir, files), *shared]
     rerun = await asyncio.gather(*(describe(packages[i], o) for i, o in again.items()))
     for index, result in zip(again, rerun, strict=True):
         results[index] = result
@@ -406,8 +326,8 @@ async def discover_all(
             network = "loopback"
             env: dict[str, str] = {}
             sources: dict[str, str] = {}
-            overrides = _override_for(name, package_dir, files, every_package)
-            _warn_shadowed(name, package_dir, overrides)
+            overrides = override_for(name, package_dir, files, every_package)
+            warn_shadowed(name, package_dir, overrides)
             for path, override in overrides:
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device

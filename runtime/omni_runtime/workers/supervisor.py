@@ -23,6 +23,7 @@ from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.scheduler.backend import LoadFailed, Response, StartTimings, WorkerGone
 from omni_runtime.workers.channel import WorkerChannel
+from omni_runtime.workers.output import relay_output
 from omni_runtime.workers.prewarm import ForkedProcess, PrewarmedProcess
 from omni_sdk.units import format_size
 from omni_sdk.wire import Kind, Payloads
@@ -31,7 +32,6 @@ __all__ = ["WorkerProcess", "describe_exit"]
 
 log = logging.getLogger("omni.supervisor")
 _worker_ids = iter(range(1, 1 << 62))
-_LOG_LINE_LIMIT = 16 << 10
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -242,24 +242,8 @@ class WorkerProcess:
         self.forked = True
 
     async def _pump_logs(self) -> None:
-        """Relay the worker's output to the log, line by line, whatever it writes."""
         assert self.process is not None and self.process.stdout is not None
-        model_log = logging.getLogger("omni.model")
-        stream = self.process.stdout
-        pending = b""
-        while chunk := await stream.read(1 << 16):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) > _LOG_LINE_LIMIT:  # a line without end: cut it rather than hoard it
-                lines.append(pending)
-                pending = b""
-            for raw in lines:
-                line = raw[:_LOG_LINE_LIMIT].decode(errors="replace").rstrip()
-                if line:
-                    self.log_tail.append(line)
-                    model_log.info("[%s] %s", self.spec.name, line)
-        if pending.strip():
-            self.log_tail.append(pending.decode(errors="replace").rstrip())
-            model_log.info("[%s] %s", self.spec.name, self.log_tail[-1])
+        await relay_output(self.process.stdout, self.spec.name, self.log_tail)
 
     async def wait(self) -> int:
         assert self.process is not None

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from omni_runtime.isolation import CgroupsV1, CgroupsV2
-from omni_runtime.isolation import cgroups as cgroups_module
+from omni_runtime.isolation import CgroupsV1, CgroupsV2, cgroupfs, cgroups_v2
 from omni_sdk import Resources
 
 RESOURCES = Resources(memory="256MiB", cpus=0.5)  # type: ignore[arg-type]
@@ -189,8 +188,6 @@ def test_v2_on_a_real_hierarchy_joins_kills_and_removes(real_v2: Path) -> None:
 def test_removal_on_the_event_loop_tries_again_later_instead_of_sleeping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from omni_runtime.isolation import cgroups
-
     path = tmp_path / "worker-1"
     path.mkdir()
     busy = [3]  # its last processes take three tries to leave
@@ -206,10 +203,10 @@ def test_removal_on_the_event_loop_tries_again_later_instead_of_sleeping(
         raise AssertionError("slept on the event loop")
 
     monkeypatch.setattr(Path, "rmdir", rmdir)
-    monkeypatch.setattr(cgroups.time, "sleep", no_sleep)
+    monkeypatch.setattr(cgroupfs.time, "sleep", no_sleep)
 
     async def scenario() -> None:
-        cgroups._remove_dir(path)  # returns at once, the loop carries on
+        cgroupfs.remove_dir(path)  # returns at once, the loop carries on
         assert path.exists()
         await asyncio.sleep(0.2)
         assert not path.exists()
@@ -224,7 +221,7 @@ def _service(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (service / "cgroup.controllers").write_text("cpu memory pids\n")
     (service / "cgroup.subtree_control").write_text("")
     (service / "cgroup.procs").write_text(f"{os.getpid()}\n")
-    monkeypatch.setattr(cgroups_module, "_own_cgroup", lambda controller: "/omni.service")
+    monkeypatch.setattr(cgroups_v2, "own_cgroup", lambda controller: "/omni.service")
     return service
 
 
@@ -260,7 +257,7 @@ def test_v1_close_kills_what_joined_after_the_first_look(monkeypatch: pytest.Mon
     cgroups = CgroupsV1()
     worker = cgroups.create("late", RESOURCES)
     late: list[subprocess.Popen[bytes]] = []
-    kill_members = cgroups_module._kill_members
+    kill_members = cgroupfs.kill_members
 
     def kill_then_fork(path: Path) -> None:
         # What a pre-warmed process forking a worker does at the wrong moment: a process
@@ -270,7 +267,7 @@ def test_v1_close_kills_what_joined_after_the_first_look(monkeypatch: pytest.Mon
             late.append(subprocess.Popen(["sleep", "60"]))
             worker.add(late[0].pid)
 
-    monkeypatch.setattr(cgroups_module, "_kill_members", kill_then_fork)
+    monkeypatch.setattr(cgroupfs, "kill_members", kill_then_fork)
     try:
         cgroups.close()
         assert not any(base.exists() for base in cgroups.bases.values())

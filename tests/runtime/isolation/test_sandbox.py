@@ -6,23 +6,18 @@ import ctypes
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from omni_runtime.isolation import Isolation
+from omni_runtime.isolation import Isolation, sandbox
+from omni_runtime.isolation.mounts import _open_owned_dir, _unreachable_ancestor, meminfo_text
 from omni_runtime.isolation.plan import MODEL_UID_BASE, UserIds, model_uid, worker_environment
-from omni_runtime.isolation.sandbox import (
-    CLONE_NEWNS,
-    CLONE_NEWUSER,
-    REFUSED_SYSCALLS,
-    SandboxError,
-    _open_owned_dir,
-    _unreachable_ancestor,
-    install_seccomp_filter,
-    meminfo_text,
-    parse_spec,
-)
+from omni_runtime.isolation.sandbox import parse_spec
+from omni_runtime.isolation.seccomp import REFUSED_SYSCALLS, install_seccomp_filter
+from omni_runtime.isolation.syscalls import CLONE_NEWNS, CLONE_NEWUSER, SandboxError
 
 HOST = """MemTotal:       24000000 kB
 MemFree:        20000000 kB
@@ -88,6 +83,14 @@ def test_the_launcher_runs_isolated_with_the_runtimes_interpreter(tmp_path: Path
     assert spec["uid"] == isolation.user_ids.uid("@t/m") and spec["keep_fds"] == [7]
     assert spec["network"] is False and spec["hide"] == [str(tmp_path / "other")]
     assert os.path.isdir(spec["writable"][0])  # its cache directory, made for it
+
+
+def test_the_launcher_file_finds_its_modules_with_the_standard_library_alone() -> None:
+    # Run as a file by an isolated interpreter, it imports the modules beside it (mounts.py,
+    # seccomp.py, syscalls.py) before it reads its arguments.
+    command = [sys.executable, "-I", "-S", sandbox.__file__]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "usage: sandbox.py" in result.stderr
 
 
 def test_a_neighbour_on_the_runtimes_path_stays_hidden(
