@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_READY = re.compile(r"omni-runtime: serving (\d+) of (\d+) models at (http://\S+)")
+_READY = re.compile(
+    r"omni-runtime: (?:serving (\d+) of (\d+) models|routing for the fleet) at (http://\S+)"
+)
 _STOP_GRACE = 30.0  # seconds a runtime gets to stop after SIGTERM before it is killed
 
 
@@ -76,6 +78,11 @@ class RunningRuntime:
 
     def _state(self, timeout: float) -> str:
         returncode = self.process.poll()
+        if returncode is None and self._ended:
+            try:  # its output closed: it is most likely exiting; give it a moment
+                returncode = self.process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
         if returncode is None and not self._ended:
             return f"still running after {timeout:g}s"
         if returncode is None:
