@@ -64,6 +64,49 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="how much the runtime logs (default info)",
     )
+    _fleet_options(serve, node=True)
+
+    route = commands.add_parser(
+        "route",
+        help="route requests to the fleet's nodes, serving no model itself",
+        description="Accept any request of any protocol and send it to a node of the fleet "
+        "with the model warm and room for it (docs/fleet.md).",
+    )
+    route.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    route.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
+    route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _fleet_options(route, node=False)
+
+    catalog = commands.add_parser(
+        "catalog",
+        help="edit the fleet's catalog: which models exist and where their packages come from",
+        description="The catalog is shared by every node of the fleet (in etcd); a change "
+        "reaches every node at once, without a restart (docs/fleet.md).",
+    )
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    put = catalog_commands.add_parser("put", help="add a model, or change it")
+    put.add_argument("name", metavar="MODEL", help="the served model name, e.g. @cf/org/name")
+    put.add_argument(
+        "--package",
+        required=True,
+        metavar="SOURCE",
+        help="a package directory every node can read, or a pip requirement every node can "
+        "install (e.g. 'my-model==1.2')",
+    )
+    put.add_argument("--version", dest="model_version", metavar="VERSION")
+    put.add_argument(
+        "--resources", metavar="JSON", help='e.g. \'{"memory": "2GiB"}\' (as [model.resources])'
+    )
+    put.add_argument(
+        "--scaling", metavar="JSON", help="e.g. '{\"max_replicas\": 4}' (as [model.scaling])"
+    )
+    get = catalog_commands.add_parser("get", help="one model's entry, as JSON")
+    get.add_argument("name", metavar="MODEL")
+    catalog_commands.add_parser("list", help="every model in the catalog")
+    delete = catalog_commands.add_parser("delete", help="remove a model from the catalog")
+    delete.add_argument("name", metavar="MODEL")
+    for command in (put, get, catalog_commands.choices["list"], delete):
+        command.add_argument("--fleet", required=True, metavar="etcd://HOST:PORT[,HOST:PORT...]")
 
     models = commands.add_parser(
         "models",
@@ -198,6 +241,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+def _fleet_options(command: argparse.ArgumentParser, node: bool) -> None:
+    command.add_argument(
+        "--fleet",
+        metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        required=not node,
+        help="join the fleet whose catalog and members are in this etcd cluster "
+        "(docs/fleet.md); without it the node is alone",
+    )
+    command.add_argument(
+        "--node-name", metavar="NAME", help="this node's name in the fleet (default: hostname)"
+    )
+    command.add_argument("--zone", metavar="ZONE", default="", help="peers in one zone go first")
+    command.add_argument(
+        "--advertise",
+        metavar="URL",
+        help="the URL peers reach this node at (default: http://HOST:PORT as it listens)",
+    )
+
+
 def _default_state_dir() -> Path:
     if "OMNI_STATE_DIR" in os.environ:
         return Path(os.environ["OMNI_STATE_DIR"])
@@ -231,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per call between nodes
     try:
         if args.command == "serve":
             from omni_runtime.serve import serve
@@ -238,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "models":
             return commands.models(args)
+        if args.command in ("route", "catalog"):
+            from omni_runtime.fleet import cli as fleet_cli
+
+            return fleet_cli.run(args)
         if args.command == "simulate":
             return commands.simulate(args)
         if args.command == "new":

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from omni_runtime.config import ConfigError, OmniFile, repository_server
@@ -22,7 +23,16 @@ from omni_runtime.isolation import Isolation
 from omni_runtime.isolation.environments import EnvironmentBuilder
 from omni_runtime.progress import StatusLine, TerminalProgress
 
-__all__ = ["discover", "doctor", "isolation_for", "models", "new", "simulate", "template_dir"]
+__all__ = [
+    "discover",
+    "discoverer",
+    "doctor",
+    "isolation_for",
+    "models",
+    "new",
+    "simulate",
+    "template_dir",
+]
 
 
 def discover(
@@ -45,6 +55,26 @@ def discover(
             )
         discovery = asyncio.run(discover_all(packages, files, builder, sandbox, progress=progress))
     return discovery, files
+
+
+def discoverer(
+    args: argparse.Namespace, isolation: Isolation, files: dict[Path, OmniFile]
+) -> Callable[[list[Path]], Awaitable[Discovery]]:
+    """Discovery of packages that come later (the fleet's catalog), as ``discover`` does it:
+    each in its own environment unless ``--shared-env``, in the workers' sandbox."""
+    sandbox = isolation if isolation.namespaces else None
+    builder = None
+    if not args.shared_env:
+        builder = EnvironmentBuilder(
+            args.state_dir / "envs",
+            source_builds=repository_server(files, []).source_builds,
+            sandbox=sandbox,
+        )
+
+    async def discover_packages(packages: list[Path]) -> Discovery:
+        return await discover_all(packages, files, builder, sandbox)
+
+    return discover_packages
 
 
 def isolation_for(args: argparse.Namespace) -> Isolation:

@@ -114,6 +114,15 @@ def _serve_with(
         )
 
     models = ModelDirectory(node)  # all the front ends see of the node
+    fleet = None
+    if args.fleet:
+        from omni_runtime.fleet.node import FleetNode, advertised_url
+
+        fleet = FleetNode(
+            args.fleet, args.node_name, args.zone, advertised_url(args.advertise, host, port),
+            models, settings, metrics, tokens.api or tokens.admin,
+        )  # fmt: skip
+    front = fleet.directory if fleet is not None else models  # a fleet routes through its own
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []
 
@@ -126,11 +135,13 @@ def _serve_with(
 
     async def startup() -> None:
         batches.start()
+        if fleet is not None:
+            await fleet.start()
         if args.grpc_port is not None:
             from omni_runtime.server.grpc_service import grpc_authorizer, start_grpc_server
 
             server, grpc_port = await start_grpc_server(
-                models, args.host, args.grpc_port, grpc_authorizer(tokens)
+                front, args.host, args.grpc_port, grpc_authorizer(tokens)
             )
             grpc_servers.append(server)
             print(f"omni-runtime: KServe v2 gRPC at {args.host}:{grpc_port}", flush=True)
@@ -139,12 +150,18 @@ def _serve_with(
         task.add_done_callback(tasks.discard)
 
     async def shutdown() -> None:
+        if fleet is not None:
+            await fleet.stop()
         for server in grpc_servers:
             await server.stop(settings.drain_timeout)
         await batches.stop()  # items still running are run again at the next start
         await node.stop()
 
-    app = OmniApp(models, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches)
+    app = OmniApp(
+        front, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches,
+        node=fleet.name if fleet is not None else None,
+        fleet=fleet.routes if fleet is not None else None,
+    )  # fmt: skip
     config = uvicorn.Config(
         app,
         http=limited_protocol(
@@ -163,6 +180,8 @@ def _serve_with(
 
     class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if fleet is not None:
+                await fleet.drain()  # peers stop sending work here
             drain = asyncio.create_task(node.drain())
             try:
                 await super().shutdown(sockets)

@@ -216,6 +216,11 @@ class Isolation:
             return None
         return cls(None, True, tuple(hidden), "namespaces", state_dir, masked)
 
+    def hide(self, package: Path) -> None:
+        """Keep ``package`` (added while serving) out of every other model's sandbox."""
+        if package not in self.hidden:
+            self.hidden = (*self.hidden, package)
+
     def cache_dir(self, model: str) -> Path | None:
         """The model's own writable directory (its HOME), kept across restarts."""
         if self.state_dir is None:

@@ -295,6 +295,27 @@ class Controller:
                 model.unloading = False
             model.wanted = False
 
+    def add(self, spec: ModelSpec) -> ServedModel:
+        """Serve one more model (scaled to zero: it starts on its first request)."""
+        if spec.name in self.models:
+            raise ValueError(f"model '{spec.name}' is served already")
+        model = ServedModel(spec, self.settings, self.metrics, self.wake, self.clock)
+        model.closing = self.closing
+        self.models[spec.name] = model
+        self._arrivals[spec.name] = deque()
+        self.wake()
+        return model
+
+    async def remove(self, name: str, reason: str) -> None:
+        """Stop serving a model: those in flight finish, then it is forgotten."""
+        model = self.models.get(name)
+        if model is None:
+            return
+        await self.unload(model, reason)
+        if self.models.get(name) is model:
+            del self.models[name]
+            self._arrivals.pop(name, None)
+
     async def drain(self) -> None:
         """Shutting down: refuse new requests, give those admitted ``drain_timeout`` to finish."""
         self.closing = True

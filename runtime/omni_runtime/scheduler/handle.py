@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority
+from omni_runtime.scheduler.views import ReplicaState
 
 if TYPE_CHECKING:
     from omni_runtime.config import ServerSettings
@@ -69,6 +70,23 @@ class ModelHandle:
     @property
     def stats(self) -> ModelStats:
         return self._model.stats
+
+    def load(self) -> dict[str, int]:
+        """How busy it is now, as the fleet's routers read it: ``warm`` replicas ready,
+        ``room`` free slots on them, ``queued`` requests waiting, ``queue_room`` left."""
+        model = self._model
+        room = sum(
+            max(0, r.capacity - r.in_flight)
+            for r in model.replicas
+            if r.state is ReplicaState.READY
+        )
+        queued = len(model.queue)
+        return {
+            "warm": model.ready_replicas,
+            "room": room,
+            "queued": queued,
+            "queue_room": max(0, model.queue.limit - queued),
+        }
 
     # -- requests ------------------------------------------------------------------------
 
@@ -172,3 +190,14 @@ class ModelDirectory:
 
     async def unload(self, handle: ModelHandle) -> None:
         await self._controller.unload(handle._model)
+
+    def free_memory(self) -> tuple[int, int]:
+        """Host and device bytes no replica holds or has reserved: room for a cold start."""
+        controller = self._controller
+        host = controller.node.host_memory
+        gpu = sum(controller.node.gpu_budgets.values())
+        for model in controller.models.values():
+            for replica in model.replicas:
+                host -= replica.host_bytes
+                gpu -= replica.gpu_bytes
+        return max(0, host), max(0, gpu)

@@ -16,8 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from omni_runtime.batch.runner import BatchRunner
+from omni_runtime.fleet.trace import TRACE, Trace, route_of
 from omni_runtime.scheduler import ModelDirectory, ModelHandle
 from omni_runtime.server.ai_run import AiRunRoutes
+from omni_runtime.server.fleet_api import FleetRoutes
 from omni_runtime.server.http import (
     ClientGone,
     HTTPError,
@@ -46,11 +48,22 @@ _Prepared = tuple[Any, "ModelHandle | None", tuple[bytes, ...], Access]
 
 
 def route_list(
-    app: OmniApp, kserve: KServeRoutes, ai: AiRunRoutes, openai: OpenAIRoutes
+    app: OmniApp,
+    kserve: KServeRoutes,
+    ai: AiRunRoutes,
+    openai: OpenAIRoutes,
+    fleet: FleetRoutes | None = None,
 ) -> list[Route]:
     """Every HTTP route Omni answers, and who may call it (DESIGN.md, HTTP routes)."""
     open_, api, admin = Access.OPEN, Access.API, Access.ADMIN
+    between_nodes = []
+    if fleet is not None:  # what the nodes of a fleet ask one another (docs/fleet.md)
+        between_nodes = [
+            Route("GET", "/fleet/capacity", fleet.capacity, api),
+            Route("POST", "/fleet/call/{model}", fleet.call, api),
+        ]
     return [
+        *between_nodes,
         # KServe v2: health, server metadata, statistics
         Route("GET", "/v2/health/live", kserve.live, open_),
         Route("GET", "/v2/health/ready", kserve.ready, open_),
@@ -91,15 +104,18 @@ class OmniApp:
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
         tokens: Tokens | None = None,
         batches: BatchRunner | None = None,
+        node: str | None = None,
+        fleet: FleetRoutes | None = None,
     ) -> None:
         self.models = models
+        self.node = node  # in a fleet: every answer names the node that served it
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self.tokens = tokens or Tokens()
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
         kserve = KServeRoutes(models)
         self.surfaces = (kserve, AiRunRoutes(models, kserve, batches), OpenAIRoutes(models))
-        self.table = RouteTable(route_list(self, *self.surfaces), models)
+        self.table = RouteTable(route_list(self, *self.surfaces, fleet), models)
         self._cache: dict[tuple[str, str], _Prepared] = {}
         self._openapi: bytes | None = None
 
@@ -135,6 +151,10 @@ class OmniApp:
         if prepared is None:
             prepared = self._prepare(method, path)
         handler, model, accepted, access = prepared
+        if self.node is not None:
+            trace = Trace(route_of(scope["headers"]))
+            TRACE.set(trace)
+            send = _traced(send, trace, self.node)
         if accepted and not authorized(scope["headers"], accepted):
             await self._unauthorized(scope, send, access)
             return
@@ -188,6 +208,22 @@ class OmniApp:
 
 
 Handler = Callable[[Scope, Receive, Send, Any], Awaitable[None]]
+
+
+def _traced(send: Send, trace: Trace, node: str) -> Send:
+    """``send``, adding ``Omni-Node`` (and ``Omni-Route`` once forwarded) to the answer."""
+
+    async def traced(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            served_by = trace.served_by or node
+            extra = [(b"omni-node", served_by.encode())]
+            route = trace.route or (",".join([*trace.nodes, node]) if trace.nodes else None)
+            if route:
+                extra.append((b"omni-route", route.encode()))
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return traced
 
 
 def _refusal(resolved: Resolved, method: str, path: str, models: ModelDirectory) -> Handler:

@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import time
 from collections.abc import Callable
 from typing import Any
-
-# The runtime forks (to start workers) while grpcio's threads run: its fork handlers are for
-# processes that go on using gRPC in the child, which workers never do, and they can crash the
-# child between fork and exec. Off, before grpc is imported.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 import numpy as np

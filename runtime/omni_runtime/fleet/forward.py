@@ -1,0 +1,158 @@
+"""Forwarding one request to a peer: the client side of ``POST /fleet/call/{model}``.
+
+The request travels in the worker's own terms (the wire kind, the body as the worker takes
+it), and the answer comes back as the worker wrote it, so a forwarded request costs the peer
+no decoding the first node did not do. A streamed request's answer is a sequence of frames
+(``FRAME``): ``C`` a chunk, ``R`` the final answer (``FINAL``: status, header length, then the
+body). A peer that cannot take the model answers with ``Omni-Refused`` (busy, unavailable), and
+the forwarding node raises what a local call would have raised.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from urllib.parse import quote
+
+import httpx
+
+from omni_runtime.fleet.peers import PeerReport
+from omni_runtime.fleet.trace import Trace
+from omni_runtime.scheduler import ModelBusy, ModelUnavailable, Priority
+from omni_sdk.wire import Kind
+
+__all__ = ["FINAL", "FRAME", "Forwarder", "PeerUnreachable"]
+
+FRAME = struct.Struct("<cI")  # a type byte and the length of the data that follows
+FINAL = struct.Struct("<HI")  # the final frame's data starts with status, header length
+Response = tuple[int, int, bytes]
+
+
+class PeerUnreachable(Exception):
+    """The peer refused the connection or went away before its answer began."""
+
+
+class Forwarder:
+    def __init__(self, me: str, headers: Mapping[str, str]) -> None:
+        self.me = me
+        self.outstanding: dict[str, int] = {}  # requests sent to each peer, not answered yet
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=1.0),
+            limits=httpx.Limits(max_keepalive_connections=256, max_connections=None),
+            headers=dict(headers),
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def forward(
+        self,
+        peer: PeerReport,
+        name: str,
+        kind: int,
+        parts: list[bytes],
+        reject_if_busy: bool,
+        priority: Priority,
+        on_chunk: Callable[[bytes], None] | None,
+        trace: Trace,
+    ) -> Response:
+        """One request to ``peer``'s ``/fleet/call`` route; its answer, as a local call's.
+
+        Raises ``PeerUnreachable`` when another node may be tried."""
+        url = f"{peer.node.url}/fleet/call/{quote(name, safe='/@')}"
+        headers = {
+            "omni-kind": str(kind),
+            "omni-route": ",".join([*trace.nodes, self.me]),
+            "omni-priority": str(int(priority)),
+            "omni-reject-if-busy": "1" if reject_if_busy else "0",
+        }
+        body = b"".join(parts)
+        node = peer.node.name
+        self.outstanding[node] = self.outstanding.get(node, 0) + 1
+        try:
+            return await self._send(url, headers, body, kind, on_chunk, trace, peer, name)
+        finally:
+            self.outstanding[node] -= 1
+
+    async def _send(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        kind: int,
+        on_chunk: Callable[[bytes], None] | None,
+        trace: Trace,
+        peer: PeerReport,
+        name: str,
+    ) -> Response:
+        try:
+            if kind == Kind.RUN_STREAM:
+                return await self._stream(url, headers, body, on_chunk, trace)
+            response = await self.client.post(url, content=body, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            raise PeerUnreachable(str(exc) or type(exc).__name__) from None
+        except httpx.ReadError as exc:
+            raise PeerUnreachable(f"the connection broke before the answer: {exc}") from None
+        _raise_refusal(response.status_code, response.headers, response.content, name)
+        _note(trace, response.headers, peer)
+        length = int(response.headers.get("omni-header-length", "0"))
+        return response.status_code, length, response.content
+
+    async def _stream(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        on_chunk: Callable[[bytes], None] | None,
+        trace: Trace,
+    ) -> Response:
+        chunks = 0
+        try:
+            async with self.client.stream("POST", url, content=body, headers=headers) as response:
+                if response.status_code != 200 or "omni-stream" not in response.headers:
+                    content = await response.aread()
+                    _raise_refusal(response.status_code, response.headers, content, url)
+                    return response.status_code, 0, content
+                trace.served_by = response.headers.get("omni-node")
+                trace.route = response.headers.get("omni-route")
+                buffer = b""
+                async for piece in response.aiter_raw():
+                    buffer += piece
+                    while len(buffer) >= FRAME.size:
+                        tag, length = FRAME.unpack_from(buffer)
+                        if len(buffer) < FRAME.size + length:
+                            break
+                        data = buffer[FRAME.size : FRAME.size + length]
+                        buffer = buffer[FRAME.size + length :]
+                        if tag == b"C":
+                            chunks += 1
+                            if on_chunk is not None:
+                                on_chunk(data)
+                        else:
+                            status, header_length = FINAL.unpack_from(data)
+                            return status, header_length, data[FINAL.size :]
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise PeerUnreachable(str(exc) or type(exc).__name__) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            if not chunks:
+                raise PeerUnreachable(f"the connection broke before the answer: {exc}") from None
+            raise ModelUnavailable(f"the node serving this stream went away: {exc}") from None
+        if not chunks:
+            raise PeerUnreachable("the stream ended before its answer")
+        raise ModelUnavailable("the node serving this stream ended it without an answer")
+
+
+def _raise_refusal(status: int, headers: httpx.Headers, content: bytes, name: str) -> None:
+    refused = headers.get("omni-refused")
+    if refused is None:
+        return
+    message = content.decode(errors="replace")
+    if refused == "busy":
+        raise ModelBusy(message)
+    retry = headers.get("retry-after", "5")
+    raise ModelUnavailable(message, int(retry) if retry.isdigit() else 5)
+
+
+def _note(trace: Trace, headers: httpx.Headers, peer: PeerReport) -> None:
+    trace.served_by = headers.get("omni-node") or peer.node.name
+    trace.route = headers.get("omni-route")

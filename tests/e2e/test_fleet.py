@@ -1,0 +1,167 @@
+"""A fleet on one machine: real etcd, real runtimes that find one another through it, and a
+router that serves no model. Any node answers any model; every answer names the node that
+served it and the route it took; a node killed with SIGKILL costs no request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tests.e2e.runtime import RunningRuntime, serve, start
+from tests.fleet_etcd import EtcdCluster, requires_etcd
+
+pytestmark = requires_etcd
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "packages"
+ECHO = FIXTURES / "echo-models"
+STREAM = FIXTURES / "stream-models"
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdCluster]:
+    with EtcdCluster(1) as cluster:
+        yield cluster
+
+
+def node(
+    etcd: EtcdCluster, name: str, *paths: Path, extra: list[str] | None = None
+) -> AbstractContextManager[RunningRuntime]:
+    return serve(
+        *paths,
+        extra=["--fleet", etcd.url, "--node-name", name, "--shared-env", *(extra or [])],
+    )
+
+
+def router(etcd: EtcdCluster, name: str = "router") -> AbstractContextManager[RunningRuntime]:
+    command = [sys.executable, "-m", "omni_runtime.cli", "route", "--port", "0",
+               "--fleet", etcd.url, "--node-name", name]  # fmt: skip
+    return start(command)
+
+
+def wait_routable(client: httpx.Client, model: str, timeout: float = 30.0) -> httpx.Response:
+    """Ask for ``model`` until some node of the fleet answers it (reports arrive twice a
+    second once the nodes found one another)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.post(f"/ai/run/{model}", json={"text": "hi"})
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.25)
+
+
+def test_any_node_answers_any_model_and_names_the_route(etcd: EtcdCluster) -> None:
+    with ExitStack() as stack:
+        a = stack.enter_context(node(etcd, "a", STREAM))
+        b = stack.enter_context(node(etcd, "b", ECHO))
+        r = stack.enter_context(router(etcd))
+        with httpx.Client(base_url=a.url, timeout=30) as client:
+            answer = wait_routable(client, "@test/echo")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["result"]["text"] == "hi"
+            assert answer.headers["omni-node"] == "b"
+            assert answer.headers["omni-route"] == "a,b"
+            # A model served here stays here.
+            words = client.post("/ai/run/@test/words", json={"prompt": "one two", "delay": 0})
+            assert words.status_code == 200, words.text
+            assert words.headers["omni-node"] == "a" and "omni-route" not in words.headers
+        with httpx.Client(base_url=r.url, timeout=30) as client:
+            answer = wait_routable(client, "@test/echo")
+            assert answer.status_code == 200 and answer.headers["omni-node"] == "b"
+            assert answer.headers["omni-route"] == "router,b"
+            # KServe v2 JSON, forwarded as the worker takes it
+            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
+            v2 = client.post("/v2/models/@test/echo/infer", json=body)
+            assert v2.status_code == 200, v2.text
+            assert v2.headers["omni-node"] == "b"
+            # metadata of a model this node does not run, from its node's report
+            assert client.get("/v2/models/@test/words").json()["name"] == "@test/words"
+            # a stream, forwarded chunk by chunk
+            with client.stream(
+                "POST", "/ai/run/@test/words",
+                json={"prompt": "one two three", "delay": 0.01, "stream": True},
+            ) as stream:  # fmt: skip
+                events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+                assert stream.headers["omni-node"] == "a"
+            assert events[-1] == "data: [DONE]"
+            assert len(events) >= 4, events
+            # an unknown model: one clear 404 naming it
+            missing = client.post("/ai/run/@test/nope", json={})
+            assert missing.status_code == 404 and "@test/nope" in missing.text
+
+
+def test_grpc_is_routed_too(etcd: EtcdCluster) -> None:
+    with ExitStack() as stack:
+        stack.enter_context(node(etcd, "g-b", ECHO))
+        a = stack.enter_context(node(etcd, "g-a", STREAM, extra=["--grpc-port", "0"]))
+        grpc_line = a.wait_for_line(r"KServe v2 gRPC at \S+:(\d+)")
+        port = grpc_line.rsplit(":", 1)[1]
+        with httpx.Client(base_url=a.url, timeout=30) as client:
+            assert wait_routable(client, "@test/echo").status_code == 200
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        text = grpcclient.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"over grpc"], dtype=np.object_))
+        result = client.infer("@test/echo", [text])
+        assert result.as_numpy("text")[0] == b"over grpc"
+
+
+def test_a_node_killed_under_load_costs_no_request(etcd: EtcdCluster, tmp_path: Path) -> None:
+    config = tmp_path / "omni.toml"  # both nodes keep a replica warm
+    config.write_text('[models."@test/echo".scaling]\nmin_replicas = 1\n')
+    warm = ["--config", str(config)]
+    with ExitStack() as stack:
+        first = stack.enter_context(node(etcd, "k-1", ECHO, extra=warm))
+        second = stack.enter_context(node(etcd, "k-2", ECHO, extra=warm))
+        r = stack.enter_context(router(etcd, "k-router"))
+        with httpx.Client(base_url=r.url, timeout=30) as client:
+            assert wait_routable(client, "@test/echo").status_code == 200
+            time.sleep(1.0)  # fresh reports with both warm
+        failures: list[str] = []
+        served: dict[str, int] = {}
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=r.url, timeout=30) as client:
+                while not stop.is_set():
+                    answer = client.post("/ai/run/@test/echo", json={"text": "load"})
+                    if answer.status_code != 200:
+                        failures.append(f"{answer.status_code} {answer.text}")
+                    else:
+                        name = answer.headers["omni-node"]
+                        served[name] = served.get(name, 0) + 1
+
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        time.sleep(2.0)
+        second.process.send_signal(signal.SIGKILL)
+        second.process.wait(10)
+        killed_at = time.monotonic()
+        time.sleep(4.0)
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+        assert not failures, failures[:5]
+        assert served.get("k-1", 0) > 0 and served.get("k-2", 0) > 0, served
+        assert time.monotonic() - killed_at >= 4.0
+        assert first.process.poll() is None
+
+
+def test_the_capacity_report_names_warm_models_and_free_memory(etcd: EtcdCluster) -> None:
+    with node(etcd, "c", ECHO) as running:
+        httpx.post(f"{running.url}/ai/run/@test/echo", json={"text": "warm"}, timeout=30)
+        report = httpx.get(f"{running.url}/fleet/capacity", timeout=10).json()
+        assert report["models"]["@test/echo"]["warm"] == 1
+        assert report["models"]["@test/echo"]["queue_room"] > 0
+        assert report["host_free"] > 0 and report["draining"] is False
+        assert json.dumps(report["specs"]["@test/echo"]["inputs"])
