@@ -1,0 +1,1 @@
+"""The fleet: catalog and membership in etcd, capacity reports, the router."""
