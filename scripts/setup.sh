@@ -11,6 +11,21 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
+# etcd for the fleet's tests (tests/fleet_etcd.py): Debian's etcd-server, when we may install it.
+# Never a reason for setup to fail: without it the fleet tests are skipped.
+if ! command -v etcd >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "omni setup: installing etcd-server (the fleet's store) with apt-get"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q etcd-server >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 \
+                && apt-get install -y -q etcd-server >/dev/null 2>&1; } \
+            || true
+    fi
+    command -v etcd >/dev/null 2>&1 \
+        || echo "omni setup: etcd is not installed; the fleet tests will be skipped"
+fi
+
 stamp="$VENV/.omni-installed"
 want=$(cat pyproject.toml runtime/pyproject.toml cstub/pyproject.toml cstub/setup.py \
     engines/*/pyproject.toml examples/*/pyproject.toml requirements-dev.txt \
