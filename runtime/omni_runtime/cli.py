@@ -32,10 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "paths",
-        nargs="+",
+        nargs="*",
         type=Path,
         metavar="PATH",
-        help="a model package, or a directory whose subdirectories are packages",
+        help="a model package, or a directory whose subdirectories are packages (with "
+        "--fleet, none is needed: the node serves what the fleet's catalog names)",
     )
     serve.add_argument(
         "--host",
@@ -286,7 +287,10 @@ def _port(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and not args.paths and not args.fleet:
+        parser.error("serve needs a PATH (a model package, or a directory of them), or --fleet")
     logging.basicConfig(
         level=getattr(args, "log_level", "info").upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omni_runtime.commands import discover, isolation_for
+from omni_runtime.commands import discover, discoverer, isolation_for
 from omni_runtime.config import OmniFile, command_line_server, node_config
 from omni_runtime.isolation import Isolation
 
@@ -73,7 +73,7 @@ def _serve_with(
     for failure in discovery.failures:
         log.error("%s", failure.error)
     _warn_unknown_models(files, {spec.name for spec in discovery.models})
-    if not discovery.models:
+    if not discovery.models and not args.fleet:
         print("omni-runtime: no model could be discovered; nothing to serve", file=sys.stderr)
         return 1
 
@@ -122,6 +122,8 @@ def _serve_with(
             args.fleet, args.node_name, args.zone, advertised_url(args.advertise, host, port),
             models, settings, metrics, tokens.api or tokens.admin,
         )  # fmt: skip
+        repository = {spec.name for spec in discovery.models}
+        fleet.follow_catalog(node, discoverer(args, isolation, files), repository, isolation.hide)
     front = fleet.directory if fleet is not None else models  # a fleet routes through its own
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []

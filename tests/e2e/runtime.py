@@ -5,6 +5,7 @@ No read of its output blocks: a thread reads it, and every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -79,10 +80,9 @@ class RunningRuntime:
     def _state(self, timeout: float) -> str:
         returncode = self.process.poll()
         if returncode is None and self._ended:
-            try:  # its output closed: it is most likely exiting; give it a moment
+            # Its output closed: it is most likely exiting; give it a moment.
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 returncode = self.process.wait(2.0)
-            except subprocess.TimeoutExpired:
-                pass
         if returncode is None and not self._ended:
             return f"still running after {timeout:g}s"
         if returncode is None:

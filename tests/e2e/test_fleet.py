@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -63,7 +64,7 @@ def wait_routable(client: httpx.Client, model: str, timeout: float = 30.0) -> ht
 def test_any_node_answers_any_model_and_names_the_route(etcd: EtcdCluster) -> None:
     with ExitStack() as stack:
         a = stack.enter_context(node(etcd, "a", STREAM))
-        b = stack.enter_context(node(etcd, "b", ECHO))
+        stack.enter_context(node(etcd, "b", ECHO))
         r = stack.enter_context(router(etcd))
         with httpx.Client(base_url=a.url, timeout=30) as client:
             answer = wait_routable(client, "@test/echo")
@@ -165,3 +166,36 @@ def test_the_capacity_report_names_warm_models_and_free_memory(etcd: EtcdCluster
         assert report["models"]["@test/echo"]["queue_room"] > 0
         assert report["host_free"] > 0 and report["draining"] is False
         assert json.dumps(report["specs"]["@test/echo"]["inputs"])
+
+
+def catalog(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "omni_runtime.cli", "catalog", *args, "--fleet", etcd.url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_catalog_change_is_served_by_every_node_without_a_restart(etcd: EtcdCluster) -> None:
+    with ExitStack() as stack:
+        one = stack.enter_context(node(etcd, "cat-1"))  # no package of its own
+        two = stack.enter_context(node(etcd, "cat-2", STREAM))
+        put = catalog(etcd, "put", "@test/echo", "--package", str(ECHO))
+        assert put.returncode == 0, put.stderr
+        for running in (one, two):
+            running.wait_for_line(r"serving model '@test/echo' from the catalog", timeout=60)
+            # each node serves it itself (directly, not forwarded: it is cold everywhere)
+            answer = httpx.post(f"{running.url}/ai/run/@test/echo", json={"text": "c"}, timeout=30)
+            assert answer.status_code == 200, answer.text
+        # a model in the catalog and in a node's own repository: the node keeps its own
+        put = catalog(etcd, "put", "@test/words", "--package", str(STREAM))
+        assert put.returncode == 0, put.stderr
+        two.wait_for_line(r"'@test/words' is in the catalog and in this node's own", timeout=30)
+        gone = catalog(etcd, "delete", "@test/echo")
+        assert gone.returncode == 0, gone.stderr
+        one.wait_for_line(r"model '@test/echo' left the catalog", timeout=30)
+        deadline = time.monotonic() + 10
+        while True:  # the peers' reports drop it too, within a report or two
+            answer = httpx.post(f"{one.url}/ai/run/@test/echo", json={"text": "c"}, timeout=30)
+            if answer.status_code == 404 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert answer.status_code == 404, answer.text
+        catalog(etcd, "delete", "@test/words")

@@ -80,8 +80,9 @@ class CatalogFollower:
                 del self.served[name]
             self.controller.add(spec)
             self.served[name] = entry
+            version = f", version {entry.version}" if entry.version else ""
             log.info("fleet: serving model '%s' from the catalog (package %s%s)", name,
-                     entry.package, f", version {entry.version}" if entry.version else "")  # fmt: skip
+                     entry.package, version)  # fmt: skip
 
     async def _spec(self, entry: CatalogEntry) -> ModelSpec | None:
         path = Path(entry.package)

@@ -3,18 +3,24 @@ directory through which its front ends route (``serve --fleet`` and ``route``)."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from omni_runtime.config import ConfigError, ServerSettings
+from omni_runtime.fleet.catalog import Catalog
+from omni_runtime.fleet.follow import CatalogFollower, Discover
 from omni_runtime.fleet.membership import Membership
 from omni_runtime.fleet.peers import NodeRecord, Peers
 from omni_runtime.fleet.report import node_report
 from omni_runtime.fleet.router import FleetDirectory
 from omni_runtime.fleet.store import EtcdStore, parse_fleet_url
 from omni_runtime.metrics import Metrics
-from omni_runtime.scheduler import ModelDirectory
+from omni_runtime.scheduler import Controller, ModelDirectory
 from omni_runtime.server.fleet_api import FleetRoutes
 
 __all__ = ["FleetNode", "advertised_url"]
@@ -59,6 +65,18 @@ class FleetNode:
         self.directory = FleetDirectory(self.name, zone, local, self.peers, settings, metrics)
         self.membership: Membership | None = None
         self.routes = FleetRoutes(self.report, settings.max_body_size)
+        self.follower: CatalogFollower | None = None
+        self._following: asyncio.Task[None] | None = None
+
+    def follow_catalog(
+        self,
+        controller: Controller,
+        discover: Discover,
+        repository: set[str],
+        hide: Callable[[Path], None],
+    ) -> None:
+        """Serve what the fleet's catalog names too, as it changes (``fleet/follow.py``)."""
+        self.follower = CatalogFollower(Catalog(self.store), controller, discover, repository, hide)
 
     def report(self) -> dict[str, object]:
         draining = self.membership.record.draining if self.membership is not None else False
@@ -69,12 +87,18 @@ class FleetNode:
         self.membership = Membership(self.store, self.record)
         self.membership.start()
         self.peers.start()
+        if self.follower is not None:
+            self._following = asyncio.create_task(self.follower.run())
 
     async def drain(self) -> None:
         if self.membership is not None:
             await self.membership.drain()
 
     async def stop(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
         if self.membership is not None:
             await self.membership.close()
         await self.peers.close()

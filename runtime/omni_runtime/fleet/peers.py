@@ -97,6 +97,7 @@ class Peers:
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._watch: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()  # the first view of the members arrived
+        self.generation = 0  # changes when the models some peer runs change
 
     def start(self) -> None:
         self._watch = asyncio.create_task(self._follow())
@@ -140,7 +141,8 @@ class Peers:
 
     def _forget(self, name: str) -> None:
         self.nodes.pop(name, None)
-        self.reports.pop(name, None)
+        if self.reports.pop(name, None) is not None:
+            self.generation += 1
         poller = self._pollers.pop(name, None)
         if poller is not None:
             poller.cancel()
@@ -152,7 +154,11 @@ class Peers:
             try:
                 response = await self.client.get(f"{record.url}/fleet/capacity")
                 response.raise_for_status()
-                self.reports[name] = _report(record, response.json())
+                report = _report(record, response.json())
+                before = self.reports.get(name)
+                if before is None or before.models.keys() != report.models.keys():
+                    self.generation += 1
+                self.reports[name] = report
                 if failing:
                     log.info("fleet: node %s reports again", name)
                 failing = False

@@ -199,16 +199,19 @@ class FleetDirectory(ModelDirectory):
     def get(self, name: str) -> ModelHandle | None:
         local = self.local.get(name) if self.local is not None else None
         routed = self._routed.get(name)
-        if routed is not None and routed._local is local:
-            return routed
         if local is not None:
+            if routed is not None and routed._local is local:
+                return routed
             spec = local.spec
         else:
             described = next(
                 (r.specs[name] for r in self.peers.routable() if name in r.specs), None
             )
-            if described is None:
+            if described is None:  # no node runs it (any more)
+                self._routed.pop(name, None)
                 return None
+            if routed is not None and routed._local is None:
+                return routed
             spec = spec_from_record(described)
         routed = self._routed[name] = RoutedHandle(name, spec, local, self)
         return routed
@@ -230,6 +233,11 @@ class FleetDirectory(ModelDirectory):
 
     def names(self) -> list[str]:
         return sorted(self._names())
+
+    @property
+    def generation(self) -> int:
+        here = self.local.generation if self.local is not None else 0
+        return here + self.peers.generation  # both only grow
 
     @property
     def ready(self) -> bool:

@@ -99,6 +99,7 @@ class Controller:
             gpu_budgets={k: int(v * overcommit) for k, v in (gpus or {}).items()},
         )
         self.pcie_gbps = pcie_gbps
+        self.generation = 0  # counts the models added and removed while serving
         self.started = False  # start() has run: the node answers ready
         self.closing = False
         self._wake = asyncio.Event()
@@ -303,6 +304,7 @@ class Controller:
         model.closing = self.closing
         self.models[spec.name] = model
         self._arrivals[spec.name] = deque()
+        self.generation += 1
         self.wake()
         return model
 
@@ -315,6 +317,7 @@ class Controller:
         if self.models.get(name) is model:
             del self.models[name]
             self._arrivals.pop(name, None)
+            self.generation += 1
 
     async def drain(self) -> None:
         """Shutting down: refuse new requests, give those admitted ``drain_timeout`` to finish."""

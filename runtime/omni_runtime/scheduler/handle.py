@@ -162,6 +162,12 @@ class ModelDirectory:
         return sorted(self._controller.models)
 
     @property
+    def generation(self) -> int:
+        """Changes whenever a model is added or removed: what a front end cached by name is
+        stale."""
+        return self._controller.generation
+
+    @property
     def ready(self) -> bool:
         """Every model that should be up is up (``/v2/health/ready``)."""
         return self._controller.ready

@@ -117,6 +117,7 @@ class OmniApp:
         self.surfaces = (kserve, AiRunRoutes(models, kserve, batches), OpenAIRoutes(models))
         self.table = RouteTable(route_list(self, *self.surfaces, fleet), models)
         self._cache: dict[tuple[str, str], _Prepared] = {}
+        self._generation = models.generation  # the cache holds handles of this generation
         self._openapi: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,6 +148,9 @@ class OmniApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
+        if self.models.generation != self._generation:  # a model came or went
+            self._cache.clear()
+            self._generation = self.models.generation
         prepared = self._cache.get((method, path))
         if prepared is None:
             prepared = self._prepare(method, path)
