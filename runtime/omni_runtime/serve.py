@@ -143,8 +143,9 @@ def _serve_with(
             from omni_runtime.server.grpc_service import grpc_authorizer, start_grpc_server
 
             server, grpc_port = await start_grpc_server(
-                front, args.host, args.grpc_port, grpc_authorizer(tokens)
-            )
+                front, args.host, args.grpc_port, grpc_authorizer(tokens),
+                fleet.name if fleet is not None else None,
+            )  # fmt: skip
             grpc_servers.append(server)
             print(f"omni-runtime: KServe v2 gRPC at {args.host}:{grpc_port}", flush=True)
         task = asyncio.create_task(load_then_announce())

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.e2e.runtime import RunningRuntime, serve, start
 from tests.fleet_etcd import EtcdCluster, requires_etcd
@@ -114,6 +116,18 @@ def test_grpc_is_routed_too(etcd: EtcdCluster) -> None:
         text.set_data_from_numpy(np.array([b"over grpc"], dtype=np.object_))
         result = client.infer("@test/echo", [text])
         assert result.as_numpy("text")[0] == b"over grpc"
+        # the trailing metadata names the node that served it, as HTTP headers do
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            _, call = stub.ModelInfer.with_call(
+                service_pb2.ModelInferRequest(
+                    model_name="@test/echo",
+                    inputs=[{"name": "text", "datatype": "BYTES", "shape": [1]}],
+                    raw_input_contents=[b"\x04\x00\x00\x00grpc"],
+                )
+            )
+            trailing = dict(call.trailing_metadata())
+        assert trailing["omni-node"] == "g-b" and trailing["omni-route"] == "g-a,g-b"
 
 
 def test_a_node_killed_under_load_costs_no_request(etcd: EtcdCluster, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from omni_runtime.fleet.trace import TRACE, Trace
 from omni_runtime.scheduler import (
     ModelBusy,
     ModelDirectory,
@@ -167,9 +168,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     """The v2 gRPC service over the node's models."""
 
     def __init__(
-        self, models: ModelDirectory, authorize: Callable[[Any, bool], str | None]
+        self,
+        models: ModelDirectory,
+        authorize: Callable[[Any, bool], str | None],
+        node: str | None = None,
     ) -> None:
         self.models = models
+        self.node = node  # in a fleet: answers name the node that served them
         self.max_body = models.settings.max_body_size
         self.authorize = authorize  # (context, admin) -> an error message, or None
 
@@ -279,6 +284,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 f"model '{model.name}': the request is larger than the server's limit of "
                 f"{self.max_body} bytes (server.max_body_size in omni.toml)",
             )
+        trace = None
+        if self.node is not None:
+            trace = Trace()
+            TRACE.set(trace)
         try:
             status, out_length, answer = await model.call(
                 Kind.INFER_V2, [V2_PREFIX.pack(header_length), body], started=started
@@ -287,6 +296,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
         except ModelUnavailable as exc:
             status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
+        if trace is not None and self.node is not None:  # in a fleet: who answered, how
+            metadata = [("omni-node", trace.served_by or self.node)]
+            if trace.route:
+                metadata.append(("omni-route", trace.route))
+            context.set_trailing_metadata(metadata)
         if status != 200:
             try:
                 message = str(json.loads(answer)["error"])
@@ -349,6 +363,7 @@ async def start_grpc_server(
     host: str,
     port: int,
     authorize: Callable[[Any, bool], str | None] | None = None,
+    node: str | None = None,
 ) -> tuple[Any, int]:
     """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
     max_message = int(models.settings.max_body_size) + (1 << 20)
@@ -358,7 +373,7 @@ async def start_grpc_server(
             ("grpc.max_send_message_length", -1),
         ]
     )
-    service = InferenceService(models, authorize or (lambda context, admin: None))
+    service = InferenceService(models, authorize or (lambda context, admin: None), node)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(address)
