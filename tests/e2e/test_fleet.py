@@ -213,3 +213,16 @@ def test_a_catalog_change_is_served_by_every_node_without_a_restart(etcd: EtcdCl
             time.sleep(0.5)
         assert answer.status_code == 404, answer.text
         catalog(etcd, "delete", "@test/words")
+
+
+def test_a_bad_forwarded_call_is_refused_naming_what_is_wrong(etcd: EtcdCluster) -> None:
+    with node(etcd, "bad", ECHO) as running:
+        url = f"{running.url}/fleet/call/@test/echo"
+        for kind, body in ((3, b"\xff\xff\xff\xff{}"), (3, b"\x01"), (99, b"{}"), ("x", b"")):
+            answer = httpx.post(url, content=body, headers={"omni-kind": str(kind)}, timeout=30)
+            assert answer.status_code == 400, answer.text
+            assert "Omni-Kind" in answer.text or "Inference-Header-Content-Length" in answer.text
+        missing = httpx.post(f"{running.url}/fleet/call/@test/none", headers={"omni-kind": "4"})
+        assert missing.status_code == 404 and "@test/none" in missing.text
+        ok = httpx.post(f"{running.url}/ai/run/@test/echo", json={"text": "fine"}, timeout=30)
+        assert ok.status_code == 200, ok.text

@@ -29,7 +29,7 @@ from omni_runtime.server.http import (
     respond,
     respond_json,
 )
-from omni_sdk.wire import Kind
+from omni_sdk.wire import V2_PREFIX, Kind
 
 __all__ = ["FleetRoutes"]
 
@@ -56,6 +56,14 @@ class FleetRoutes:
             raise HTTPError(400, f"Omni-Kind {kind} is not a request kind")
         reject = fields.get(b"omni-reject-if-busy") == b"1"
         body = await read_body(scope, receive, self.max_body + 8, f"model '{model.name}'")
+        if kind == Kind.INFER_V2 and (
+            len(body) < V2_PREFIX.size or V2_PREFIX.unpack_from(body)[0] > len(body) - 4
+        ):
+            raise HTTPError(
+                400,
+                f"model '{model.name}': a forwarded v2 request starts with its u32 "
+                "Inference-Header-Content-Length, no larger than the rest of the body",
+            )
         if kind == Kind.RUN_STREAM:
             await self._stream(send, model, body, reject, priority, started)
             return
