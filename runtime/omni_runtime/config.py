@@ -189,6 +189,13 @@ class ModelOverride(BaseModel):
         description='"loopback" (the default): a network namespace of its own with loopback '
         'only; "host": the node\'s network (a model that calls a remote server)',
     )
+    version: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="the model's version (default: its package's distribution version)",
+    )
 
     def apply(self, resources: Resources, scaling: Scaling) -> tuple[Resources, Scaling]:
         """Only the fields the file sets replace the engine's defaults."""

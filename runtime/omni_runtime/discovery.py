@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class ModelSpec:
     resources: Resources
     scaling: Scaling
     max_batch_size: int = 0
+    version: str = "1"  # the package's distribution version, unless omni.toml sets one
     device: str = "cpu"
     is_async: bool = False
     streaming: bool = False  # infer yields chunks
@@ -324,6 +326,7 @@ async def discover_all(
             scaling = Scaling.model_validate(engine["scaling"])
             device = "cpu"
             network = "loopback"
+            version = _zero_code_version(package_dir, files) or _distribution_version(package_dir)
             env: dict[str, str] = {}
             sources: dict[str, str] = {}
             overrides = override_for(name, package_dir, files, every_package)
@@ -332,6 +335,7 @@ async def discover_all(
                 resources, scaling = override.apply(resources, scaling)
                 device = override.device or device
                 network = override.network or network
+                version = override.version or version
                 env.update(override.env or {})
                 for section in ("resources", "scaling"):
                     value = getattr(override, section)
@@ -360,6 +364,26 @@ async def discover_all(
                     network=network,
                     sources=sources,
                     input_schema_exact=engine.get("input_schema_exact") is True,
+                    version=version,
                 )
             )
     return discovery
+
+
+def _distribution_version(package_dir: Path) -> str:
+    """``[project] version`` of the package's pyproject.toml; "1" where it has none (a
+    dynamic version, or a file that cannot be read: discovery reports those)."""
+    try:
+        project = tomllib.loads((package_dir / "pyproject.toml").read_text()).get("project", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return "1"
+    version = project.get("version") if isinstance(project, dict) else None
+    return version if isinstance(version, str) and version else "1"
+
+
+def _zero_code_version(package_dir: Path, files: dict[Path, OmniFile]) -> str | None:
+    """``version`` in a zero-code package's ``[model]`` table."""
+    own = files.get(package_dir / CONFIG_NAME)
+    model = own.model if own is not None else None
+    version = getattr(model, "version", None) if model is not None else None
+    return str(version) if version else None

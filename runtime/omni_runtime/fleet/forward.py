@@ -87,7 +87,7 @@ class Forwarder:
     ) -> Response:
         try:
             if kind == Kind.RUN_STREAM:
-                return await self._stream(url, headers, body, on_chunk, trace)
+                return await self._stream(url, headers, body, on_chunk, trace, peer)
             response = await self.client.post(url, content=body, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
             raise PeerUnreachable(str(exc) or type(exc).__name__) from None
@@ -105,6 +105,7 @@ class Forwarder:
         body: bytes,
         on_chunk: Callable[[bytes], None] | None,
         trace: Trace,
+        peer: PeerReport,
     ) -> Response:
         chunks = 0
         try:
@@ -113,8 +114,7 @@ class Forwarder:
                     content = await response.aread()
                     _raise_refusal(response.status_code, response.headers, content, url)
                     return response.status_code, 0, content
-                trace.served_by = response.headers.get("omni-node")
-                trace.route = response.headers.get("omni-route")
+                _note(trace, response.headers, peer)
                 buffer = b""
                 async for piece in response.aiter_raw():
                     buffer += piece
@@ -156,3 +156,4 @@ def _raise_refusal(status: int, headers: httpx.Headers, content: bytes, name: st
 def _note(trace: Trace, headers: httpx.Headers, peer: PeerReport) -> None:
     trace.served_by = headers.get("omni-node") or peer.node.name
     trace.route = headers.get("omni-route")
+    trace.version = headers.get("omni-model-version")

@@ -45,4 +45,5 @@ def spec_record(spec: ModelSpec) -> dict[str, Any]:
         "is_async": spec.is_async,
         "streaming": spec.streaming,
         "input_schema_exact": spec.input_schema_exact,
+        "version": spec.version,
     }

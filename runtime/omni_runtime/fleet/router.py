@@ -332,4 +332,5 @@ def spec_from_record(record: dict[str, Any]) -> ModelSpec:
         is_async=bool(record.get("is_async")),
         streaming=bool(record.get("streaming")),
         input_schema_exact=bool(record.get("input_schema_exact")),
+        version=str(record.get("version") or "1"),
     )

@@ -19,6 +19,7 @@ class Trace:
     nodes: list[str] = field(default_factory=list)
     served_by: str | None = None
     route: str | None = None  # as the answering node gave it
+    version: str | None = None  # of the model that answered, when another node did
 
 
 TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("omni_trace", default=None)

@@ -42,7 +42,6 @@ log = logging.getLogger("omni.server")
 
 _ROUTE_CACHE_LIMIT = 4096
 _BEARER = [(b"www-authenticate", b"Bearer")]
-_SERVED_VERSIONS = ("1",)
 # A route as the dispatcher keeps it: handler, model, accepted Authorization values, access.
 _Prepared = tuple[Any, "ModelHandle | None", tuple[bytes, ...], Access]
 
@@ -158,7 +157,9 @@ class OmniApp:
         if self.node is not None:
             trace = Trace(route_of(scope["headers"]))
             TRACE.set(trace)
-            send = _traced(send, trace, self.node)
+            send = _traced(send, trace, self.node, model.spec.version if model else None)
+        elif model is not None:
+            send = _versioned(send, model.spec.version)
         if accepted and not authorized(scope["headers"], accepted):
             await self._unauthorized(scope, send, access)
             return
@@ -176,8 +177,10 @@ class OmniApp:
     def _prepare(self, method: str, path: str) -> _Prepared:
         resolved = self.table.resolve(method, path)
         handler = resolved.handler or _refusal(resolved, method, path, self.models)
-        if resolved.version is not None and resolved.version not in _SERVED_VERSIONS:
-            handler = _no_such_version(resolved.version)
+        model, version = resolved.model, resolved.version
+        # A version route reaches the model's version, or "1" (Triton's default) as an alias.
+        if version is not None and model is not None and version not in ("1", model.spec.version):
+            handler = _no_such_version(model.name, version, model.spec.version)
         prepared = (handler, resolved.model, self._accepted[resolved.access], resolved.access)
         if resolved.model is not None and len(self._cache) < _ROUTE_CACHE_LIMIT:
             self._cache[(method, path)] = prepared
@@ -214,8 +217,21 @@ class OmniApp:
 Handler = Callable[[Scope, Receive, Send, Any], Awaitable[None]]
 
 
-def _traced(send: Send, trace: Trace, node: str) -> Send:
-    """``send``, adding ``Omni-Node`` (and ``Omni-Route`` once forwarded) to the answer."""
+def _versioned(send: Send, version: str) -> Send:
+    """``send``, adding ``Omni-Model-Version`` to the answer of a model's route."""
+    header = (b"omni-model-version", version.encode())
+
+    async def versioned(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return versioned
+
+
+def _traced(send: Send, trace: Trace, node: str, version: str | None) -> Send:
+    """``send``, adding ``Omni-Node`` (and ``Omni-Route`` once forwarded) to the answer, and
+    ``Omni-Model-Version``: the version that answered, here or on the peer that did."""
 
     async def traced(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -224,6 +240,9 @@ def _traced(send: Send, trace: Trace, node: str) -> Send:
             route = trace.route or (",".join([*trace.nodes, node]) if trace.nodes else None)
             if route:
                 extra.append((b"omni-route", route.encode()))
+            served_version = trace.version or version
+            if served_version:
+                extra.append((b"omni-model-version", served_version.encode()))
             message = {**message, "headers": [*message.get("headers", ()), *extra]}
         await send(message)
 
@@ -246,8 +265,12 @@ def _refusal(resolved: Resolved, method: str, path: str, models: ModelDirectory)
     return refuse
 
 
-def _no_such_version(version: str) -> Handler:
+def _no_such_version(name: str, version: str, served: str) -> Handler:
     async def refuse(scope: Scope, receive: Receive, send: Send, _: Any) -> None:
-        raise HTTPError(404, f"model version {version!r} does not exist; Omni serves version '1'")
+        raise HTTPError(
+            404,
+            f"model '{name}' has no version {version!r}; it serves version {served!r} "
+            "(also reached as '1')",
+        )
 
     return refuse

@@ -114,11 +114,13 @@ def infer_body(request: Any) -> tuple[bytes, int]:
     return encoded + b"".join(chunks), len(encoded)
 
 
-def infer_response(model: str, request_id: str, body: bytes, header_length: int) -> Any:
+def infer_response(
+    model: str, request_id: str, body: bytes, header_length: int, version: str = "1"
+) -> Any:
     """The worker's v2 answer as a ``ModelInferResponse`` with ``raw_output_contents``."""
     header = json.loads(body[:header_length] if header_length else body)
     response = service_pb2.ModelInferResponse(
-        model_name=model, model_version="1", id=header.get("id", request_id)
+        model_name=model, model_version=version, id=header.get("id", request_id)
     )
     offset = header_length
     for output in header.get("outputs", []):
@@ -190,10 +192,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"unknown model '{name}' (served models: {known})"
             )
-        if version not in ("", "1"):
+        if model is not None and version not in ("", "1", model.spec.version):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"model version {version!r} does not exist; Omni serves version '1'",
+                f"model '{name}' has no version {version!r}; it serves version "
+                f"{model.spec.version!r} (also reached as '1')",
             )
         return model  # type: ignore[return-value]
 
@@ -223,7 +226,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         spec = (await self._model(context, request.name, request.version)).spec
         return service_pb2.ModelMetadataResponse(
             name=spec.name,
-            versions=["1"],
+            versions=[spec.version],
             platform="omni",
             inputs=[_tensor_metadata(t) for t in spec.inputs],
             outputs=[_tensor_metadata(t) for t in spec.outputs],
@@ -253,7 +256,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             s = model.stats
             entry = response.model_stats.add(
                 name=model.name,
-                version="1",
+                version=model.spec.version,
                 last_inference=s.last_inference_ms,
                 inference_count=s.success_count,
                 execution_count=s.success_count,
@@ -296,18 +299,22 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
         except ModelUnavailable as exc:
             status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
+        version = model.spec.version
+        metadata = [("omni-model-version", version)]
         if trace is not None and self.node is not None:  # in a fleet: who answered, how
-            metadata = [("omni-node", trace.served_by or self.node)]
+            version = trace.version or version
+            metadata = [("omni-model-version", version)]
+            metadata.append(("omni-node", trace.served_by or self.node))
             if trace.route:
                 metadata.append(("omni-route", trace.route))
-            context.set_trailing_metadata(metadata)
+        context.set_trailing_metadata(metadata)
         if status != 200:
             try:
                 message = str(json.loads(answer)["error"])
             except (ValueError, KeyError, TypeError):
                 message = answer.decode(errors="replace")
             await context.abort(_STATUS.get(status, grpc.StatusCode.INTERNAL), message)
-        return infer_response(model.name, request.id, answer, out_length)
+        return infer_response(model.name, request.id, answer, out_length, version)
 
     # -- repository extension ------------------------------------------------------------
 
@@ -318,7 +325,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             if request.ready and model.state is not ModelState.READY:
                 continue
             response.models.add(
-                name=model.name, version="1", state=model.state.value, reason=model.reason
+                name=model.name,
+                version=model.spec.version,
+                state=model.state.value,
+                reason=model.reason,
             )
         return response
 

@@ -128,7 +128,7 @@ class KServeRoutes:
             send,
             {
                 "name": spec.name,
-                "versions": ["1"],
+                "versions": [spec.version],
                 "platform": "omni",
                 "inputs": [_tensor(t) for t in spec.inputs],
                 "outputs": [_tensor(t) for t in spec.outputs],
@@ -194,7 +194,7 @@ class KServeRoutes:
             index.append(
                 {
                     "name": model.name,
-                    "version": "1",
+                    "version": model.spec.version,
                     "state": model.state.value,
                     "reason": model.reason,
                     "replicas": model.ready_replicas,
@@ -245,7 +245,7 @@ def _stats(model: ModelHandle) -> dict[str, Any]:
     s = model.stats
     return {
         "name": model.name,
-        "version": "1",
+        "version": model.spec.version,
         "last_inference": s.last_inference_ms,
         "inference_count": s.success_count,
         "execution_count": s.success_count,
