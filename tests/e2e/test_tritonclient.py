@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -173,3 +176,50 @@ def test_large_tensors_travel_through_shared_memory(
     # ... and no named file: nothing another process could open.
     prefix = f"omni-{runtime.process.pid}-"
     assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_answers(
+    client: triton.InferenceServerClient, runtime: RunningRuntime, algorithm: str
+) -> None:
+    text = triton.InferInput("text", [1], "BYTES")
+    long = "compress me " * 200  # an answer large enough to be compressed
+    text.set_data_from_numpy(np.array([long.encode()], dtype=np.object_), binary_data=True)
+    result = client.infer(
+        ECHO,
+        [text],
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    assert result.as_numpy("text")[0] == long.encode()
+    # the answer really came compressed, and smaller
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [long]}]}
+    raw = httpx.post(
+        f"{runtime.url}/v2/models/{ECHO}/infer",
+        content=gzip.compress(json.dumps(body).encode()),
+        headers={"content-encoding": "gzip", "accept-encoding": algorithm},
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.headers["content-encoding"] == algorithm
+    assert int(raw.headers["content-length"]) < len(long)
+
+
+def test_a_bad_compressed_body_is_refused_and_a_bomb_stops_at_the_limit(
+    runtime: RunningRuntime,
+) -> None:
+    url = f"{runtime.url}/ai/run/{ECHO}"
+    broken = httpx.post(url, content=b"\x1f\x8bnot gzip", headers={"content-encoding": "gzip"})
+    assert broken.status_code == 400 and "gzip" in broken.text
+    cut = gzip.compress(b'{"text": "whole"}')[:-6]
+    short = httpx.post(url, content=cut, headers={"content-encoding": "gzip"})
+    assert short.status_code == 400, short.text
+    brotli = httpx.post(url, content=b"{}", headers={"content-encoding": "br"})
+    assert brotli.status_code == 415 and "'br'" in brotli.text
+    # 64 MiB of zeros in a few KiB: refused once it passes the server's 1 MiB, not inflated
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
+    assert len(bomb) < 1 << 20
+    refused = httpx.post(url, content=bomb, headers={"content-encoding": "gzip"}, timeout=30)
+    assert refused.status_code == 413, refused.text
+    ok = httpx.post(url, json={"text": "still here"}, timeout=30)
+    assert ok.status_code == 200, ok.text

@@ -16,7 +16,15 @@ from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
 from omni_runtime.scheduler import ModelBusy, ModelDirectory, ModelHandle, ModelUnavailable
 from omni_runtime.server import sse
-from omni_runtime.server.http import HTTPError, Receive, Scope, Send, error_body, respond
+from omni_runtime.server.http import (
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    accepted_encoding,
+    error_body,
+    respond,
+)
 from omni_runtime.server.input_check import InputCheck
 from omni_runtime.server.kserve import KServeRoutes, call_model
 from omni_sdk.wire import Kind
@@ -51,7 +59,8 @@ class AiRunRoutes:
         if b'"stream"' in body and _wants_stream(body):
             await self._stream(receive, send, model, body, started, reject)
             return
-        await call_model(send, model, Kind.RUN_JSON, [body], started, True, reject)
+        encoding = accepted_encoding(scope)
+        await call_model(send, model, Kind.RUN_JSON, [body], started, True, reject, encoding)
 
     async def _batch(self, scope: Scope, send: Send, model: ModelHandle, body: bytes) -> bool:
         """A batch submitted or polled: answered here (True), else an ordinary request."""

@@ -7,7 +7,9 @@ elsewhere.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +17,9 @@ from omni_sdk.envelopes import ai_error_body, v2_error_body
 
 __all__ = [
     "JSON",
+    "accepted_encoding",
+    "compress",
+    "decompress",
     "ClientGone",
     "HTTPError",
     "Receive",
@@ -32,6 +37,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON = b"application/json"
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -94,10 +100,64 @@ def family_error(path: str, error: HTTPError) -> bytes:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int, subject: str = "") -> bytes:
-    """The whole request body, refused with 413 once it passes ``limit`` bytes.
+    """The whole request body, refused with 413 once it passes ``limit`` bytes; a body sent
+    with ``Content-Encoding: gzip`` or ``deflate`` comes back decompressed (``limit`` holds
+    for what it decompresses to, so a small bomb is refused as early as a large body).
 
     ``subject`` (e.g. "model 'x'") starts the 413 message when the route already knows it.
     """
+    body = await _read_raw(scope, receive, limit, subject)
+    for name, value in scope["headers"]:
+        if name == b"content-encoding":
+            return decompress(body, value.decode("latin-1").strip().lower(), limit, subject)
+    return body
+
+
+def decompress(body: bytes, encoding: str, limit: int, subject: str = "") -> bytes:
+    """``body`` decoded as ``Content-Encoding`` says; 415 for an encoding Omni does not read,
+    400 for a body that is not what it claims, 413 past ``limit`` bytes decompressed."""
+    if encoding in ("", "identity"):
+        return body
+    prefix = f"{subject}: " if subject else ""
+    if encoding not in _DECODERS:
+        raise HTTPError(
+            415,
+            f"{prefix}Content-Encoding {encoding!r} is not supported (send gzip, deflate or "
+            "an uncompressed body)",
+        )
+    decoder = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        out = decoder.decompress(body, limit + 1)
+        if len(out) > limit or decoder.unconsumed_tail:
+            raise _too_large(limit, subject)
+        out += decoder.flush()
+    except zlib.error as exc:
+        raise HTTPError(400, f"{prefix}the body is not valid {encoding} data: {exc}") from None
+    if not decoder.eof or len(out) > limit:
+        if len(out) > limit:
+            raise _too_large(limit, subject)
+        raise HTTPError(400, f"{prefix}the {encoding} body ends before its data does")
+    return out
+
+
+def accepted_encoding(scope: Scope) -> str | None:
+    """``gzip`` or ``deflate`` when the client's ``Accept-Encoding`` asks for one."""
+    for name, value in scope["headers"]:
+        if name == b"accept-encoding":
+            offered = {part.split(b";")[0].strip().lower() for part in value.split(b",")}
+            for encoding in (b"gzip", b"deflate"):
+                if encoding in offered:
+                    return encoding.decode()
+    return None
+
+
+def compress(body: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(body, compresslevel=1, mtime=0)
+    return zlib.compress(body, 1)
+
+
+async def _read_raw(scope: Scope, receive: Receive, limit: int, subject: str) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise _too_large(limit, subject)

@@ -24,6 +24,8 @@ from omni_runtime.server.http import (
     Receive,
     Scope,
     Send,
+    accepted_encoding,
+    compress,
     error_body,
     read_body,
     respond,
@@ -34,6 +36,7 @@ from omni_sdk.wire import V2_PREFIX, Kind
 
 __all__ = ["KServeRoutes", "call_model"]
 
+COMPRESS_FROM = 1024  # bytes: a smaller answer is sent as it is, whatever the client accepts
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
 
 
@@ -45,8 +48,11 @@ async def call_model(
     started: float,
     ai: bool,
     reject_if_busy: bool = False,
+    encoding: str | None = None,
 ) -> None:
-    """Send one request to the model and write its answer (or why there is none) back."""
+    """Send one request to the model and write its answer (or why there is none) back,
+    compressed with ``encoding`` (gzip, deflate) when the client's Accept-Encoding asked and
+    the answer is large enough for it to pay."""
     extra: list[tuple[bytes, bytes]] = []
     try:
         status, header_length, body = await model.call(kind, parts, reject_if_busy, started=started)
@@ -55,6 +61,9 @@ async def call_model(
     except ModelUnavailable as exc:
         status, header_length, body = 503, 0, error_body(ai, 503, str(exc))
         extra = [(b"retry-after", str(exc.retry_after).encode())]
+    if encoding is not None and len(body) >= COMPRESS_FROM:
+        body = compress(body, encoding)
+        extra.append((b"content-encoding", encoding.encode()))
     if header_length:
         extra.append((b"inference-header-content-length", str(header_length).encode()))
         await respond(send, status, body, b"application/octet-stream", extra)
@@ -99,7 +108,8 @@ class KServeRoutes:
                 f"but the body has {len(body)} bytes",
             )
         parts = [V2_PREFIX.pack(header_length), body]
-        await call_model(send, model, Kind.INFER_V2, parts, started, False)
+        encoding = accepted_encoding(scope)
+        await call_model(send, model, Kind.INFER_V2, parts, started, False, False, encoding)
 
     # -- health and metadata -------------------------------------------------------------
 
