@@ -16,6 +16,7 @@ from tests.conftest import FIXTURES
 from tests.e2e.runtime import serve
 
 ECHO = "@test/echo"
+UNKNOWN = "Request for unknown model: 'missing/model' is not found"  # Triton's words
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_infer_with_typed_contents(address: str) -> None:
 def test_errors_are_grpc_status_codes_naming_the_model(
     client: triton.InferenceServerClient,
 ) -> None:
-    with pytest.raises(InferenceServerException, match="unknown model 'missing/model'") as info:
+    with pytest.raises(InferenceServerException, match=UNKNOWN) as info:
         client.get_model_metadata("missing/model")
     assert info.value.status() == "StatusCode.NOT_FOUND"
     wrong = triton.InferInput("text", [1], "FP32")

@@ -36,6 +36,7 @@ def test_versions_are_named_on_every_answer_and_reachable(tmp_path: Path) -> Non
             wrong = client.post("/v2/models/@test/echo/versions/9/infer", json=V2)
             assert wrong.status_code == 404
             assert "'9'" in wrong.text and "'0.1.0'" in wrong.text
+            assert wrong.json()["error"].startswith("Request for unknown model: '@test/echo'")
             index = client.post("/v2/repository/index", json={}).json()
             versions = {entry["name"]: entry["version"] for entry in index}
             assert versions["@test/echo"] == "0.1.0" and versions["@test/fail"] == "2024.06"

@@ -41,6 +41,8 @@ __all__ = ["OmniApp", "route_list"]
 log = logging.getLogger("omni.server")
 
 _ROUTE_CACHE_LIMIT = 4096
+# How Triton starts the message for a model or version it does not serve; clients match it.
+TRITON_UNKNOWN = "Request for unknown model"
 _BEARER = [(b"www-authenticate", b"Bearer")]
 # A route as the dispatcher keeps it: handler, model, accepted Authorization values, access.
 _Prepared = tuple[Any, "ModelHandle | None", tuple[bytes, ...], Access]
@@ -253,7 +255,11 @@ def _refusal(resolved: Resolved, method: str, path: str, models: ModelDirectory)
     """The handler of a request line that resolved to no route: a 404 or 405 saying why."""
     if resolved.why is Why.UNKNOWN_MODEL:
         known = ", ".join(models.names()) or "none"
-        status, message = 404, f"unknown model '{resolved.name}' (served models: {known})"
+        if path.startswith("/v2/"):  # Triton's words, which its clients look for
+            status, message = 404, f"{TRITON_UNKNOWN}: '{resolved.name}' is not found"
+        else:
+            status, message = 404, f"unknown model '{resolved.name}'"
+        message += f" (served models: {known})"
     elif resolved.why is Why.METHOD:
         status, message = 405, f"{method} is not allowed on {path}"
     else:
@@ -269,8 +275,8 @@ def _no_such_version(name: str, version: str, served: str) -> Handler:
     async def refuse(scope: Scope, receive: Receive, send: Send, _: Any) -> None:
         raise HTTPError(
             404,
-            f"model '{name}' has no version {version!r}; it serves version {served!r} "
-            "(also reached as '1')",
+            f"{TRITON_UNKNOWN}: '{name}' version {version!r} is not found; it serves version "
+            f"{served!r} (also reached as '1')",
         )
 
     return refuse

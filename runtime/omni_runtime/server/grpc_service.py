@@ -37,6 +37,8 @@ __all__ = ["InferenceService", "grpc_authorizer", "start_grpc_server"]
 
 log = logging.getLogger("omni.grpc")
 
+TRITON_UNKNOWN = "Request for unknown model"  # as Triton says it; its clients match it
+
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -190,13 +192,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if model is None:
             known = ", ".join(self.models.names()) or "none"
             await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"unknown model '{name}' (served models: {known})"
+                grpc.StatusCode.NOT_FOUND,
+                f"{TRITON_UNKNOWN}: '{name}' is not found (served models: {known})",
             )
         if model is not None and version not in ("", "1", model.spec.version):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"model '{name}' has no version {version!r}; it serves version "
-                f"{model.spec.version!r} (also reached as '1')",
+                f"{TRITON_UNKNOWN}: '{name}' version {version!r} is not found; it serves "
+                f"version {model.spec.version!r} (also reached as '1')",
             )
         return model  # type: ignore[return-value]
 
