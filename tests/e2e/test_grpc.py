@@ -135,3 +135,34 @@ def test_tokens_travel_as_authorization_metadata() -> None:
             with pytest.raises(InferenceServerException, match="OMNI_ADMIN_TOKEN"):
                 client.unload_model("@test/batch", headers=api)
             client.unload_model("@test/batch", headers={"authorization": "Bearer admin-secret"})
+
+
+def test_stream_infer_answers_each_request_and_reports_errors_in_the_stream(
+    client: triton.InferenceServerClient,
+) -> None:
+    import queue
+
+    results: queue.Queue[tuple[object, object]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for index in range(3):
+            text = triton.InferInput("text", [1], "BYTES")
+            text.set_data_from_numpy(np.array([f"s{index}".encode()], dtype=np.object_))
+            client.async_stream_infer(ECHO, [text], request_id=f"r{index}")
+        client.async_stream_infer("missing/model", [text], request_id="bad")
+        text = triton.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"last"], dtype=np.object_))
+        client.async_stream_infer(
+            ECHO, [text], request_id="final", enable_empty_final_response=True
+        )
+        answers = [results.get(timeout=30) for _ in range(5)]
+    finally:
+        client.stop_stream()
+    good = {r.get_response().id: r for r, e in answers if e is None}
+    errors = [str(e) for r, e in answers if e is not None]
+    assert set(good) == {"r0", "r1", "r2", "final"}
+    for index in range(3):
+        assert good[f"r{index}"].as_numpy("text")[0] == f"s{index}".encode()
+    final = good["final"].get_response()
+    assert final.parameters["triton_final_response"].bool_param is True
+    assert len(errors) == 1 and UNKNOWN in errors[0]

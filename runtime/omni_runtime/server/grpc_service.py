@@ -10,15 +10,14 @@ an unknown model is NOT_FOUND and names it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from omni_runtime.fleet.trace import TRACE, Trace
@@ -29,6 +28,7 @@ from omni_runtime.scheduler import (
     ModelState,
     ModelUnavailable,
 )
+from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
@@ -49,108 +49,6 @@ _STATUS = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-# Typed contents fields, by v2 datatype, and the numpy type their values take.
-_CONTENTS = {
-    "BOOL": ("bool_contents", np.bool_),
-    "INT8": ("int_contents", np.int8),
-    "INT16": ("int_contents", np.int16),
-    "INT32": ("int_contents", np.int32),
-    "INT64": ("int64_contents", np.int64),
-    "UINT8": ("uint_contents", np.uint8),
-    "UINT16": ("uint_contents", np.uint16),
-    "UINT32": ("uint_contents", np.uint32),
-    "UINT64": ("uint64_contents", np.uint64),
-    "FP32": ("fp32_contents", np.float32),
-    "FP64": ("fp64_contents", np.float64),
-}
-_NUMPY = {**{k: v[1] for k, v in _CONTENTS.items()}, "FP16": np.float16}
-_LENGTH = struct.Struct("<I")
-
-
-class RequestError(Exception):
-    """A request that cannot be turned into a v2 body: INVALID_ARGUMENT, naming the field."""
-
-
-def _bytes_of(datatype: str, contents: Any, name: str) -> bytes:
-    """Typed contents as the raw bytes of the binary tensor extension."""
-    if datatype == "BYTES":
-        return b"".join(_LENGTH.pack(len(v)) + v for v in contents.bytes_contents)
-    field = _CONTENTS.get(datatype)
-    if field is None:
-        raise RequestError(
-            f"input '{name}': {datatype} has no typed contents field; send it in raw_input_contents"
-        )
-    return np.asarray(list(getattr(contents, field[0])), dtype=field[1]).tobytes()
-
-
-def infer_body(request: Any) -> tuple[bytes, int]:
-    """A ``ModelInferRequest`` as a v2 binary-extension body and its JSON header's length."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise RequestError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-            "send every input raw or none"
-        )
-    inputs, chunks = [], []
-    for index, tensor in enumerate(request.inputs):
-        data = raw[index] if raw else _bytes_of(tensor.datatype, tensor.contents, tensor.name)
-        inputs.append(
-            {
-                "name": tensor.name,
-                "datatype": tensor.datatype,
-                "shape": list(tensor.shape),
-                "parameters": {"binary_data_size": len(data)},
-            }
-        )
-        chunks.append(data)
-    header: dict[str, Any] = {"inputs": inputs}
-    if request.id:
-        header["id"] = request.id
-    if request.outputs:
-        header["outputs"] = [
-            {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
-        ]
-    else:
-        header["parameters"] = {"binary_data_output": True}
-    encoded = json.dumps(header).encode()
-    return encoded + b"".join(chunks), len(encoded)
-
-
-def infer_response(
-    model: str, request_id: str, body: bytes, header_length: int, version: str = "1"
-) -> Any:
-    """The worker's v2 answer as a ``ModelInferResponse`` with ``raw_output_contents``."""
-    header = json.loads(body[:header_length] if header_length else body)
-    response = service_pb2.ModelInferResponse(
-        model_name=model, model_version=version, id=header.get("id", request_id)
-    )
-    offset = header_length
-    for output in header.get("outputs", []):
-        tensor = response.outputs.add(
-            name=output["name"], datatype=output["datatype"], shape=output["shape"]
-        )
-        size = (output.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            response.raw_output_contents.append(body[offset : offset + size])
-            offset += size
-        else:
-            response.raw_output_contents.append(_raw_of(output, tensor.datatype))
-    return response
-
-
-def _raw_of(output: dict[str, Any], datatype: str) -> bytes:
-    """JSON ``data`` of an output as raw bytes (a worker that answered without binary data)."""
-    data = output.get("data", [])
-    if datatype == "BYTES":
-        values = [_element_bytes(v) for v in np.ravel(np.array(data, dtype=object))]
-        return b"".join(_LENGTH.pack(len(v)) + v for v in values)
-    return np.asarray(data, dtype=_NUMPY.get(datatype, np.float32)).tobytes()
-
-
-def _element_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return (value if isinstance(value, str) else json.dumps(value)).encode()
 
 
 def _tensor_metadata(t: dict[str, Any]) -> Any:
@@ -195,13 +93,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 grpc.StatusCode.NOT_FOUND,
                 f"{TRITON_UNKNOWN}: '{name}' is not found (served models: {known})",
             )
-        if model is not None and version not in ("", "1", model.spec.version):
-            await context.abort(
+        if model is not None:
+            try:
+                self._check_version(model, version)
+            except _Refused as refused:
+                await context.abort(refused.code, str(refused))
+        return model  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_version(model: ModelHandle, version: str) -> None:
+        if version not in ("", "1", model.spec.version):
+            raise _Refused(
                 grpc.StatusCode.NOT_FOUND,
-                f"{TRITON_UNKNOWN}: '{name}' version {version!r} is not found; it serves "
+                f"{TRITON_UNKNOWN}: '{model.name}' version {version!r} is not found; it serves "
                 f"version {model.spec.version!r} (also reached as '1')",
             )
-        return model  # type: ignore[return-value]
 
     # -- health and metadata -------------------------------------------------------------
 
@@ -276,16 +182,76 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._guard(context)
-        started = time.perf_counter()
         model = await self._model(context, request.model_name, request.model_version)
+        try:
+            response, metadata = await self._infer(model, request)
+        except _Refused as refused:
+            if refused.metadata:
+                context.set_trailing_metadata(refused.metadata)
+            await context.abort(refused.code, str(refused))
+        context.set_trailing_metadata(metadata)
+        return response
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+        """Each request of the stream answered as ``ModelInfer`` would answer it, as soon as
+        it is ready (several at once, in the order they finish; ``id`` tells them apart); an
+        error is that request's ``error_message``, and the stream goes on."""
+        await self._guard(context)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                model = self.models.get(request.model_name)
+                if model is None:
+                    known = ", ".join(self.models.names()) or "none"
+                    raise _Refused(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"{TRITON_UNKNOWN}: '{request.model_name}' is not found "
+                        f"(served models: {known})",
+                    )
+                self._check_version(model, request.model_version)
+                response, _ = await self._infer(model, request)
+                if _wants_final_flag(request):
+                    response.parameters["triton_final_response"].bool_param = True
+                await answers.put(service_pb2.ModelStreamInferResponse(infer_response=response))
+            except _Refused as refused:
+                await answers.put(service_pb2.ModelStreamInferResponse(error_message=str(refused)))
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.ensure_future(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while not (reader.done() and not pending and answers.empty()):
+                getter = asyncio.ensure_future(answers.get())
+                await asyncio.wait({getter, reader, *pending}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            reader.result()  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            for task in pending:
+                task.cancel()
+
+    async def _infer(self, model: ModelHandle, request: Any) -> tuple[Any, list[tuple[str, str]]]:
+        """One infer request: the response and its trailing metadata; ``_Refused`` else."""
+        started = time.perf_counter()
         try:
             body, header_length = infer_body(request)
         except (RequestError, ValueError, OverflowError, TypeError) as exc:
             model.account(400, started)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model '{model.name}': {exc}")
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"model '{model.name}': {exc}"
+            ) from None
         if len(body) > self.max_body:
             model.account(413, started)
-            await context.abort(
+            raise _Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model '{model.name}': the request is larger than the server's limit of "
                 f"{self.max_body} bytes (server.max_body_size in omni.toml)",
@@ -310,14 +276,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             metadata.append(("omni-node", trace.served_by or self.node))
             if trace.route:
                 metadata.append(("omni-route", trace.route))
-        context.set_trailing_metadata(metadata)
         if status != 200:
             try:
                 message = str(json.loads(answer)["error"])
             except (ValueError, KeyError, TypeError):
                 message = answer.decode(errors="replace")
-            await context.abort(_STATUS.get(status, grpc.StatusCode.INTERNAL), message)
-        return infer_response(model.name, request.id, answer, out_length, version)
+            raise _Refused(_STATUS.get(status, grpc.StatusCode.INTERNAL), message, metadata)
+        return infer_response(model.name, request.id, answer, out_length, version), metadata
 
     # -- repository extension ------------------------------------------------------------
 
@@ -349,6 +314,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         model = await self._model(context, request.model_name)
         await self.models.unload(model)
         return service_pb2.RepositoryModelUnloadResponse()
+
+
+class _Refused(Exception):
+    """A request answered with a gRPC error: its status code and message."""
+
+    def __init__(
+        self, code: Any, message: str, metadata: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.metadata = metadata or []
+
+
+def _wants_final_flag(request: Any) -> bool:
+    """The client asked for ``triton_final_response`` on the last response of a request."""
+    parameter = request.parameters.get("triton_enable_empty_final_response")
+    return parameter is not None and parameter.bool_param
 
 
 def grpc_authorizer(tokens: Tokens) -> Callable[[Any, bool], str | None]:
