@@ -67,6 +67,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     _fleet_options(serve, node=True)
 
+    rollout = commands.add_parser(
+        "rollout",
+        help="replace a served model by a new version without a failed request",
+        description="Start a new version of NAME beside the current one, move traffic to it "
+        "(all at once, or --canary percent first, watched for --watch), and stop the old one; "
+        "a canary whose errors or latency pass the current version's goes back by itself "
+        "(docs/rollout.md). Talks to the runtime at --url with OMNI_ADMIN_TOKEN.",
+    )
+    rollout.add_argument("name", metavar="NAME", help="the served model, e.g. @cf/org/name")
+    what = rollout.add_mutually_exclusive_group(required=True)
+    what.add_argument("--package", type=Path, metavar="PATH", help="the new version's package")
+    what.add_argument("--to", metavar="VERSION", help="back to a version rolled out before")
+    what.add_argument("--status", action="store_true", help="the last rollout's state")
+    what.add_argument("--abort", action="store_true", help="abort the rollout in progress")
+    rollout.add_argument(
+        "--canary", type=float, metavar="PERCENT", help="send this share of requests first"
+    )
+    rollout.add_argument(
+        "--watch", metavar="DURATION", help="how long to watch before all traffic moves (60s)"
+    )
+    rollout.add_argument(
+        "--no-auto-rollback", action="store_true", help="watch, but never go back by itself"
+    )
+    rollout.add_argument("--no-wait", action="store_true", help="return once it started")
+    rollout.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the runtime (http://127.0.0.1:8000)"
+    )
+
     route = commands.add_parser(
         "route",
         help="route requests to the fleet's nodes, serving no model itself",
@@ -305,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "models":
             return commands.models(args)
+        if args.command == "rollout":
+            from omni_runtime.rollout_command import rollout
+
+            return rollout(args)
         if args.command in ("route", "catalog"):
             from omni_runtime.fleet import cli as fleet_cli
 

@@ -121,6 +121,12 @@ class Metrics:
             "omni_model_load_duration_seconds", "Spawn to ready, per worker", ["model"],
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
         )  # fmt: skip
+        self.rollouts = Counter(
+            "omni_rollouts",
+            "Rollouts of a new model version, by outcome "
+            "(promoted, rolled_back, failed, aborted)",
+            ["model", "outcome"], registry=r,
+        )  # fmt: skip
         self._children: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 

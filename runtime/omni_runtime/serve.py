@@ -56,6 +56,7 @@ def _serve_with(
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, ModelDirectory, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
+    from omni_runtime.scheduler.rollout import Rollouts
     from omni_runtime.server.app import OmniApp
     from omni_runtime.server.connection import limited_protocol
     from omni_runtime.workers import LocalWorkers
@@ -114,6 +115,7 @@ def _serve_with(
         )
 
     models = ModelDirectory(node)  # all the front ends see of the node
+    rollouts = Rollouts(node, models, discoverer(args, isolation, files))
     fleet = None
     if args.fleet:
         from omni_runtime.fleet.node import FleetNode, advertised_url
@@ -153,6 +155,7 @@ def _serve_with(
         task.add_done_callback(tasks.discard)
 
     async def shutdown() -> None:
+        await rollouts.stop()  # a rollout in progress is aborted: the current version stays
         if fleet is not None:
             await fleet.stop()
         for server in grpc_servers:
@@ -164,6 +167,7 @@ def _serve_with(
         front, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches,
         node=fleet.name if fleet is not None else None,
         fleet=fleet.routes if fleet is not None else None,
+        rollouts=rollouts,
     )  # fmt: skip
     config = uvicorn.Config(
         app,

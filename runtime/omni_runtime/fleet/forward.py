@@ -17,8 +17,8 @@ from urllib.parse import quote
 import httpx
 
 from omni_runtime.fleet.peers import PeerReport
-from omni_runtime.fleet.trace import Trace
 from omni_runtime.scheduler import ModelBusy, ModelUnavailable, Priority
+from omni_runtime.scheduler.trace import Trace
 from omni_sdk.wire import Kind
 
 __all__ = ["FINAL", "FRAME", "Forwarder", "PeerUnreachable"]

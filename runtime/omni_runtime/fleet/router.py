@@ -28,7 +28,6 @@ from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.fleet.forward import Forwarder, PeerUnreachable
 from omni_runtime.fleet.peers import PeerReport, Peers
-from omni_runtime.fleet.trace import TRACE, Trace
 from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler import (
     ModelBusy,
@@ -39,6 +38,7 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
     Priority,
 )
+from omni_runtime.scheduler.trace import TRACE, Trace
 from omni_sdk import Resources, Scaling
 
 __all__ = ["MAX_HOPS", "FleetDirectory", "RoutedHandle", "spec_from_record"]
@@ -233,6 +233,9 @@ class FleetDirectory(ModelDirectory):
 
     def names(self) -> list[str]:
         return sorted(self._names())
+
+    def version(self, name: str, version: str) -> ModelHandle | None:
+        return self.local.version(name, version) if self.local is not None else None
 
     @property
     def generation(self) -> int:

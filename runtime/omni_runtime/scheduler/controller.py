@@ -296,17 +296,29 @@ class Controller:
                 model.unloading = False
             model.wanted = False
 
-    def add(self, spec: ModelSpec) -> ServedModel:
-        """Serve one more model (scaled to zero: it starts on its first request)."""
-        if spec.name in self.models:
-            raise ValueError(f"model '{spec.name}' is served already")
-        model = ServedModel(spec, self.settings, self.metrics, self.wake, self.clock)
+    def add(self, spec: ModelSpec, key: str | None = None) -> ServedModel:
+        """Serve one more model (scaled to zero: it starts on its first request), under
+        ``key`` where another version of it is served already."""
+        key = key or spec.name
+        if key in self.models:
+            raise ValueError(f"model '{key}' is served already")
+        model = ServedModel(spec, self.settings, self.metrics, self.wake, self.clock, key)
         model.closing = self.closing
-        self.models[spec.name] = model
-        self._arrivals[spec.name] = deque()
+        self.models[key] = model
+        self._arrivals[key] = deque()
         self.generation += 1
         self.wake()
         return model
+
+    def rekey(self, old: str, new: str) -> None:
+        """Know the model ``old`` as ``new`` from now on (a version promoted, or retired)."""
+        if new in self.models:
+            raise ValueError(f"model '{new}' is served already")
+        model = self.models.pop(old)
+        model.name = new
+        self.models[new] = model
+        self._arrivals[new] = self._arrivals.pop(old, deque())
+        self.generation += 1  # (the policy sees it under its new name at the next tick)
 
     async def remove(self, name: str, reason: str) -> None:
         """Stop serving a model: those in flight finish, then it is forgotten."""

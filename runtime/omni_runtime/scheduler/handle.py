@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority
+from omni_runtime.scheduler.trace import TRACE
 from omni_runtime.scheduler.views import ReplicaState
 
 if TYPE_CHECKING:
@@ -40,12 +41,13 @@ CLIENT_GONE = 499  # nginx's code for a request whose client closed the connecti
 class ModelHandle:
     """One model as a front end sees it."""
 
-    __slots__ = ("__weakref__", "_metrics", "_model", "name", "spec")
+    __slots__ = ("__weakref__", "_label", "_metrics", "_model", "name", "spec")
 
     def __init__(self, model: ServedModel) -> None:
         self._model = model
         self._metrics = model.metrics
-        self.name = model.name
+        self.name = model.spec.name
+        self._label = model.name  # "name@version" while a rollout runs beside the current one
         self.spec: ModelSpec = model.spec  # what ``describe`` routes show
 
     # -- state ---------------------------------------------------------------------------
@@ -126,11 +128,56 @@ class ModelHandle:
     def account(self, status: int, started: float) -> None:
         """Count one answer the model did not give itself (e.g. a body refused unread)."""
         elapsed = time.perf_counter() - started
-        self._model.stats.record(status == 200, int(elapsed * 1e9))
-        self._metrics.observe(self.name, status, elapsed)
+        stats = self._model.stats
+        stats.record(status == 200, int(elapsed * 1e9))
+        if status >= 500:
+            stats.server_errors += 1
+        stats.latencies.append(elapsed)
+        self._metrics.observe(self._label, status, elapsed)
 
     def __repr__(self) -> str:
         return f"ModelHandle({self.name!r})"
+
+
+class SplitHandle(ModelHandle):
+    """A model while a new version is tried beside the current one: ``percent`` of its
+    requests go to the new version, spread evenly (every fifth at 20 %), the rest to the
+    current one. Everything else (state, description, statistics) is the current one's."""
+
+    __slots__ = ("_credit", "candidate", "current", "percent")
+
+    def __init__(self, current: ModelHandle, candidate: ModelHandle, percent: float) -> None:
+        self.current = current
+        self.candidate = candidate
+        self.percent = percent
+        self._credit = 0.0
+        self._model = current._model
+        self._metrics = current._metrics
+        self._label = current._label
+        self.name = current.name
+        self.spec = current.spec
+
+    def choose(self) -> ModelHandle:
+        self._credit += self.percent
+        if self._credit >= 100.0:
+            self._credit -= 100.0
+            return self.candidate
+        return self.current
+
+    async def call(
+        self,
+        kind: int,
+        parts: list[bytes],
+        reject_if_busy: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
+        on_chunk: Callable[[bytes], None] | None = None,
+        started: float | None = None,
+    ) -> Response:
+        chosen = self.choose()
+        trace = TRACE.get()
+        if trace is not None:  # the answer names the version that gave it
+            trace.version = chosen.spec.version
+        return await chosen.call(kind, parts, reject_if_busy, priority, on_chunk, started)
 
 
 class ModelDirectory:
@@ -139,8 +186,16 @@ class ModelDirectory:
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
         self._handles: dict[str, ModelHandle] = {}
+        self._splits: dict[str, SplitHandle] = {}
+        self._changes = 0
 
     def get(self, name: str) -> ModelHandle | None:
+        split = self._splits.get(name)
+        if split is not None:
+            return split
+        return self._handle(name)
+
+    def _handle(self, name: str) -> ModelHandle | None:
         model = self._controller.models.get(name)
         if model is None:
             return None
@@ -163,9 +218,31 @@ class ModelDirectory:
 
     @property
     def generation(self) -> int:
-        """Changes whenever a model is added or removed: what a front end cached by name is
-        stale."""
-        return self._controller.generation
+        """Changes whenever a model is added, removed, or split between versions: what a
+        front end cached by name is stale."""
+        return self._controller.generation + self._changes
+
+    def version(self, name: str, version: str) -> ModelHandle | None:
+        """The model ``name`` at ``version`` (the current one, or one being rolled out)."""
+        for key, model in list(self._controller.models.items()):
+            if model.spec.name == name and model.spec.version == version:
+                return self._handle(key) if key == name else ModelHandle(model)
+        return None
+
+    def split(self, name: str, candidate: str, percent: float) -> None:
+        """Send ``percent`` of ``name``'s requests to the model ``candidate`` (its new version);
+        100 sends them all."""
+        current = self._handle(name)
+        if current is None:
+            raise KeyError(name)
+        new = ModelHandle(self._controller.models[candidate])
+        self._splits[name] = SplitHandle(current, new, percent)
+        self._changes += 1
+
+    def unsplit(self, name: str) -> None:
+        """Every request of ``name`` to the model known by that name again."""
+        if self._splits.pop(name, None) is not None:
+            self._changes += 1
 
     @property
     def ready(self) -> bool:

@@ -13,8 +13,9 @@ import enum
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
@@ -50,6 +51,8 @@ class ModelStats:
     last_inference_ms: int = 0
     queue_count: int = 0
     queue_ns: int = 0
+    server_errors: int = 0  # answers of 500 and above: what a rollout's watch counts
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))  # seconds
 
     def record(self, ok: bool, elapsed_ns: int) -> None:
         if ok:
@@ -71,10 +74,13 @@ class ServedModel:
         metrics: Metrics,
         wake: Callable[[], None],
         clock: Clock,
+        key: str | None = None,
     ) -> None:
         self.spec = spec
         self.clock = clock
-        self.name = spec.name
+        # The controller's name for it: the model's, or "name@version" for a version being
+        # rolled out beside the one that serves (``scheduler/rollout.py``).
+        self.name = key or spec.name
         self.settings = settings
         self.metrics = metrics
         self._wake = wake  # asks the controller to reconsider now

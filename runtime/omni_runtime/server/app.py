@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from omni_runtime.batch.runner import BatchRunner
-from omni_runtime.fleet.trace import TRACE, Trace, route_of
 from omni_runtime.scheduler import ModelDirectory, ModelHandle
+from omni_runtime.scheduler.rollout import Rollouts
+from omni_runtime.scheduler.trace import TRACE, Trace, route_of
 from omni_runtime.server.ai_run import AiRunRoutes
 from omni_runtime.server.fleet_api import FleetRoutes
 from omni_runtime.server.http import (
@@ -32,6 +33,7 @@ from omni_runtime.server.http import (
 from omni_runtime.server.kserve import KServeRoutes
 from omni_runtime.server.openai_api import OpenAIRoutes
 from omni_runtime.server.openapi import build_openapi
+from omni_runtime.server.rollout_api import RolloutRoutes
 from omni_runtime.server.routes import Resolved, Route, RouteTable, Why
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
@@ -53,6 +55,7 @@ def route_list(
     kserve: KServeRoutes,
     ai: AiRunRoutes,
     openai: OpenAIRoutes,
+    rollout: RolloutRoutes,
     fleet: FleetRoutes | None = None,
 ) -> list[Route]:
     """Every HTTP route Omni answers, and who may call it (DESIGN.md, HTTP routes)."""
@@ -81,6 +84,9 @@ def route_list(
         Route("POST", "/v2/repository/index", kserve.repository_index, admin),
         Route("POST", "/v2/repository/models/{model}/load", kserve.repository_load, admin),
         Route("POST", "/v2/repository/models/{model}/unload", kserve.repository_unload, admin),
+        Route("POST", "/v2/repository/models/{model}/rollout", rollout.start, admin),
+        Route("GET", "/v2/repository/models/{model}/rollout", rollout.status, admin),
+        Route("DELETE", "/v2/repository/models/{model}/rollout", rollout.abort, admin),
         # Workers AI
         Route("POST", "/ai/run/{model}", ai.run, api),
         Route("GET", "/ai/batch", ai.batch_index, admin),
@@ -107,6 +113,7 @@ class OmniApp:
         batches: BatchRunner | None = None,
         node: str | None = None,
         fleet: FleetRoutes | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self.models = models
         self.node = node  # in a fleet: every answer names the node that served it
@@ -115,7 +122,12 @@ class OmniApp:
         self.tokens = tokens or Tokens()
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
         kserve = KServeRoutes(models)
-        self.surfaces = (kserve, AiRunRoutes(models, kserve, batches), OpenAIRoutes(models))
+        self.surfaces = (
+            kserve,
+            AiRunRoutes(models, kserve, batches),
+            OpenAIRoutes(models),
+            RolloutRoutes(rollouts, models.settings.max_body_size),
+        )
         self.table = RouteTable(route_list(self, *self.surfaces, fleet), models)
         self._cache: dict[tuple[str, str], _Prepared] = {}
         self._generation = models.generation  # the cache holds handles of this generation
@@ -156,12 +168,10 @@ class OmniApp:
         if prepared is None:
             prepared = self._prepare(method, path)
         handler, model, accepted, access = prepared
-        if self.node is not None:
-            trace = Trace(route_of(scope["headers"]))
+        if self.node is not None or model is not None:
+            trace = Trace(route_of(scope["headers"]) if self.node is not None else [])
             TRACE.set(trace)
             send = _traced(send, trace, self.node, model.spec.version if model else None)
-        elif model is not None:
-            send = _versioned(send, model.spec.version)
         if accepted and not authorized(scope["headers"], accepted):
             await self._unauthorized(scope, send, access)
             return
@@ -180,11 +190,16 @@ class OmniApp:
         resolved = self.table.resolve(method, path)
         handler = resolved.handler or _refusal(resolved, method, path, self.models)
         model, version = resolved.model, resolved.version
-        # A version route reaches the model's version, or "1" (Triton's default) as an alias.
+        # A version route reaches the model's current version ("1", Triton's default, is an
+        # alias of it) or one being rolled out beside it.
         if version is not None and model is not None and version not in ("1", model.spec.version):
-            handler = _no_such_version(model.name, version, model.spec.version)
-        prepared = (handler, resolved.model, self._accepted[resolved.access], resolved.access)
-        if resolved.model is not None and len(self._cache) < _ROUTE_CACHE_LIMIT:
+            other = self.models.version(model.name, version)
+            if other is None:
+                handler = _no_such_version(model.name, version, model.spec.version)
+            else:
+                model = other
+        prepared = (handler, model, self._accepted[resolved.access], resolved.access)
+        if model is not None and len(self._cache) < _ROUTE_CACHE_LIMIT:
             self._cache[(method, path)] = prepared
         return prepared
 
@@ -219,29 +234,19 @@ class OmniApp:
 Handler = Callable[[Scope, Receive, Send, Any], Awaitable[None]]
 
 
-def _versioned(send: Send, version: str) -> Send:
-    """``send``, adding ``Omni-Model-Version`` to the answer of a model's route."""
-    header = (b"omni-model-version", version.encode())
-
-    async def versioned(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), header]}
-        await send(message)
-
-    return versioned
-
-
-def _traced(send: Send, trace: Trace, node: str, version: str | None) -> Send:
-    """``send``, adding ``Omni-Node`` (and ``Omni-Route`` once forwarded) to the answer, and
-    ``Omni-Model-Version``: the version that answered, here or on the peer that did."""
+def _traced(send: Send, trace: Trace, node: str | None, version: str | None) -> Send:
+    """``send``, adding ``Omni-Model-Version`` to the answer of a model's route (the version
+    that answered: here, the one a rollout chose, or the peer's), and in a fleet
+    ``Omni-Node`` (and ``Omni-Route`` once forwarded)."""
 
     async def traced(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
-            served_by = trace.served_by or node
-            extra = [(b"omni-node", served_by.encode())]
-            route = trace.route or (",".join([*trace.nodes, node]) if trace.nodes else None)
-            if route:
-                extra.append((b"omni-route", route.encode()))
+            extra = []
+            if node is not None:
+                extra.append((b"omni-node", (trace.served_by or node).encode()))
+                route = trace.route or (",".join([*trace.nodes, node]) if trace.nodes else None)
+                if route:
+                    extra.append((b"omni-route", route.encode()))
             served_version = trace.version or version
             if served_version:
                 extra.append((b"omni-model-version", served_version.encode()))

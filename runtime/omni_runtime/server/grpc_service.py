@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from omni_runtime.fleet.trace import TRACE, Trace
 from omni_runtime.scheduler import (
     ModelBusy,
     ModelDirectory,
@@ -28,6 +27,7 @@ from omni_runtime.scheduler import (
     ModelState,
     ModelUnavailable,
 )
+from omni_runtime.scheduler.trace import TRACE, Trace
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
