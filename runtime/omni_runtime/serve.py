@@ -56,12 +56,16 @@ def _serve_with(
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, ModelDirectory, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
-    from omni_runtime.scheduler.rollout import Rollouts
+    from omni_runtime.scheduler.rollout import Rollouts, with_promoted
     from omni_runtime.server.app import OmniApp
     from omni_runtime.server.connection import limited_protocol
     from omni_runtime.workers import LocalWorkers
 
     discovery, files = discover(args, isolation)
+    rollouts_file = args.state_dir / "rollouts.json"  # versions promoted by rollouts
+    discovery.models = asyncio.run(
+        with_promoted(discovery.models, rollouts_file, discoverer(args, isolation, files))
+    )
     packages = {spec.package_dir for spec in discovery.models}
     packages |= {failure.package_dir for failure in discovery.failures}
     node_settings = node_config(files, packages)
@@ -115,7 +119,7 @@ def _serve_with(
         )
 
     models = ModelDirectory(node)  # all the front ends see of the node
-    rollouts = Rollouts(node, models, discoverer(args, isolation, files))
+    rollouts = Rollouts(node, models, discoverer(args, isolation, files), state_file=rollouts_file)
     fleet = None
     if args.fleet:
         from omni_runtime.fleet.node import FleetNode, advertised_url

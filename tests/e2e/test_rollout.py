@@ -4,6 +4,7 @@ does not load never getting traffic. Each version is a package the test writes."
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -248,3 +249,28 @@ def test_the_command_line_rolls_out_and_back(runtime: tuple[RunningRuntime, Path
     assert '"to_version": "1.0.0"' in status.stdout and '"state": "promoted"' in status.stdout
     answer = httpx.post(f"{running.url}/ai/run/@test/rolled", json={"text": "x"}, timeout=30)
     assert answer.headers["omni-model-version"] == "1.0.0"
+
+
+def test_killed_mid_rollout_the_runtime_comes_back_with_one_version(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "omni.toml"
+    config.write_text('[models."@test/rolled".scaling]\nmin_replicas = 1\n')
+    v1, v2, v3 = (package(tmp_path, v) for v in ("1.0.0", "2.0.0", "3.0.0"))
+    extra = ["--shared-env", "--config", str(config), "--state-dir", str(state)]
+    with serve(v1, extra=extra) as running:
+        assert rollout(running.url, "@test/rolled", {"package": str(v2)})["state"] == "promoted"
+        path = f"{running.url}/v2/repository/models/@test/rolled/rollout"
+        canary = {"package": str(v3), "canary_percent": 50, "watch": "10m"}
+        assert httpx.post(path, json=canary, timeout=60).status_code == 202
+        deadline = time.monotonic() + 60
+        while httpx.get(path, timeout=10).json()["state"] != "canary":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        running.stop(signal.SIGKILL, timeout=30)
+    with serve(v1, extra=extra) as again:  # given v1's package, as before
+        versions = set()
+        for _ in range(10):
+            answer = httpx.post(f"{again.url}/ai/run/@test/rolled", json={"text": "x"}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            versions.add(answer.headers["omni-model-version"])
+        assert versions == {"2.0.0"}  # the promoted version; nothing of the canary

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,7 +38,7 @@ from omni_runtime.scheduler.handle import ModelDirectory
 from omni_runtime.scheduler.models import ServedModel
 from omni_sdk.units import parse_duration
 
-__all__ = ["Rollout", "RolloutError", "Rollouts"]
+__all__ = ["Rollout", "RolloutError", "Rollouts", "promoted", "with_promoted"]
 
 log = logging.getLogger("omni.rollout")
 
@@ -92,13 +94,20 @@ class Rollouts:
         directory: ModelDirectory,
         discover: Discover,
         error_rate: float = ERROR_RATE,
+        state_file: Path | None = None,
     ) -> None:
         self.controller = controller
         self.directory = directory
         self.discover = discover
         self.error_rate = error_rate
         self.rollouts: dict[str, Rollout] = {}  # the last one of each model
-        self.packages: dict[str, dict[str, Path]] = {}  # each model's versions seen: `to`
+        self.state_file = state_file  # the promoted versions, for the next start
+        saved = promoted(state_file) if state_file is not None else {}
+        # Each model's versions seen, for `to`.
+        self.packages: dict[str, dict[str, Path]] = {
+            name: {v: Path(p) for v, p in entry.get("versions", {}).items()}
+            for name, entry in saved.items()
+        }
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- the API -------------------------------------------------------------------------
@@ -260,11 +269,78 @@ class Rollouts:
         new.spec = spec  # its own scaling, now that it serves
         self.directory.unsplit(name)
         rollout.move("promoted")
+        self._save(name, spec.version, rollout.package)
         # What the old version holds (in flight and queued) finishes on it; then it stops.
         deadline = time.monotonic() + self.controller.settings.drain_timeout
         while (old.in_flight or old.queue) and time.monotonic() < deadline:
             await asyncio.sleep(CHECK_SECONDS)
         await asyncio.shield(self.controller.remove(retired, f"replaced by version {spec.version}"))
+
+    def _save(self, name: str, version: str, package: str) -> None:
+        """Remember the promoted version, so that the next start serves it too."""
+        if self.state_file is None:
+            return
+        saved = promoted(self.state_file)
+        saved[name] = {
+            "version": version,
+            "package": package,
+            "versions": {v: str(p) for v, p in self.packages.get(name, {}).items()},
+        }
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.state_file.with_suffix(".tmp")
+            staging.write_text(json.dumps(saved, indent=2))
+            os.replace(staging, self.state_file)
+        except OSError as exc:
+            log.warning("model '%s': version %s is promoted but could not be recorded in %s "
+                        "(%s); the next start serves the package it is given", name, version,
+                        self.state_file, exc)  # fmt: skip
+
+
+def promoted(state_file: Path) -> dict[str, dict[str, Any]]:
+    """The versions promoted by rollouts, by model: ``{"version", "package", "versions"}``.
+    A file that cannot be read counts as none (a warning names it)."""
+    try:
+        value = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("rollouts: %s cannot be read (%s); serving the packages given", state_file, exc)
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {
+        name: entry
+        for name, entry in value.items()
+        if isinstance(entry, dict) and isinstance(entry.get("package"), str)
+    }
+
+
+async def with_promoted(
+    specs: list[ModelSpec], state_file: Path, discover: Discover
+) -> list[ModelSpec]:
+    """``specs``, each model a rollout promoted in its promoted version: a restart (even
+    after SIGKILL) serves what was promoted, never a version half rolled out."""
+    saved = promoted(state_file)
+    result = []
+    for spec in specs:
+        entry = saved.get(spec.name)
+        if entry is None or entry.get("version") == spec.version:
+            result.append(spec)
+            continue
+        discovery = await discover([Path(entry["package"])])
+        found = next((s for s in discovery.models if s.name == spec.name), None)
+        if found is None:
+            why = discovery.failures[0].error if discovery.failures else "no such model there"
+            log.warning("model '%s': its promoted version %s (package %s) cannot be served "
+                        "(%s); serving version %s", spec.name, entry.get("version"),
+                        entry["package"], why, spec.version)  # fmt: skip
+            result.append(spec)
+            continue
+        log.info("model '%s': serving version %s, promoted by a rollout (package %s)",
+                 spec.name, found.version, entry["package"])  # fmt: skip
+        result.append(found)
+    return result
 
 
 def _options(name: str, request: dict[str, Any]) -> tuple[Path, float, float, bool]:
