@@ -224,3 +224,22 @@ def test_a_bad_compressed_body_is_refused_and_a_bomb_stops_at_the_limit(
     assert refused.status_code == 413, refused.text
     ok = httpx.post(url, json={"text": "still here"}, timeout=30)
     assert ok.status_code == 200, ok.text
+
+
+def test_model_control_applies_what_it_can_and_refuses_the_rest(
+    client: triton.InferenceServerClient,
+) -> None:
+    before = client.get_model_config(ECHO)["instance_group"][0]["count"]
+    config = json.dumps({"name": ECHO, "instance_group": [{"count": 3, "kind": "KIND_CPU"}]})
+    client.load_model(ECHO, config=config)
+    assert client.get_model_config(ECHO)["instance_group"][0]["count"] == 3
+    client.load_model(ECHO, config=json.dumps({"instance_group": [{"count": before}]}))
+    with pytest.raises(InferenceServerException, match="dynamic_batching"):
+        client.load_model(ECHO, config=json.dumps({"dynamic_batching": {}}))
+    with pytest.raises(InferenceServerException, match="max_batch_size"):
+        client.load_model(ECHO, config=json.dumps({"max_batch_size": 64}))
+    with pytest.raises(InferenceServerException, match=r"file:1/model\.onnx"):
+        client.load_model(ECHO, config="{}", files={"file:1/model.onnx": b"graph"})
+    with pytest.raises(InferenceServerException, match="failed to load 'no/such'"):
+        client.load_model("no/such")
+    assert client.is_model_ready(ECHO)

@@ -273,6 +273,11 @@ class FleetDirectory(ModelDirectory):
         if self.local is not None and local is not None:
             await self.local.unload(local)
 
+    def configure(self, handle: ModelHandle, scaling: dict[str, Any]) -> None:
+        local = getattr(handle, "_local", None)
+        if self.local is not None and local is not None:
+            self.local.configure(local, scaling)
+
     def free_memory(self) -> tuple[int, int]:
         return self.local.free_memory() if self.local is not None else (0, 0)
 

@@ -17,9 +17,10 @@ before any call (a body too large, an input refused before a cold start) go thro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority
 from omni_runtime.scheduler.trace import TRACE
@@ -273,6 +274,15 @@ class ModelDirectory:
 
     async def unload(self, handle: ModelHandle) -> None:
         await self._controller.unload(handle._model)
+
+    def configure(self, handle: ModelHandle, scaling: dict[str, Any]) -> None:
+        """Change the model's scaling (a load request's configuration): the controller
+        follows it from its next decision."""
+        model = handle._model
+        model.spec = dataclasses.replace(
+            model.spec, scaling=model.spec.scaling.model_copy(update=scaling)
+        )
+        handle.spec = model.spec
 
     def free_memory(self) -> tuple[int, int]:
         """Host and device bytes no replica holds or has reserved: room for a cold start."""

@@ -260,7 +260,9 @@ def _refusal(resolved: Resolved, method: str, path: str, models: ModelDirectory)
     """The handler of a request line that resolved to no route: a 404 or 405 saying why."""
     if resolved.why is Why.UNKNOWN_MODEL:
         known = ", ".join(models.names()) or "none"
-        if path.startswith("/v2/"):  # Triton's words, which its clients look for
+        if path.startswith("/v2/repository/models/") and path.endswith("/load"):
+            status, message = 400, f"failed to load '{resolved.name}': no such model"
+        elif path.startswith("/v2/"):  # Triton's words, which its clients look for
             status, message = 404, f"{TRITON_UNKNOWN}: '{resolved.name}' is not found"
         else:
             status, message = 404, f"unknown model '{resolved.name}'"

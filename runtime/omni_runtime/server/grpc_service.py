@@ -29,6 +29,7 @@ from omni_runtime.scheduler import (
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
+from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
@@ -302,7 +303,26 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         await self._guard(context, admin=True)
-        model = await self._model(context, request.model_name)
+        model = self.models.get(request.model_name)
+        if model is None:
+            known = ", ".join(self.models.names()) or "none"
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"failed to load '{request.model_name}': no such model (served models: {known})",
+            )
+        assert model is not None  # (abort raised otherwise)
+        parameters = {
+            key: value.string_param or value.bytes_param
+            for key, value in request.parameters.items()
+        }
+        try:
+            update = scaling_override(model.spec, parameters or None)
+        except ControlError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"failed to load '{model.name}': {exc}"
+            )
+        if update:
+            self.models.configure(model, update)
         error = await self.models.load(model)
         if error:
             code = grpc.StatusCode.UNAVAILABLE if model.stopping else grpc.StatusCode.INTERNAL

@@ -31,6 +31,7 @@ from omni_runtime.server.http import (
     respond,
     respond_json,
 )
+from omni_runtime.server.model_control import ControlError, config_tensor, scaling_override
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
@@ -161,8 +162,8 @@ class KServeRoutes:
                 "platform": "omni",
                 "backend": "omni",
                 "max_batch_size": spec.max_batch_size,
-                "input": [_config_tensor(t) for t in spec.inputs],
-                "output": [_config_tensor(t) for t in spec.outputs],
+                "input": [config_tensor(t) for t in spec.inputs],
+                "output": [config_tensor(t) for t in spec.outputs],
                 "parameters": {
                     "task": {"string_value": spec.task},
                     "package": {"string_value": spec.package},
@@ -225,6 +226,16 @@ class KServeRoutes:
     async def repository_load(
         self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
     ) -> None:
+        body = await read_body(scope, receive, self.max_body)
+        try:
+            request = json.loads(body or b"{}")
+            if not isinstance(request, dict):
+                raise ControlError("the body must be a JSON object")
+            update = scaling_override(model.spec, request.get("parameters"))
+        except (ControlError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise HTTPError(400, f"failed to load '{model.name}': {exc}") from None
+        if update:
+            self.models.configure(model, update)
         error = await self.models.load(model)
         if error and model.stopping:
             raise HTTPError(503, error, [(b"retry-after", b"5")])
@@ -241,14 +252,6 @@ class KServeRoutes:
 
 def _tensor(t: dict[str, Any]) -> dict[str, Any]:
     return {"name": t["name"], "datatype": t["datatype"], "shape": t["shape"]}
-
-
-def _config_tensor(t: dict[str, Any]) -> dict[str, Any]:
-    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
-    entry = {"name": t["name"], "data_type": f"TYPE_{datatype}", "dims": t["shape"]}
-    if t.get("optional"):
-        entry["optional"] = True
-    return entry
 
 
 def _stats(model: ModelHandle) -> dict[str, Any]:
