@@ -52,7 +52,7 @@ def _serve_with(
 ) -> int:
     import uvicorn
 
-    from omni_runtime.batch import BatchRunner, SqliteBatchStore
+    from omni_runtime.batch import AsyncBatchStore, BatchRunner, BatchStore, SqliteBatchStore
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, ModelDirectory, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
@@ -134,12 +134,14 @@ def _serve_with(
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []
 
-    batches = BatchRunner(
-        SqliteBatchStore(args.state_dir / "batch.sqlite3"),
-        node,
-        settings.batch_retention,
-        metrics,
-    )
+    store: BatchStore | AsyncBatchStore
+    if fleet is not None:  # the fleet's nodes share one queue, on its etcd (docs/batch.md)
+        from omni_runtime.batch.etcd_store import EtcdBatchStore
+
+        store = EtcdBatchStore(fleet.store, fleet.name)
+    else:
+        store = SqliteBatchStore(args.state_dir / "batch.sqlite3")
+    batches = BatchRunner(store, node, settings.batch_retention, metrics)
 
     async def startup() -> None:
         batches.start()
@@ -161,6 +163,7 @@ def _serve_with(
     async def shutdown() -> None:
         await rollouts.stop()  # a rollout in progress is aborted: the current version stays
         if fleet is not None:
+            await batches.stop()  # before the store closes: its claims go back to the queue
             await fleet.stop()
         for server in grpc_servers:
             await server.stop(settings.drain_timeout)

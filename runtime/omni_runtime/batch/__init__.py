@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 from omni_runtime.batch.runner import BatchRunner
-from omni_runtime.batch.store import BatchItem, BatchStatus, BatchStore, SqliteBatchStore
+from omni_runtime.batch.store import (
+    AsyncBatchStore,
+    BatchItem,
+    BatchStatus,
+    BatchStore,
+    BatchStoreUnavailable,
+    InThread,
+    SqliteBatchStore,
+)
 
-__all__ = ["BatchItem", "BatchRunner", "BatchStatus", "BatchStore", "SqliteBatchStore"]
+__all__ = [
+    "AsyncBatchStore",
+    "BatchItem",
+    "BatchRunner",
+    "BatchStatus",
+    "BatchStore",
+    "BatchStoreUnavailable",
+    "InThread",
+    "SqliteBatchStore",
+]

@@ -3,7 +3,9 @@
 POST /ai/run/{model}?queueRequest=true   {"requests": [item, ...]}   -> queued, request_id
 POST /ai/run/{model}                     {"request_id": "..."}       -> queued | running,
                                                                         then the responses
-GET  /ai/batch                                                       -> this node's batches
+GET  /ai/batch                                                       -> the store's batches
+
+In a fleet every node reads the one shared store, so any node answers for any batch.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ async def submit(runner: BatchRunner, model: ModelHandle, body: bytes, limit: in
             "model's inputs"
         }
     items: list[tuple[bytes, str | None]] = []
+    item_limit = runner.store.max_item_size
     for index, item in enumerate(requests):
         if not isinstance(item, dict):
             return 400, {"error": f"model '{model.name}': requests[{index}] must be an object"}
@@ -68,14 +71,22 @@ async def submit(runner: BatchRunner, model: ModelHandle, body: bytes, limit: in
                 "error": f"model '{model.name}': requests[{index}].external_reference must be "
                 "a string"
             }
-        items.append((json.dumps(item).encode(), reference))
-    request_id = await runner.db(runner.store.submit, model.name, items)
+        encoded = json.dumps(item).encode()
+        size = len(encoded) + len((reference or "").encode())
+        if item_limit is not None and size > item_limit:
+            return 413, {
+                "error": f"model '{model.name}': requests[{index}] is {size} bytes, larger than "
+                f"the fleet's limit of {item_limit} bytes per batch item (etcd keeps them; "
+                "docs/batch.md); send it as an ordinary request"
+            }
+        items.append((encoded, reference))
+    request_id = await runner.store.submit(model.name, items)
     runner.wake()
     return 200, {"result": {"status": "queued", "request_id": request_id, "model": model.name}}
 
 
 async def poll(runner: BatchRunner, model: ModelHandle, request_id: str) -> Answer:
-    status = await runner.db(runner.store.status, request_id) if request_id else None
+    status = await runner.store.status(request_id) if request_id else None
     if status is None or status.model != model.name:
         return 404, {
             "error": f"model '{model.name}': no batch with request_id {request_id!r} (unknown, "
@@ -92,7 +103,7 @@ async def poll(runner: BatchRunner, model: ModelHandle, request_id: str) -> Answ
                 "failed": status.failed,
             }
         }
-    responses = await runner.db(runner.store.results, request_id)
+    responses = await runner.store.results(request_id)
     return 200, {
         "result": {
             "status": "done",
@@ -117,7 +128,7 @@ async def batch_index(runner: BatchRunner) -> list[dict[str, Any]]:
             "done": s.done,
             "failed": s.failed,
         }
-        for s in await runner.db(runner.store.batches)
+        for s in await runner.store.batches()
     ]
 
 

@@ -5,6 +5,11 @@ goes before every waiting item; at most as many items are in flight on a model a
 replicas have room for (at least a batch for a batching engine, whose worker then runs them
 together). An interactive request therefore waits behind at most one batch step. A model scaled
 to zero is started for batch work only when the node has room to spare.
+
+In a fleet the queue is shared (``store.shared``): each node claims only for the models it
+serves, at most as many items as it has free slots, so a node with more idle room takes more;
+and a node where the model is cold leaves the items a moment (``COLD_DEFER``) to the nodes
+where it is warm, starting it only for what those leave.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from omni_runtime.batch.store import BatchItem, BatchStore
+from omni_runtime.batch.store import (
+    AsyncBatchStore,
+    BatchItem,
+    BatchStore,
+    BatchStoreUnavailable,
+    asynchronous,
+)
 from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler import (
     Controller,
@@ -31,36 +41,47 @@ from omni_runtime.scheduler import (
 from omni_runtime.scheduler.queue import Priority
 from omni_sdk.wire import Kind
 
-__all__ = ["BatchRunner"]
+__all__ = ["COLD_DEFER", "BatchRunner", "claim_limit"]
 
 log = logging.getLogger("omni.batch")
 T = TypeVar("T")
 MAX_ATTEMPTS = 3  # an item whose model keeps failing to run it is recorded as failed
 _EXPIRE_EVERY = 60.0
+COLD_DEFER = 1.0  # seconds a fleet's items wait for a warm node before a cold one starts the model
+
+
+def claim_limit(free: int, warm: bool, waited: float, shared: bool) -> int:
+    """How many queued items of a model this node claims now: its free slots, except that in
+    a shared queue a node where the model is cold (no replica ready) leaves items that have
+    waited less than ``COLD_DEFER`` to nodes where it is warm."""
+    if free <= 0 or (shared and not warm and waited < COLD_DEFER):
+        return 0
+    return free
 
 
 class BatchRunner:
     def __init__(
-        self, store: BatchStore, node: Controller, retention: float, metrics: Metrics | None = None
+        self,
+        store: BatchStore | AsyncBatchStore,
+        node: Controller,
+        retention: float,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.store = store
+        self.store = asynchronous(store)  # SQLite's calls run on a thread of their own
         self.node = node
         self.retention = retention
         self.in_flight: collections.Counter[str] = collections.Counter()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-batch-store")
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._stopped = False
         self._backoff: dict[str, float] = {}
-        # Items by state, refreshed by the dispatch loop on the store's thread: a /metrics
-        # scrape reads this and never waits for SQLite on the event loop.
+        self._waiting: dict[str, float] = {}  # since when each model has had items queued
+        # Items by state, refreshed by the dispatch loop: a /metrics scrape reads this and
+        # never waits for the store (SQLite's disk, a fleet's etcd) on the event loop.
         self.counts: dict[str, int] = {}
         if metrics is not None:
             metrics.watch_batches(lambda: self.counts)
-
-    async def db(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a store call on the store's own thread, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._run())
@@ -69,6 +90,9 @@ class BatchRunner:
         self._wake.set()
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -76,44 +100,56 @@ class BatchRunner:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.db(self.store.close)
-        self._executor.shutdown(wait=True)
+        await self.store.close()
 
     async def _run(self) -> None:
         expired_at = 0.0
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
             self._wake.clear()
             try:
                 await self._dispatch()
-                self.counts = await self.db(self.store.counts)
+                self.counts = await self.store.counts()
                 now = time.time()
                 if now - expired_at > _EXPIRE_EVERY:
                     expired_at = now
-                    gone = await self.db(self.store.expire, now, self.retention)
+                    gone = await self.store.expire(now, self.retention)
                     if gone:
                         log.info("removed %d batches past their retention", gone)
-            except Exception:  # the batch queue must never stop for good
-                log.exception("batch dispatch failed; trying again")
+                if failing:
+                    log.info("batch dispatch works again")
+                failing = False
+            except Exception as exc:  # the batch queue must never stop for good
+                if isinstance(exc, BatchStoreUnavailable):
+                    if not failing:
+                        log.warning("batch dispatch: %s; trying again", exc)
+                else:
+                    log.exception("batch dispatch failed; trying again")
+                failing = True
                 await asyncio.sleep(1.0)
 
     async def _dispatch(self) -> None:
-        queued = await self.db(self.store.queued_models)
+        queued = await self.store.queued_models()
         now = time.monotonic()
+        self._waiting = {name: self._waiting.get(name, now) for name in queued}
         for name in queued:
             model = self.node.models.get(name)
             if model is None or self._backoff.get(name, 0.0) > now:
-                continue  # (a model no longer served: its items wait for it to come back)
+                continue  # (a model not served here: its items wait for a node that serves it)
             if model.failure:  # it cannot start: its items fail with the reason
-                for item in await self.db(self.store.claim, name, 256):
+                for item in await self.store.claim(name, 256):
                     error = {"code": 3042, "message": model.failure}
-                    await self.db(self.store.record, item.batch_id, item.index, False, error)
+                    await self._record(item, False, error)
                 continue
             free = self._slots(model) - self.in_flight[name]
-            if free <= 0:
+            limit = claim_limit(
+                free, model.ready_replicas > 0, now - self._waiting[name], self.store.shared
+            )
+            if limit <= 0:
                 continue
-            for item in await self.db(self.store.claim, name, free):
+            for item in await self.store.claim(name, limit):
                 task = asyncio.ensure_future(self._run_item(model, item))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -138,7 +174,7 @@ class BatchRunner:
                     Kind.RUN_JSON, [item.body], priority=Priority.BATCH
                 )
             except ModelBusy:  # its queue is full of interactive work: later, at no cost
-                await self.db(self.store.release, [item], False)
+                await self._persist(self.store.release, [item], False)
                 self._backoff[model.name] = time.monotonic() + 0.5
                 return
             except ModelUnavailable as exc:
@@ -148,18 +184,18 @@ class BatchRunner:
             if status == 503:  # the worker died under it: at least once, so again
                 await self._not_run(model, item, _message(envelope))
             elif status == 200 and "result" in envelope:
-                result = envelope["result"]
-                await self.db(self.store.record, item.batch_id, item.index, True, result)
+                await self._record(item, True, envelope["result"])
             else:
                 errors = envelope.get("errors") or [{"code": status, "message": str(envelope)}]
-                await self.db(self.store.record, item.batch_id, item.index, False, errors[0])
+                await self._record(item, False, errors[0])
         except asyncio.CancelledError:
-            raise  # the runtime stops: the item stays running, and runs again at the next start
+            raise  # the runtime stops: the item runs again (at the next start; in a fleet,
+            # on another node once this one's claims are given back)
         except Exception as exc:  # nothing an item does may stall its batch
             log.exception("batch item %s/%d failed", item.batch_id, item.index)
             error = {"code": 3043, "message": f"the item could not be run: {exc}"}
             with contextlib.suppress(Exception):
-                await self.db(self.store.record, item.batch_id, item.index, False, error)
+                await self._record(item, False, error)
         finally:
             self.in_flight[model.name] -= 1
             self.wake()
@@ -173,10 +209,26 @@ class BatchRunner:
                 "message": f"model '{model.name}' could not run this item in {item.attempts} "
                 f"attempts: {reason}",
             }
-            await self.db(self.store.record, item.batch_id, item.index, False, error)
+            await self._record(item, False, error)
             return
-        await self.db(self.store.release, [item])
+        await self._persist(self.store.release, [item])
         self._backoff[model.name] = time.monotonic() + 1.0
+
+    async def _record(self, item: BatchItem, success: bool, outcome: Any) -> None:
+        await self._persist(self.store.record, item.batch_id, item.index, success, outcome)
+
+    async def _persist(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A store call that must not be lost (an outcome in hand, a claim to give back):
+        tried again while the store cannot be reached, until it answers or the runtime stops.
+        (An item left claimed by a live node would wait for ever.)"""
+        delay = 0.5
+        while True:
+            try:
+                return await operation(*args)
+            except BatchStoreUnavailable as exc:
+                log.warning("batch: %s; trying again in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
 
 def _envelope(body: bytes) -> dict[str, Any]:

@@ -6,23 +6,38 @@ transactions). Execution is at least once: items that were running when the runt
 queued again when it starts. Recording is idempotent: an item's first outcome is kept, any later
 one for the same item is ignored, so every item appears exactly once in its batch's results.
 
-A networked store for several nodes would implement ``BatchStore`` over PostgreSQL
-(``SELECT ... FOR UPDATE SKIP LOCKED`` claims items without two nodes taking the same one, and it
-is durable and widely operated); see docs/batch.md.
+The runner calls a store through ``AsyncBatchStore``: a store reached over the network (a
+fleet's, on etcd: ``batch/etcd_store.py``) implements it itself, and ``InThread`` gives it to a
+``BatchStore`` such as SQLite, whose calls run on a thread of their own, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
-__all__ = ["BatchItem", "BatchStatus", "BatchStore", "SqliteBatchStore"]
+__all__ = [
+    "AsyncBatchStore",
+    "BatchItem",
+    "BatchStatus",
+    "BatchStore",
+    "BatchStoreUnavailable",
+    "InThread",
+    "SqliteBatchStore",
+    "asynchronous",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,87 @@ class BatchStore(Protocol):
     def counts(self) -> dict[str, int]: ...
     def expire(self, now: float, retention: float) -> int: ...
     def close(self) -> None: ...
+
+
+class BatchStoreUnavailable(Exception):
+    """The batch store cannot be reached now (a fleet's etcd is away); the message says why."""
+
+
+class AsyncBatchStore(Protocol):
+    """``BatchStore``'s operations as coroutines: what the runner and the API call."""
+
+    shared: bool  # several nodes take items from it (a fleet's)
+    max_item_size: int | None  # the largest item, input or result, it keeps (bytes), if any
+
+    async def submit(self, model: str, items: list[tuple[bytes, str | None]]) -> str: ...
+    async def claim(self, model: str, limit: int) -> list[BatchItem]: ...
+    async def release(self, items: list[BatchItem], attempted: bool = True) -> None: ...
+    async def record(self, batch_id: str, index: int, success: bool, outcome: Any) -> bool: ...
+    async def status(self, batch_id: str) -> BatchStatus | None: ...
+    async def results(self, batch_id: str) -> list[dict[str, Any]]: ...
+    async def batches(self) -> list[BatchStatus]: ...
+    async def queued_models(self) -> dict[str, int]: ...
+    async def counts(self) -> dict[str, int]: ...
+    async def expire(self, now: float, retention: float) -> int: ...
+    async def close(self) -> None: ...
+
+
+def asynchronous(store: BatchStore | AsyncBatchStore) -> AsyncBatchStore:
+    """``store`` itself when its operations are coroutines, else ``InThread(store)``."""
+    if inspect.iscoroutinefunction(store.claim):
+        return cast(AsyncBatchStore, store)
+    return InThread(cast(BatchStore, store))
+
+
+class InThread:
+    """``AsyncBatchStore`` over a ``BatchStore``: each call runs on the store's own thread,
+    one at a time, so the event loop never waits for the disk."""
+
+    shared: bool = False
+    max_item_size: int | None = None
+
+    def __init__(self, store: BatchStore) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-batch-store")
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def submit(self, model: str, items: list[tuple[bytes, str | None]]) -> str:
+        return await self._run(self.store.submit, model, items)
+
+    async def claim(self, model: str, limit: int) -> list[BatchItem]:
+        return await self._run(self.store.claim, model, limit)
+
+    async def release(self, items: list[BatchItem], attempted: bool = True) -> None:
+        await self._run(self.store.release, items, attempted)
+
+    async def record(self, batch_id: str, index: int, success: bool, outcome: Any) -> bool:
+        return await self._run(self.store.record, batch_id, index, success, outcome)
+
+    async def status(self, batch_id: str) -> BatchStatus | None:
+        return await self._run(self.store.status, batch_id)
+
+    async def results(self, batch_id: str) -> list[dict[str, Any]]:
+        return await self._run(self.store.results, batch_id)
+
+    async def batches(self) -> list[BatchStatus]:
+        return await self._run(self.store.batches)
+
+    async def queued_models(self) -> dict[str, int]:
+        return await self._run(self.store.queued_models)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._run(self.store.counts)
+
+    async def expire(self, now: float, retention: float) -> int:
+        return await self._run(self.store.expire, now, retention)
+
+    async def close(self) -> None:
+        try:
+            await self._run(self.store.close)
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 _SCHEMA = """

@@ -16,7 +16,7 @@ import functools
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -242,6 +242,29 @@ class EtcdStore(Store):
     async def lease(self, ttl: int) -> Lease:
         granted = await self._call(lambda client: client.lease(ttl))
         return _EtcdLease(granted.id, granted.ttl, self)
+
+    async def txn(
+        self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()
+    ) -> Any:
+        """One etcd transaction in etcd's own terms: ``aetcd.rpc`` ``Compare`` and ``RequestOp``
+        messages in, its ``TxnResponse`` out (ranges with limits, counts and revisions, which
+        the batch queue's claims need). ``LeaseExpired`` when a put names an expired lease."""
+        request = aetcd.rpc.TxnRequest(
+            compare=list(compare), success=list(success), failure=list(failure)
+        )
+
+        async def run(client: Any) -> Any:
+            await client.connect()
+            return await client.kvstub.Txn(request, timeout=self._timeout, metadata=client.metadata)
+
+        try:
+            return await self._call(run)
+        except grpc.aio.AioRpcError as exc:
+            if "lease not found" in str(exc.details()):
+                raise LeaseExpired(
+                    f"a transaction named an expired lease: {exc.details()}"
+                ) from None
+            raise
 
     async def close(self) -> None:
         """Close the connections; open watches end."""

@@ -1,6 +1,6 @@
 """Workers AI's ``/ai/run/{model}``: a JSON input, answered whole, streamed as server-sent
 events (``"stream": true``), or queued as an asynchronous batch (``?queueRequest=true``);
-and ``GET /ai/batch``, this node's batches.
+and ``GET /ai/batch``, the batches of this node (of the fleet, in a fleet).
 
 The body goes to the worker as it came. Only while a model has no replica ready is it checked
 here first (``input_check.py``), so that a body the model would refuse does not start it.
@@ -14,6 +14,7 @@ import weakref
 
 from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
+from omni_runtime.batch.store import BatchStoreUnavailable
 from omni_runtime.scheduler import ModelBusy, ModelDirectory, ModelHandle, ModelUnavailable
 from omni_runtime.server import sse
 from omni_runtime.server.http import (
@@ -66,10 +67,13 @@ class AiRunRoutes:
         """A batch submitted or polled: answered here (True), else an ordinary request."""
         assert self.batches is not None
         answer = None
-        if scope["query_string"] and batch_api.is_submission(scope["query_string"]):
-            answer = await batch_api.submit(self.batches, model, body, self.batch_limit)
-        elif (request_id := batch_api.is_poll(body)) is not None:
-            answer = await batch_api.poll(self.batches, model, request_id)
+        try:
+            if scope["query_string"] and batch_api.is_submission(scope["query_string"]):
+                answer = await batch_api.submit(self.batches, model, body, self.batch_limit)
+            elif (request_id := batch_api.is_poll(body)) is not None:
+                answer = await batch_api.poll(self.batches, model, request_id)
+        except BatchStoreUnavailable as exc:
+            answer = 503, {"error": f"model '{model.name}': {exc}; try again shortly"}
         if answer is None:
             return False
         status, content = answer
@@ -146,10 +150,13 @@ class AiRunRoutes:
             stream.close()  # whatever ended this, the engine's generator stops too
 
     async def batch_index(self, scope: Scope, receive: Receive, send: Send, _: None) -> None:
-        """``GET /ai/batch``: this node's asynchronous batches (the admin token guards it)."""
+        """``GET /ai/batch``: the asynchronous batches (the admin token guards it)."""
         if self.batches is None:
             raise HTTPError(404, "this runtime keeps no batch queue")
-        batches = await batch_api.batch_index(self.batches)
+        try:
+            batches = await batch_api.batch_index(self.batches)
+        except BatchStoreUnavailable as exc:
+            raise HTTPError(503, f"{exc}; try again shortly") from None
         payload = {"result": batches, "success": True, "errors": [], "messages": []}
         await respond(send, 200, json.dumps(payload).encode())
 
