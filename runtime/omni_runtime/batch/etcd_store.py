@@ -1,23 +1,7 @@
 """A fleet's batch queue: ``AsyncBatchStore`` on the fleet's etcd, shared by every node.
 
-    /omni/batch-index/open/<id>        {"model", "created", "total", "node"}: a batch with items
-                                       left ("submitting": true while its items are written)
-    /omni/batch-index/finished/<id>    the same with "finished", "done" and "failed"
-    /omni/batches/<id>/input/<i>       item i's input, the model's /ai/run JSON
-    /omni/batches/<id>/ref/<i>         its external_reference, when it has one
-    /omni/batches/<id>/queued/<i>      how many times it was claimed; there until its outcome is
-    /omni/batches/<id>/running/<i>     who runs it, {"node", "attempts"}: bound to that node's lease
-    /omni/batches/<id>/done/<i>        its result (JSON)
-    /omni/batches/<id>/failed/<i>      its error (JSON)
-
-An item is queued while it has a ``queued`` key and no ``running`` one. A claim is one
-transaction per item: if ``queued/<i>`` is as the claimer read it and ``running/<i>`` is absent,
-put ``running/<i>`` under the claimer's lease and count the attempt, so two nodes never both
-claim an item; when a node dies its lease expires, its ``running`` keys vanish and its items are
-queued again (at least once). Recording puts ``done/<i>`` or ``failed/<i>`` and deletes the
-other two keys only while ``queued/<i>`` exists, so an item's first outcome is its only one.
-The index keeps the hot path (which models have items, twice a second on every node) to the
-unfinished batches and a few counting reads, never the items themselves.
+The keys, and how claims and outcomes stay right across nodes, are described in
+``etcd_keys``; the lease a node's claims are bound to is ``etcd_lease``.
 """
 
 from __future__ import annotations
@@ -26,29 +10,25 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from omni_runtime.batch import etcd_keys as keys
+from omni_runtime.batch.etcd_lease import ClaimLease
 from omni_runtime.batch.store import BatchItem, BatchStatus, BatchStoreUnavailable
 from omni_runtime.fleet import etcd
-from omni_runtime.fleet.store import EtcdStore, Lease, LeaseExpired, StoreUnavailable
+from omni_runtime.fleet.store import EtcdStore, LeaseExpired, StoreUnavailable
 
 __all__ = ["LEASE_TTL", "MAX_ITEM_SIZE", "EtcdBatchStore"]
 
 log = logging.getLogger("omni.batch")
 T = TypeVar("T")
 
-OPEN = "/omni/batch-index/open/"
-FINISHED = "/omni/batch-index/finished/"
-BATCHES = "/omni/batches/"
-STATES = ("queued", "running", "done", "failed")
 
 # etcd refuses a request over 1.5 MiB (--max-request-bytes) and a transaction of more than 128
 # operations (--max-txn-ops) by default: an item (input or result) stays under MAX_ITEM_SIZE,
@@ -62,37 +42,6 @@ _SUBMIT_GRACE = 3600.0  # a submission still unfinished after this was cut short
 _FINISHED_EVERY = 10.0  # seconds between two tallies of finished batches (metrics only)
 
 
-@dataclass(frozen=True)
-class _Batch:
-    id: str
-    record: dict[str, Any]  # the index record
-
-    @property
-    def model(self) -> str:
-        return str(self.record["model"])
-
-    @property
-    def created(self) -> float:
-        return float(self.record["created"])
-
-    def status(self, counts: dict[str, int]) -> BatchStatus:
-        running = counts.get("running", 0)
-        return BatchStatus(
-            request_id=self.id,
-            model=self.model,
-            created=self.created,
-            total=int(self.record["total"]),
-            queued=counts.get("queued", 0) - running,  # a running item keeps its queued key
-            running=running,
-            done=counts.get("done", 0),
-            failed=counts.get("failed", 0),
-        )
-
-    def finished_status(self) -> BatchStatus:
-        done, failed = int(self.record["done"]), int(self.record["failed"])
-        return self.status({"done": done, "failed": failed})
-
-
 class EtcdBatchStore:
     """The batch queue of a fleet on its etcd (``EtcdStore``); ``node`` names this node in
     its claims. Claims are bound to a lease of ``ttl`` seconds that this store keeps alive."""
@@ -104,9 +53,7 @@ class EtcdBatchStore:
         self.etcd = store
         self.node = node
         self.ttl = ttl
-        self._lease: Lease | None = None
-        self._granting = asyncio.Lock()
-        self._keeping: asyncio.Task[None] | None = None
+        self.lease = ClaimLease(store, node, ttl, self._call)
         self._claims: dict[tuple[str, int], int] = {}  # this node's claims: their revision
         self._finished_tally: tuple[float, dict[str, int]] = (-_FINISHED_EVERY, {})
 
@@ -119,11 +66,11 @@ class EtcdBatchStore:
         size = 0
         for index, (body, reference) in enumerate(items):
             ops = [
-                _put(_key(batch_id, "input", index), body),
-                _put(_key(batch_id, "queued", index), b"0"),
+                keys.put(keys.key(batch_id, "input", index), body),
+                keys.put(keys.key(batch_id, "queued", index), b"0"),
             ]
             if reference is not None:
-                ops.append(_put(_key(batch_id, "ref", index), reference.encode()))
+                ops.append(keys.put(keys.key(batch_id, "ref", index), reference.encode()))
             item_size = len(body) + len((reference or "").encode())
             if chunks[-1] and (size + item_size > _TXN_BYTES or len(chunks[-1]) + 3 > _TXN_OPS):
                 chunks.append([])
@@ -131,14 +78,16 @@ class EtcdBatchStore:
             chunks[-1] += ops
             size += item_size
         if len(chunks) == 1:  # one transaction: the batch appears whole
-            await self._txn([], [*chunks[0], _put(OPEN + batch_id, _json(record))])
+            await self._txn([], [*chunks[0], keys.put(keys.OPEN + batch_id, keys.encoded(record))])
             return batch_id
         # Several: marked as being written until its last item is, so that no node runs a
         # part of it meanwhile, and a submission cut short is recognised and removed.
-        await self._txn([], [_put(OPEN + batch_id, _json({**record, "submitting": True}))])
+        await self._txn(
+            [], [keys.put(keys.OPEN + batch_id, keys.encoded({**record, "submitting": True}))]
+        )
         for chunk in chunks:
             await self._txn([], chunk)
-        await self._txn([], [_put(OPEN + batch_id, _json(record))])
+        await self._txn([], [keys.put(keys.OPEN + batch_id, keys.encoded(record))])
         return batch_id
 
     # -- claiming ---------------------------------------------------------------------------
@@ -168,13 +117,15 @@ class EtcdBatchStore:
     async def _candidates(self, batch_id: str, wanted: int) -> list[tuple[int, int, int]]:
         """Up to ``wanted`` queued items of the batch that no node runs, in order: (index,
         the revision of its queued key, its attempts)."""
-        running = {_index(kv.key) async for kv in self._scan(_prefix(batch_id, "running"), True)}
+        running = {
+            keys.index(kv.key) async for kv in self._scan(keys.prefix(batch_id, "running"), True)
+        }
         candidates: list[tuple[int, int, int]] = []
-        queued = self._scan(_prefix(batch_id, "queued"), page=wanted + len(running))
+        queued = self._scan(keys.prefix(batch_id, "queued"), page=wanted + len(running))
         async with contextlib.aclosing(queued):
             async for kv in queued:
-                if _index(kv.key) not in running:
-                    candidates.append((_index(kv.key), kv.mod_revision, int(kv.value or b"0")))
+                if keys.index(kv.key) not in running:
+                    candidates.append((keys.index(kv.key), kv.mod_revision, int(kv.value or b"0")))
                     if len(candidates) == wanted:
                         break
         return candidates
@@ -182,21 +133,21 @@ class EtcdBatchStore:
     async def _claim_one(
         self, batch_id: str, model: str, index: int, revision: int, attempts: int
     ) -> BatchItem | None:
-        queued, running = _key(batch_id, "queued", index), _key(batch_id, "running", index)
-        claim = _json({"node": self.node, "attempts": attempts + 1})
+        queued, running = keys.key(batch_id, "queued", index), keys.key(batch_id, "running", index)
+        claim = keys.encoded({"node": self.node, "attempts": attempts + 1})
         for _ in range(2):  # once more under a new lease if this node's has just expired
-            lease = await self._lease_now()
+            lease = await self.lease.get()
             try:
                 reply = await self._txn(
-                    [_mod_is(queued, revision), _absent(running)],
+                    [keys.mod_is(queued, revision), keys.absent(running)],
                     [
-                        _put(running, claim, lease.id),
-                        _put(queued, str(attempts + 1).encode()),
-                        _get(_key(batch_id, "input", index)),
+                        keys.put(running, claim, lease.id),
+                        keys.put(queued, str(attempts + 1).encode()),
+                        keys.get(keys.key(batch_id, "input", index)),
                     ],
                 )
             except LeaseExpired:
-                self._lapsed(lease)
+                self.lease.lapsed(lease)
                 continue
             if not reply.succeeded:
                 return None  # another node claimed it first, or it was recorded meanwhile
@@ -213,13 +164,15 @@ class EtcdBatchStore:
             revision = self._claims.pop((item.batch_id, item.index), None)
             if revision is None:
                 return
-            running = _key(item.batch_id, "running", item.index)
-            ops = [_delete(running)]
+            running = keys.key(item.batch_id, "running", item.index)
+            ops = [keys.delete(running)]
             if not attempted:
                 ops.append(
-                    _put(_key(item.batch_id, "queued", item.index), b"%d" % (item.attempts - 1))
+                    keys.put(
+                        keys.key(item.batch_id, "queued", item.index), b"%d" % (item.attempts - 1)
+                    )
                 )
-            await self._txn([_mod_is(running, revision)], ops)
+            await self._txn([keys.mod_is(running, revision)], ops)
 
         await asyncio.gather(*(one(item) for item in items))
 
@@ -228,11 +181,11 @@ class EtcdBatchStore:
     async def record(self, batch_id: str, index: int, success: bool, outcome: Any) -> bool:
         """The item's outcome, kept only if it has none yet; True if it was recorded. A result
         larger than ``MAX_ITEM_SIZE`` is recorded as an error saying so."""
-        value = _json(outcome)
+        value = keys.encoded(outcome)
         if len(value) > MAX_ITEM_SIZE:
             success, value = (
                 False,
-                _json(
+                keys.encoded(
                     {
                         "code": 3006,
                         "message": f"the item's result is {len(value)} bytes, larger than the "
@@ -240,13 +193,13 @@ class EtcdBatchStore:
                     }
                 ),
             )
-        queued = _key(batch_id, "queued", index)
+        queued = keys.key(batch_id, "queued", index)
         reply = await self._txn(
-            [_exists(queued)],
+            [keys.exists(queued)],
             [
-                _delete(queued),
-                _delete(_key(batch_id, "running", index)),
-                _put(_key(batch_id, "done" if success else "failed", index), value),
+                keys.delete(queued),
+                keys.delete(keys.key(batch_id, "running", index)),
+                keys.put(keys.key(batch_id, "done" if success else "failed", index), value),
             ],
         )
         self._claims.pop((batch_id, index), None)
@@ -257,8 +210,10 @@ class EtcdBatchStore:
     async def _finish_if_done(self, batch_id: str) -> None:
         """Move the batch to the finished index once no item is left (whoever records last,
         or the next survey if that node died in between)."""
-        counts = [_count(_prefix(batch_id, state)) for state in ("queued", "done", "failed")]
-        reply = await self._txn([], [*counts, _get(OPEN + batch_id)])
+        counts = [
+            keys.count(keys.prefix(batch_id, state)) for state in ("queued", "done", "failed")
+        ]
+        reply = await self._txn([], [*counts, keys.get(keys.OPEN + batch_id)])
         queued, done, failed = (r.response_range.count for r in reply.responses[:3])
         found = reply.responses[3].response_range.kvs
         if queued or not found:
@@ -267,39 +222,46 @@ class EtcdBatchStore:
         record.update(done=done, failed=failed)
         record.pop("submitting", None)
         await self._txn(
-            [_mod_is(OPEN + batch_id, found[0].mod_revision)],
-            [_delete(OPEN + batch_id), _put(FINISHED + batch_id, _json(record))],
+            [keys.mod_is(keys.OPEN + batch_id, found[0].mod_revision)],
+            [
+                keys.delete(keys.OPEN + batch_id),
+                keys.put(keys.FINISHED + batch_id, keys.encoded(record)),
+            ],
         )
 
     # -- reading ----------------------------------------------------------------------------
 
     async def status(self, batch_id: str) -> BatchStatus | None:
-        counts = [_count(_prefix(batch_id, state)) for state in STATES]
-        reply = await self._txn([], [_get(OPEN + batch_id), _get(FINISHED + batch_id), *counts])
+        counts = [keys.count(keys.prefix(batch_id, state)) for state in keys.STATES]
+        reply = await self._txn(
+            [], [keys.get(keys.OPEN + batch_id), keys.get(keys.FINISHED + batch_id), *counts]
+        )
         opened, finished = (r.response_range.kvs for r in reply.responses[:2])
         if finished:
-            return _batch(finished[0]).finished_status()
+            return keys.batch(finished[0]).finished_status()
         if not opened or json.loads(opened[0].value).get("submitting"):
             return None
         tally = {
-            s: r.response_range.count for s, r in zip(STATES, reply.responses[2:], strict=True)
+            s: r.response_range.count for s, r in zip(keys.STATES, reply.responses[2:], strict=True)
         }
-        return _batch(opened[0]).status(tally)
+        return keys.batch(opened[0]).status(tally)
 
     async def results(self, batch_id: str) -> list[dict[str, Any]]:
         """One entry per item, in submission order."""
-        reply = await self._txn([], [_get(OPEN + batch_id), _get(FINISHED + batch_id)])
+        reply = await self._txn(
+            [], [keys.get(keys.OPEN + batch_id), keys.get(keys.FINISHED + batch_id)]
+        )
         found = [kv for r in reply.responses for kv in r.response_range.kvs]
         if not found:
             return []
         total = int(json.loads(found[0].value)["total"])
         references: dict[int, str] = {}
-        async for kv in self._scan(_prefix(batch_id, "ref")):
-            references[_index(kv.key)] = bytes(kv.value).decode()
+        async for kv in self._scan(keys.prefix(batch_id, "ref")):
+            references[keys.index(kv.key)] = bytes(kv.value).decode()
         outcomes: dict[int, tuple[bool, Any]] = {}
         for state in ("done", "failed"):
-            async for kv in self._scan(_prefix(batch_id, state)):
-                outcomes[_index(kv.key)] = (state == "done", json.loads(kv.value))
+            async for kv in self._scan(keys.prefix(batch_id, state)):
+                outcomes[keys.index(kv.key)] = (state == "done", json.loads(kv.value))
         results = []
         for index in range(total):
             success, value = outcomes.get(index, (False, None))
@@ -315,9 +277,9 @@ class EtcdBatchStore:
 
     async def batches(self) -> list[BatchStatus]:
         opened = await self._open()
-        tallies = await self._tallies([b.id for b in opened], STATES)
+        tallies = await self._tallies([b.id for b in opened], keys.STATES)
         found = [b.status(tallies[b.id]) for b in opened]
-        found += [_batch(kv).finished_status() async for kv in self._scan(FINISHED)]
+        found += [keys.batch(kv).finished_status() async for kv in self._scan(keys.FINISHED)]
         return sorted(found, key=lambda s: (s.created, s.request_id))
 
     async def queued_models(self) -> dict[str, int]:
@@ -336,12 +298,12 @@ class EtcdBatchStore:
     async def counts(self) -> dict[str, int]:
         """Items by state in the fleet (finished batches tallied every ``_FINISHED_EVERY``)."""
         opened = await self._open()
-        tallies = await self._tallies([b.id for b in opened], STATES)
+        tallies = await self._tallies([b.id for b in opened], keys.STATES)
         statuses = [b.status(tallies[b.id]) for b in opened]
         counted_at, finished = self._finished_tally
         if time.monotonic() - counted_at >= _FINISHED_EVERY:
             finished = {"done": 0, "failed": 0}
-            async for kv in self._scan(FINISHED):
+            async for kv in self._scan(keys.FINISHED):
                 record = json.loads(kv.value)
                 finished["done"] += int(record["done"])
                 finished["failed"] += int(record["failed"])
@@ -359,65 +321,29 @@ class EtcdBatchStore:
         """Remove batches finished more than ``retention`` seconds ago, and submissions cut
         short (their node died while writing them); how many went."""
         gone: list[tuple[str, str, int]] = []  # index prefix, id, its record's revision
-        async for kv in self._scan(FINISHED):
+        async for kv in self._scan(keys.FINISHED):
             if float(json.loads(kv.value)["finished"]) < now - retention:
-                gone.append((FINISHED, _id(kv.key), kv.mod_revision))
-        async for kv in self._scan(OPEN):
+                gone.append((keys.FINISHED, keys.batch_id(kv.key), kv.mod_revision))
+        async for kv in self._scan(keys.OPEN):
             record = json.loads(kv.value)
             if record.get("submitting") and float(record["created"]) < now - _SUBMIT_GRACE:
-                gone.append((OPEN, _id(kv.key), kv.mod_revision))
+                gone.append((keys.OPEN, keys.batch_id(kv.key), kv.mod_revision))
         removed = 0
         for index, batch_id, revision in gone:
             reply = await self._txn(
-                [_mod_is(index + batch_id, revision)],
-                [_delete(index + batch_id), _delete(BATCHES + batch_id + "/", prefix=True)],
+                [keys.mod_is(index + batch_id, revision)],
+                [
+                    keys.delete(index + batch_id),
+                    keys.delete(keys.BATCHES + batch_id + "/", prefix=True),
+                ],
             )
             removed += bool(reply.succeeded)
         return removed
 
     async def close(self) -> None:
-        """Stop keeping the lease alive and revoke it: the items this node still holds are
-        queued again at once. (The etcd connection belongs to the fleet node.)"""
-        if self._keeping is not None:
-            self._keeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeping
-        if self._lease is not None:
-            with contextlib.suppress(Exception):  # it expires by itself otherwise
-                await asyncio.wait_for(self._lease.revoke(), 2.0)
-            self._lease = None
-
-    # -- the lease --------------------------------------------------------------------------
-
-    async def _lease_now(self) -> Lease:
-        async with self._granting:
-            if self._lease is None:
-                self._lease = await self._call(lambda: self.etcd.lease(self.ttl))
-                self._keeping = asyncio.create_task(self._keep_alive(self._lease))
-            return self._lease
-
-    async def _keep_alive(self, lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(lease.ttl / 3 * random.uniform(0.8, 1.0))
-            try:
-                alive = await lease.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd is away: if it stays away, the lease lapses
-                log.debug("batch: cannot refresh lease %x: %s", lease.id, exc)
-                continue
-            if not alive:
-                self._lapsed(lease)
-                return
-
-    def _lapsed(self, lease: Lease) -> None:
-        if self._lease is lease:
-            log.warning(
-                "batch: node %s's claims lapsed (lease %x expired while etcd was away): its "
-                "items are queued again; claiming under a new lease",
-                self.node, lease.id,
-            )  # fmt: skip
-            self._lease = None
+        """Revoke this node's claims lease: the items it still holds are queued again at
+        once. (The etcd connection belongs to the fleet node.)"""
+        await self.lease.close()
 
     # -- talking to etcd ----------------------------------------------------------------------
 
@@ -452,9 +378,9 @@ class EtcdBatchStore:
             revision = revision or reply.header.revision
             start = bytes(found.kvs[-1].key) + b"\0"
 
-    async def _open(self, model: str | None = None) -> list[_Batch]:
+    async def _open(self, model: str | None = None) -> list[keys.Batch]:
         """The unfinished batches (of ``model``), oldest first; none being submitted."""
-        found = [_batch(kv) async for kv in self._scan(OPEN)]
+        found = [keys.batch(kv) async for kv in self._scan(keys.OPEN)]
         return sorted(
             (b for b in found if not b.record.get("submitting") and model in (None, b.model)),
             key=lambda b: (b.created, b.id),
@@ -468,76 +394,7 @@ class EtcdBatchStore:
         tallies: dict[str, dict[str, int]] = {batch_id: {} for batch_id in batch_ids}
         for start in range(0, len(pairs), _TXN_OPS):
             chunk = pairs[start : start + _TXN_OPS]
-            reply = await self._txn([], [_count(_prefix(b, s)) for b, s in chunk])
+            reply = await self._txn([], [keys.count(keys.prefix(b, s)) for b, s in chunk])
             for (batch_id, state), response in zip(chunk, reply.responses, strict=True):
                 tallies[batch_id][state] = response.response_range.count
         return tallies
-
-
-# -- keys and etcd's messages -------------------------------------------------------------------
-
-
-def _prefix(batch_id: str, state: str) -> str:
-    return f"{BATCHES}{batch_id}/{state}/"
-
-
-def _key(batch_id: str, state: str, index: int) -> str:
-    return f"{BATCHES}{batch_id}/{state}/{index:08d}"
-
-
-def _index(key: bytes) -> int:
-    return int(bytes(key).rpartition(b"/")[2])
-
-
-def _id(key: bytes) -> str:
-    return etcd.decode_key(key).rpartition("/")[2]
-
-
-def _batch(kv: Any) -> _Batch:
-    return _Batch(_id(kv.key), json.loads(kv.value))
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _put(key: str, value: bytes, lease: int = 0) -> Any:
-    request = rpc.PutRequest(key=etcd.encode_key(key), value=value, lease=lease)
-    return rpc.RequestOp(request_put=request)
-
-
-def _get(key: str) -> Any:
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=etcd.encode_key(key)))
-
-
-def _count(prefix: str) -> Any:
-    key = etcd.encode_key(prefix)
-    request = rpc.RangeRequest(key=key, range_end=prefix_range_end(key), count_only=True)
-    return rpc.RequestOp(request_range=request)
-
-
-def _delete(key: str, prefix: bool = False) -> Any:
-    encoded = etcd.encode_key(key)
-    end = prefix_range_end(encoded) if prefix else b""
-    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=encoded, range_end=end))
-
-
-def _compare(key: str, target: str, result: str, **value: int) -> Any:
-    return rpc.Compare(
-        key=etcd.encode_key(key),
-        target=rpc.Compare.CompareTarget.Value(target),
-        result=rpc.Compare.CompareResult.Value(result),
-        **value,
-    )
-
-
-def _exists(key: str) -> Any:
-    return _compare(key, "VERSION", "GREATER", version=0)
-
-
-def _absent(key: str) -> Any:
-    return _compare(key, "VERSION", "EQUAL", version=0)
-
-
-def _mod_is(key: str, revision: int) -> Any:
-    return _compare(key, "MOD", "EQUAL", mod_revision=revision)

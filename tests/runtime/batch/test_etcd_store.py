@@ -140,12 +140,12 @@ def test_a_node_whose_claims_lapsed_claims_under_a_new_lease(etcd: EtcdCluster) 
         async with node(cluster, "a") as a:
             await a.submit("m", [(b"{}", None), (b"{}", None)])
             [first] = await a.claim("m", 1)
-            lapsed = a._lease
+            lapsed = a.lease._lease
             assert lapsed is not None
             await lapsed.revoke()  # as when etcd was away for longer than the lease
             again = await a.claim("m", 5)  # its claim went with the lease: item 0 is back
             assert sorted((i.index, i.attempts) for i in again) == [(0, 2), (1, 1)]
-            assert a._lease is not None and a._lease.id != lapsed.id
+            assert a.lease._lease is not None and a.lease._lease.id != lapsed.id
             assert (await a.status(first.batch_id)).running == 2  # type: ignore[union-attr]
 
     run(etcd, scenario)
