@@ -63,6 +63,7 @@ def _serve_with(
 
     discovery, files = discover(args, isolation)
     rollouts_file = args.state_dir / "rollouts.json"  # versions promoted by rollouts
+    given = {spec.name: spec.package_dir for spec in discovery.models}
     discovery.models = asyncio.run(
         with_promoted(discovery.models, rollouts_file, discoverer(args, isolation, files))
     )
@@ -119,7 +120,9 @@ def _serve_with(
         )
 
     models = ModelDirectory(node)  # all the front ends see of the node
-    rollouts = Rollouts(node, models, discoverer(args, isolation, files), state_file=rollouts_file)
+    rollouts = Rollouts(
+        node, models, discoverer(args, isolation, files), state_file=rollouts_file, given=given
+    )
     fleet = None
     if args.fleet:
         from omni_runtime.fleet.node import FleetNode, advertised_url

@@ -117,7 +117,8 @@ def runtime(tmp_path: Path) -> Iterator[tuple[RunningRuntime, Path]]:
         '[models."@test/rolled-async".scaling]\nmin_replicas = 1\n'
     )
     v1 = package(tmp_path, "1.0.0")
-    with serve(v1, extra=["--shared-env", "--config", str(config)]) as running:
+    extra = ["--shared-env", "--config", str(config), "--state-dir", str(tmp_path / "state")]
+    with serve(v1, extra=extra) as running:
         yield running, tmp_path
 
 

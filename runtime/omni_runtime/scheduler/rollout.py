@@ -95,6 +95,7 @@ class Rollouts:
         discover: Discover,
         error_rate: float = ERROR_RATE,
         state_file: Path | None = None,
+        given: dict[str, Path] | None = None,
     ) -> None:
         self.controller = controller
         self.directory = directory
@@ -102,6 +103,9 @@ class Rollouts:
         self.error_rate = error_rate
         self.rollouts: dict[str, Rollout] = {}  # the last one of each model
         self.state_file = state_file  # the promoted versions, for the next start
+        # The package each model was served from when the runtime was started: a promoted
+        # version is served again only by a runtime given that same package.
+        self.given = given or {}
         saved = promoted(state_file) if state_file is not None else {}
         # Each model's versions seen, for `to`.
         self.packages: dict[str, dict[str, Path]] = {
@@ -284,6 +288,7 @@ class Rollouts:
         saved[name] = {
             "version": version,
             "package": package,
+            "given": str(self.given.get(name, "")),
             "versions": {v: str(p) for v, p in self.packages.get(name, {}).items()},
         }
         try:
@@ -325,7 +330,11 @@ async def with_promoted(
     result = []
     for spec in specs:
         entry = saved.get(spec.name)
-        if entry is None or entry.get("version") == spec.version:
+        if (
+            entry is None
+            or entry.get("version") == spec.version
+            or entry.get("given") != str(spec.package_dir)  # another deployment's model
+        ):
             result.append(spec)
             continue
         discovery = await discover([Path(entry["package"])])
