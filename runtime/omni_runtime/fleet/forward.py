@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 
 from omni_runtime.fleet.peers import PeerReport
 from omni_runtime.scheduler import ModelBusy, ModelUnavailable, Priority
@@ -33,17 +33,31 @@ class PeerUnreachable(Exception):
 
 
 class Forwarder:
+    """Requests to peers, on aiohttp's client: kept-alive connections, and a small CPU cost
+    per request (a forward should cost the forwarding node little more than a local call)."""
+
     def __init__(self, me: str, headers: Mapping[str, str]) -> None:
         self.me = me
+        self.headers = dict(headers)
         self.outstanding: dict[str, int] = {}  # requests sent to each peer, not answered yet
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=1.0),
-            limits=httpx.Limits(max_keepalive_connections=256, max_connections=None),
-            headers=dict(headers),
-        )
+        # (node, model) -> requests sent and not answered: where a cold start is under way
+        self.starting: dict[tuple[str, str], int] = {}
+        self._session: aiohttp.ClientSession | None = None  # made on the running loop
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=1.0),
+                headers=self.headers,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def forward(
         self,
@@ -69,10 +83,14 @@ class Forwarder:
         body = b"".join(parts)
         node = peer.node.name
         self.outstanding[node] = self.outstanding.get(node, 0) + 1
+        self.starting[(node, name)] = self.starting.get((node, name), 0) + 1
         try:
             return await self._send(url, headers, body, kind, on_chunk, trace, peer, name)
         finally:
             self.outstanding[node] -= 1
+            left = self.starting.pop((node, name)) - 1
+            if left:
+                self.starting[(node, name)] = left
 
     async def _send(
         self,
@@ -85,18 +103,24 @@ class Forwarder:
         peer: PeerReport,
         name: str,
     ) -> Response:
+        if kind == Kind.RUN_STREAM:
+            return await self._stream(url, headers, body, on_chunk, trace, peer)
         try:
-            if kind == Kind.RUN_STREAM:
-                return await self._stream(url, headers, body, on_chunk, trace, peer)
-            response = await self.client.post(url, content=body, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            response = await self._client().post(url, data=body, headers=headers)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # refused, or gone before the answer began: another node may take it
             raise PeerUnreachable(str(exc) or type(exc).__name__) from None
-        except httpx.ReadError as exc:
-            raise PeerUnreachable(f"the connection broke before the answer: {exc}") from None
-        _raise_refusal(response.status_code, response.headers, response.content, name)
+        async with response:
+            try:
+                content = await response.read()
+            except aiohttp.ClientError as exc:  # its answer began: it ran; not retried
+                raise ModelUnavailable(
+                    f"node {peer.node.name} went away answering: {exc}"
+                ) from None
+        _raise_refusal(response.status, response.headers, content, name)
         _note(trace, response.headers, peer)
         length = int(response.headers.get("omni-header-length", "0"))
-        return response.status_code, length, response.content
+        return response.status, length, content
 
     async def _stream(
         self,
@@ -109,14 +133,18 @@ class Forwarder:
     ) -> Response:
         chunks = 0
         try:
-            async with self.client.stream("POST", url, content=body, headers=headers) as response:
-                if response.status_code != 200 or "omni-stream" not in response.headers:
-                    content = await response.aread()
-                    _raise_refusal(response.status_code, response.headers, content, url)
-                    return response.status_code, 0, content
+            response = await self._client().post(url, data=body, headers=headers)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise PeerUnreachable(str(exc) or type(exc).__name__) from None
+        try:
+            async with response:
+                if response.status != 200 or "omni-stream" not in response.headers:
+                    content = await response.read()
+                    _raise_refusal(response.status, response.headers, content, url)
+                    return response.status, 0, content
                 _note(trace, response.headers, peer)
                 buffer = b""
-                async for piece in response.aiter_raw():
+                async for piece in response.content.iter_any():
                     buffer += piece
                     while len(buffer) >= FRAME.size:
                         tag, length = FRAME.unpack_from(buffer)
@@ -131,9 +159,7 @@ class Forwarder:
                         else:
                             status, header_length = FINAL.unpack_from(data)
                             return status, header_length, data[FINAL.size :]
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise PeerUnreachable(str(exc) or type(exc).__name__) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        except aiohttp.ClientError as exc:
             if not chunks:
                 raise PeerUnreachable(f"the connection broke before the answer: {exc}") from None
             raise ModelUnavailable(f"the node serving this stream went away: {exc}") from None
@@ -142,7 +168,7 @@ class Forwarder:
         raise ModelUnavailable("the node serving this stream ended it without an answer")
 
 
-def _raise_refusal(status: int, headers: httpx.Headers, content: bytes, name: str) -> None:
+def _raise_refusal(status: int, headers: Mapping[str, str], content: bytes, name: str) -> None:
     refused = headers.get("omni-refused")
     if refused is None:
         return
@@ -153,7 +179,7 @@ def _raise_refusal(status: int, headers: httpx.Headers, content: bytes, name: st
     raise ModelUnavailable(message, int(retry) if retry.isdigit() else 5)
 
 
-def _note(trace: Trace, headers: httpx.Headers, peer: PeerReport) -> None:
+def _note(trace: Trace, headers: Mapping[str, str], peer: PeerReport) -> None:
     trace.served_by = headers.get("omni-node") or peer.node.name
     trace.route = headers.get("omni-route")
     trace.version = headers.get("omni-model-version")

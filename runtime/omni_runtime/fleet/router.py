@@ -192,7 +192,7 @@ class FleetDirectory(ModelDirectory):
         self._settings = settings
         self._metrics = metrics
         self._routed: dict[str, RoutedHandle] = {}
-        self.forwarder = Forwarder(me, peers.client.headers)
+        self.forwarder = Forwarder(me, dict(peers.client.headers))
 
     # -- the directory -------------------------------------------------------------------
 
@@ -308,13 +308,24 @@ class FleetDirectory(ModelDirectory):
                 random.random(),
             )
         )
+        # A cold start under way (requests this node sent there, or queued there as the
+        # last report said) takes the burst that follows it: one start, not one per node.
+        starting = self.forwarder.starting
+        started: list[PeerReport | None] = [
+            r for r in cold
+            if starting.get((r.node.name, name)) or r.models[name].get("queued", 0)
+        ]  # fmt: skip
+        cold = [r for r in cold if r not in started]
         choices: list[tuple[int, PeerReport | None]] = [(r.host_free, r) for r in cold]
-        if here:
+        local = self.local.get(name) if here and self.local is not None else None
+        if local is not None and local.load()["queued"]:
+            started.insert(0, None)  # starting here already
+        elif here:
             choices.append((self.free_memory()[0], None))
         choices.sort(key=lambda choice: -choice[0])
         short = [node for _, node in choices[:SHORT_LIST]]
         random.shuffle(short)
-        return [*warm, *short, *(node for _, node in choices[SHORT_LIST:])]
+        return [*warm, *started, *short, *(node for _, node in choices[SHORT_LIST:])]
 
     async def close(self) -> None:
         await self.forwarder.close()
