@@ -17,12 +17,16 @@ from tests.e2e.runtime import RunningRuntime, serve
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Iterator[pytest.TestReport]:
-    """A failed test that used a runtime fixture shows what that runtime printed last."""
+    """A failed test that used a runtime fixture shows what that runtime printed last (and
+    so for each runtime of a fixture that keeps several in a ``runtimes`` dict)."""
     report: pytest.TestReport = yield
     if report.failed:
         for name, value in getattr(item, "funcargs", {}).items():
             if isinstance(value, RunningRuntime):
                 report.sections.append((f"runtime {name!r}", value.last_lines()))
+            for part, runtime in getattr(value, "runtimes", {}).items():
+                if isinstance(runtime, RunningRuntime):
+                    report.sections.append((f"runtime {name}.{part}", runtime.last_lines()))
     return report
 
 
