@@ -421,14 +421,6 @@ def test_a_node_cut_off_the_network_leaves_the_fleet_and_joins_again(fleet: Flee
         wait_served_by(client, "@test/echo", "cut")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fleet/forward.py, Forwarder: a request forwarded to a peer that drops off the "
-    "network (no reset, no refusal: a host gone, a cable pulled) waits for the answer with no "
-    "deadline (httpx.Timeout(None, connect=1.0), no keep-alive), even once the peer's load "
-    "reports have stopped; it is neither tried on another node nor failed until the peer's "
-    "TCP connection breaks (here, when the link comes back)",
-)
 def test_a_node_cut_off_the_network_under_load_costs_no_request(fleet: Fleet) -> None:
     cut = fleet.spaces["cut"]
     with fleet.node("cut", ECHO, extra=["--config", str(fleet.config)]):
@@ -449,12 +441,6 @@ def test_a_node_cut_off_the_network_under_load_costs_no_request(fleet: Fleet) ->
     assert not slow, f"requests that waited for the lost node: {slow} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/grpc_service.py, InferenceService.ModelInfer: a gRPC answer carries no "
-    "omni-node (nor omni-route) metadata, though the contract says every answer names the "
-    "node that served it and the route it took",
-)
 def test_a_grpc_answer_names_the_node_that_served_it(fleet: Fleet) -> None:
     request = service_pb2.ModelInferRequest(model_name="@test/echo")
     text = request.inputs.add(name="text", datatype="BYTES", shape=[1])

@@ -10,8 +10,9 @@ the forwarding node raises what a local call would have raised.
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import quote
 
 import aiohttp
@@ -23,6 +24,7 @@ from omni_sdk.wire import Kind
 
 __all__ = ["FINAL", "FRAME", "Forwarder", "PeerUnreachable"]
 
+WATCH_SECONDS = 0.25  # how often a forward waiting for its answer checks the peer still reports
 FRAME = struct.Struct("<cI")  # a type byte and the length of the data that follows
 FINAL = struct.Struct("<HI")  # the final frame's data starts with status, header length
 Response = tuple[int, int, bytes]
@@ -69,8 +71,11 @@ class Forwarder:
         priority: Priority,
         on_chunk: Callable[[bytes], None] | None,
         trace: Trace,
+        alive: Callable[[], bool] = lambda: True,
     ) -> Response:
         """One request to ``peer``'s ``/fleet/call`` route; its answer, as a local call's.
+        ``alive()`` says whether the peer still reports: one whose reports stopped before
+        its answer began is given up on (it dropped off the network without a word).
 
         Raises ``PeerUnreachable`` when another node may be tried."""
         url = f"{peer.node.url}/fleet/call/{quote(name, safe='/@')}"
@@ -85,7 +90,7 @@ class Forwarder:
         self.outstanding[node] = self.outstanding.get(node, 0) + 1
         self.starting[(node, name)] = self.starting.get((node, name), 0) + 1
         try:
-            return await self._send(url, headers, body, kind, on_chunk, trace, peer, name)
+            return await self._send(url, headers, body, kind, on_chunk, trace, peer, name, alive)
         finally:
             self.outstanding[node] -= 1
             left = self.starting.pop((node, name)) - 1
@@ -102,11 +107,14 @@ class Forwarder:
         trace: Trace,
         peer: PeerReport,
         name: str,
+        alive: Callable[[], bool],
     ) -> Response:
         if kind == Kind.RUN_STREAM:
-            return await self._stream(url, headers, body, on_chunk, trace, peer)
+            return await self._stream(url, headers, body, on_chunk, trace, peer, alive)
         try:
-            response = await self._client().post(url, data=body, headers=headers)
+            response = await _answer_begun(
+                self._client().post(url, data=body, headers=headers), alive
+            )
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             # refused, or gone before the answer began: another node may take it
             raise PeerUnreachable(str(exc) or type(exc).__name__) from None
@@ -130,10 +138,13 @@ class Forwarder:
         on_chunk: Callable[[bytes], None] | None,
         trace: Trace,
         peer: PeerReport,
+        alive: Callable[[], bool],
     ) -> Response:
         chunks = 0
         try:
-            response = await self._client().post(url, data=body, headers=headers)
+            response = await _answer_begun(
+                self._client().post(url, data=body, headers=headers), alive
+            )
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise PeerUnreachable(str(exc) or type(exc).__name__) from None
         try:
@@ -166,6 +177,24 @@ class Forwarder:
         if not chunks:
             raise PeerUnreachable("the stream ended before its answer")
         raise ModelUnavailable("the node serving this stream ended it without an answer")
+
+
+async def _answer_begun(
+    request: Awaitable[aiohttp.ClientResponse], alive: Callable[[], bool]
+) -> aiohttp.ClientResponse:
+    """The response once its headers arrived; ``PeerUnreachable`` if the peer stopped
+    reporting first (a peer gone without a reset would keep the request waiting for minutes)."""
+    task = asyncio.ensure_future(request)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=WATCH_SECONDS)
+            if done:
+                return task.result()
+            if not alive():
+                raise PeerUnreachable("its load reports stopped before its answer began")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _raise_refusal(status: int, headers: Mapping[str, str], content: bytes, name: str) -> None:

@@ -111,6 +111,11 @@ class Peers:
                 await task
         await self.client.aclose()
 
+    def fresh(self, name: str) -> bool:
+        """Whether node ``name``'s last load report is recent enough to count on it."""
+        report = self.reports.get(name)
+        return report is not None and time.monotonic() - report.at <= REPORT_TTL
+
     def routable(self) -> list[PeerReport]:
         """Peers with a fresh report that are not draining."""
         now = time.monotonic()

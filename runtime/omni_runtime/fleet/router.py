@@ -17,6 +17,7 @@ A request travels at most ``MAX_HOPS`` forwards; ``Omni-Route`` carries the node
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -141,8 +142,9 @@ class RoutedHandle(ModelHandle):
                 return await local.call(kind, parts, reject_if_busy, priority, on_chunk, started)
             try:
                 response = await self._directory.forwarder.forward(
-                    peer, self.name, kind, parts, reject_if_busy, priority, on_chunk, trace
-                )
+                    peer, self.name, kind, parts, reject_if_busy, priority, on_chunk, trace,
+                    functools.partial(self._directory.peers.fresh, peer.node.name),
+                )  # fmt: skip
             except PeerUnreachable as exc:
                 failures.append(f"{peer.node.name}: {exc}")
                 log.warning("fleet: model '%s': node %s: %s; trying the next", self.name,
@@ -295,16 +297,14 @@ class FleetDirectory(ModelDirectory):
                 warm.append(report)
             elif load.get("queue_room", 1) > 0:
                 cold.append(report)
-        # Same zone first, then the least busy: its queue less its free slots as it reported
-        # them, plus what this node sent it since (fresher than any report); ties at random,
-        # so that routers reading the same reports do not all pick the same node.
+        # Same zone first, then the least queued: what it reported waiting, plus what this
+        # node sent it since (fresher than any report); ties at random, so that routers
+        # reading the same reports do not all pick the same node.
         outstanding = self.forwarder.outstanding
         warm.sort(
             key=lambda r: (
                 r.node.zone != self.zone,
-                r.models[name].get("queued", 0)
-                - r.models[name].get("room", 0)
-                + outstanding.get(r.node.name, 0),
+                r.models[name].get("queued", 0) + outstanding.get(r.node.name, 0),
                 random.random(),
             )
         )
