@@ -62,6 +62,7 @@ class RoutedHandle(ModelHandle):
     ) -> None:
         self.name = name
         self.spec = spec
+        self.version_header = (b"omni-model-version", spec.version.encode())
         self._local = local
         self._directory = directory
         self._stats = ModelStats()

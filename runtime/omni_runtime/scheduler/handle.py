@@ -42,7 +42,7 @@ CLIENT_GONE = 499  # nginx's code for a request whose client closed the connecti
 class ModelHandle:
     """One model as a front end sees it."""
 
-    __slots__ = ("__weakref__", "_label", "_metrics", "_model", "name", "spec")
+    __slots__ = ("__weakref__", "_label", "_metrics", "_model", "name", "spec", "version_header")
 
     def __init__(self, model: ServedModel) -> None:
         self._model = model
@@ -50,6 +50,7 @@ class ModelHandle:
         self.name = model.spec.name
         self._label = model.name  # "name@version" while a rollout runs beside the current one
         self.spec: ModelSpec = model.spec  # what ``describe`` routes show
+        self.version_header = (b"omni-model-version", model.spec.version.encode())
 
     # -- state ---------------------------------------------------------------------------
 
@@ -157,6 +158,7 @@ class SplitHandle(ModelHandle):
         self._label = current._label
         self.name = current.name
         self.spec = current.spec
+        self.version_header = current.version_header
 
     def choose(self) -> ModelHandle:
         self._credit += self.percent

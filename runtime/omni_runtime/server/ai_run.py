@@ -16,6 +16,7 @@ from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
 from omni_runtime.batch.store import BatchStoreUnavailable
 from omni_runtime.scheduler import ModelBusy, ModelDirectory, ModelHandle, ModelUnavailable
+from omni_runtime.scheduler.trace import TRACE
 from omni_runtime.server import sse
 from omni_runtime.server.http import (
     HTTPError,
@@ -27,7 +28,7 @@ from omni_runtime.server.http import (
     respond,
 )
 from omni_runtime.server.input_check import InputCheck
-from omni_runtime.server.kserve import KServeRoutes, call_model
+from omni_runtime.server.kserve import KServeRoutes, call_model, names_version
 from omni_sdk.wire import Kind
 
 __all__ = ["AiRunRoutes"]
@@ -46,15 +47,20 @@ class AiRunRoutes:
             weakref.WeakKeyDictionary()
         )
 
+    @names_version
     async def run(self, scope: Scope, receive: Receive, send: Send, model: ModelHandle) -> None:
         started = time.perf_counter()
         body = await self.kserve.read(scope, receive, model)
-        if self.batches is not None and await self._batch(scope, send, model, body):
+        if (
+            self.batches is not None
+            and (scope["query_string"] or b"request_id" in body)  # (the cheap test first)
+            and await self._batch(scope, send, model, body)
+        ):
             return
         if not model.ready_replicas and (problem := self._refused_before_start(model, body)):
             # Nothing would run it anyway: say so now rather than after a cold start.
             model.account(400, started)
-            await respond(send, 400, error_body(True, 400, problem))
+            await respond(send, 400, error_body(True, 400, problem), extra=_version(model))
             return
         reject = b"rejectIfBusy" in body and _reject_if_busy(body)
         if b'"stream"' in body and _wants_stream(body):
@@ -79,9 +85,10 @@ class AiRunRoutes:
         status, content = answer
         if status == 200:
             payload = {**content, "success": True, "errors": [], "messages": []}
-            await respond(send, 200, json.dumps(payload).encode())
+            await respond(send, 200, json.dumps(payload).encode(), extra=_version(model))
         else:
-            await respond(send, status, error_body(True, status, content["error"]))
+            body = error_body(True, status, content["error"])
+            await respond(send, status, body, extra=_version(model))
         return True
 
     def _refused_before_start(self, model: ModelHandle, body: bytes) -> str:
@@ -119,12 +126,13 @@ class AiRunRoutes:
         it is an ``event: error`` in the stream. A client that goes away cancels the engine's
         generator."""
         stream = sse.StreamedCall(model, body, receive, reject_if_busy, started)
+        start = {**sse.START, "headers": [*sse.START["headers"], *_version(model)]}
         opened = False
         try:
             async for chunk in stream:
                 if not opened:
                     opened = True
-                    await send(sse.START)
+                    await send(start)
                 await send(sse.event(b"data: " + chunk + b"\n\n"))
             if stream.client_gone:
                 return
@@ -135,10 +143,10 @@ class AiRunRoutes:
             except ModelUnavailable as exc:
                 status, final = 503, error_body(True, 503, str(exc))
             if not opened and status != 200:
-                await respond(send, status, final)
+                await respond(send, status, final, extra=_version(model))
                 return
             if not opened:
-                await send(sse.START)
+                await send(start)
             if status == 200:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             else:
@@ -159,6 +167,11 @@ class AiRunRoutes:
             raise HTTPError(503, f"{exc}; try again shortly") from None
         payload = {"result": batches, "success": True, "errors": [], "messages": []}
         await respond(send, 200, json.dumps(payload).encode())
+
+
+def _version(model: ModelHandle) -> list[tuple[bytes, bytes]]:
+    """The answer's ``Omni-Model-Version``, unless the HTTP app adds it (see names_version)."""
+    return [model.version_header] if TRACE.get() is None else []
 
 
 def _not_an_input(model: ModelHandle, problem: str) -> str:

@@ -47,7 +47,7 @@ _ROUTE_CACHE_LIMIT = 4096
 TRITON_UNKNOWN = "Request for unknown model"
 _BEARER = [(b"www-authenticate", b"Bearer")]
 # A route as the dispatcher keeps it: handler, model, accepted Authorization values, access.
-_Prepared = tuple[Any, "ModelHandle | None", tuple[bytes, ...], Access]
+_Prepared = tuple[Any, Any, tuple[bytes, ...], Access, bool]
 
 
 def route_list(
@@ -167,8 +167,8 @@ class OmniApp:
         prepared = self._cache.get((method, path))
         if prepared is None:
             prepared = self._prepare(method, path)
-        handler, model, accepted, access = prepared
-        if self.node is not None or model is not None:
+        handler, model, accepted, access, direct = prepared
+        if not direct and (self.node is not None or model is not None):
             trace = Trace(route_of(scope["headers"]) if self.node is not None else [])
             TRACE.set(trace)
             send = _traced(send, trace, self.node, model.spec.version if model else None)
@@ -178,7 +178,8 @@ class OmniApp:
         try:
             await handler(scope, receive, send, model)
         except HTTPError as exc:
-            await respond(send, exc.status, family_error(path, exc), extra=exc.headers)
+            extra = [*exc.headers, model.version_header] if direct else exc.headers
+            await respond(send, exc.status, family_error(path, exc), extra=extra)
         except ClientGone:
             pass  # nobody is left to answer
         except Exception:  # a bug here must cost one request, never the server
@@ -198,7 +199,14 @@ class OmniApp:
                 handler = _no_such_version(model.name, version, model.spec.version)
             else:
                 model = other
-        prepared = (handler, model, self._accepted[resolved.access], resolved.access)
+        # The hot routes (infer, /ai/run) name the version in their answers themselves, where
+        # nothing else is to be added to them: no per-request trace, no wrapped send.
+        direct = (
+            self.node is None
+            and type(model) is ModelHandle
+            and getattr(handler, "names_version", False)
+        )
+        prepared = (handler, model, self._accepted[resolved.access], resolved.access, direct)
         if model is not None and len(self._cache) < _ROUTE_CACHE_LIMIT:
             self._cache[(method, path)] = prepared
         return prepared

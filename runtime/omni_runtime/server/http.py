@@ -106,10 +106,22 @@ async def read_body(scope: Scope, receive: Receive, limit: int, subject: str = "
 
     ``subject`` (e.g. "model 'x'") starts the 413 message when the route already knows it.
     """
-    body = await _read_raw(scope, receive, limit, subject)
+    encoding = None
     for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(limit, subject)
         if name == b"content-encoding":
-            return decompress(body, value.decode("latin-1").strip().lower(), limit, subject)
+            encoding = value
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if message.get("more_body"):
+        body = await _read_rest(receive, body, limit, subject)
+    elif len(body) > limit:
+        raise _too_large(limit, subject)
+    if encoding is not None:
+        return decompress(body, encoding.decode("latin-1").strip().lower(), limit, subject)
     return body
 
 
@@ -157,21 +169,11 @@ def compress(body: bytes, encoding: str) -> bytes:
     return zlib.compress(body, 1)
 
 
-async def _read_raw(scope: Scope, receive: Receive, limit: int, subject: str) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _too_large(limit, subject)
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientGone
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body"):
-        if len(body) > limit:
-            raise _too_large(limit, subject)
-        return body
-    chunks = [body]
-    size = len(body)
-    while message.get("more_body"):
+async def _read_rest(receive: Receive, first: bytes, limit: int, subject: str) -> bytes:
+    """The rest of a body that came in several messages, ``first`` the first of them."""
+    chunks = [first]
+    size = len(first)
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
@@ -180,7 +182,8 @@ async def _read_raw(scope: Scope, receive: Receive, limit: int, subject: str) ->
         if size > limit:
             raise _too_large(limit, subject)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def _too_large(limit: int, subject: str) -> HTTPError:

@@ -18,6 +18,7 @@ from omni_runtime.scheduler import (
     ModelState,
     ModelUnavailable,
 )
+from omni_runtime.scheduler.trace import TRACE
 from omni_runtime.server.http import (
     JSON,
     HTTPError,
@@ -35,7 +36,15 @@ from omni_runtime.server.model_control import ControlError, config_tensor, scali
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
-__all__ = ["KServeRoutes", "call_model"]
+__all__ = ["KServeRoutes", "call_model", "names_version"]
+
+
+def names_version(handler: Any) -> Any:
+    """Marks a model route whose answers carry ``Omni-Model-Version`` by themselves (the HTTP
+    app then adds nothing to them): the hot routes, ``call_model``'s callers."""
+    handler.names_version = True
+    return handler
+
 
 COMPRESS_FROM = 1024  # bytes: a smaller answer is sent as it is, whatever the client accepts
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
@@ -62,6 +71,8 @@ async def call_model(
     except ModelUnavailable as exc:
         status, header_length, body = 503, 0, error_body(ai, 503, str(exc))
         extra = [(b"retry-after", str(exc.retry_after).encode())]
+    if TRACE.get() is None:  # a hot route: the answer names its version here
+        extra.append(model.version_header)
     if encoding is not None and len(body) >= COMPRESS_FROM:
         body = compress(body, encoding)
         extra.append((b"content-encoding", encoding.encode()))
@@ -89,6 +100,7 @@ class KServeRoutes:
 
     # -- inference -----------------------------------------------------------------------
 
+    @names_version
     async def infer(self, scope: Scope, receive: Receive, send: Send, model: ModelHandle) -> None:
         started = time.perf_counter()
         header_length = 0

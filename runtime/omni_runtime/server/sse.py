@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = ["START", "StreamedCall", "disconnected", "event"]
 
-START = {
+START: dict[str, Any] = {
     "type": "http.response.start",
     "status": 200,
     "headers": [
