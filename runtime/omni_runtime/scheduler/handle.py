@@ -114,7 +114,6 @@ class ModelHandle:
         try:
             response = await self._model.call(kind, parts, reject_if_busy, priority, on_chunk)
             status = response[0]
-            return response
         except ModelBusy:
             status = 429
             raise
@@ -126,6 +125,7 @@ class ModelHandle:
             raise
         finally:
             self.account(status, started)
+        return response
 
     def account(self, status: int, started: float) -> None:
         """Count one answer the model did not give itself (e.g. a body refused unread)."""

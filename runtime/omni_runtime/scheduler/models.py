@@ -14,8 +14,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from omni_runtime.config import ServerSettings
 from omni_runtime.discovery import ModelSpec
@@ -190,15 +191,18 @@ class ServedModel:
 
     # -- requests ------------------------------------------------------------------------
 
-    async def call(
+    def call(
         self,
         kind: int,
         parts: list[bytes],
         reject_if_busy: bool = False,
         priority: Priority = Priority.INTERACTIVE,
         on_chunk: Callable[[bytes], None] | None = None,
-    ) -> Response:
-        """Send one request to a replica with room, waiting in the queue for one if needed.
+    ) -> Coroutine[Any, Any, Response]:
+        """Send one request to a replica with room, waiting in the queue for one if needed:
+        ``await model.call(...)``, at once: a free replica's slot is taken by the call. (Not
+        itself a coroutine: with a replica free, the request's coroutine is the send itself,
+        one frame fewer on the hot path.)
 
         ``on_chunk`` gets each chunk of a streamed request (``Kind.RUN_STREAM``).
         """
@@ -214,9 +218,18 @@ class ServedModel:
                 )
             raise ModelBusy(f"model '{self.name}' is busy and the request asked not to wait")
         if replica is None:
-            replica = await self._wait(priority)
-        else:
-            self._reserve(replica)
+            return self._queued(kind, parts, priority, on_chunk)
+        self._reserve(replica)
+        return self._send(replica, kind, parts, on_chunk)
+
+    async def _queued(
+        self,
+        kind: int,
+        parts: list[bytes],
+        priority: Priority,
+        on_chunk: Callable[[bytes], None] | None,
+    ) -> Response:
+        replica = await self._wait(priority)
         return await self._send(replica, kind, parts, on_chunk)
 
     def _busy(self) -> bool:

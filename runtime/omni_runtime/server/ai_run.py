@@ -25,23 +25,22 @@ from omni_runtime.server.http import (
     Send,
     accepted_encoding,
     error_body,
+    read_body,
     respond,
 )
 from omni_runtime.server.input_check import InputCheck
-from omni_runtime.server.kserve import KServeRoutes, call_model, names_version
+from omni_runtime.server.kserve import call_model, names_version
 from omni_sdk.wire import Kind
 
 __all__ = ["AiRunRoutes"]
 
 
 class AiRunRoutes:
-    def __init__(
-        self, models: ModelDirectory, kserve: KServeRoutes, batches: BatchRunner | None
-    ) -> None:
+    def __init__(self, models: ModelDirectory, batches: BatchRunner | None) -> None:
         self.models = models
-        self.kserve = kserve  # for reading a model's body the same way
         self.batches = batches
         self.batch_limit = models.settings.batch_max_size
+        self.max_body = models.settings.max_body_size
         # Made on a model's first request while it has no replica ready.
         self._input_checks: weakref.WeakKeyDictionary[ModelHandle, InputCheck | None] = (
             weakref.WeakKeyDictionary()
@@ -50,7 +49,11 @@ class AiRunRoutes:
     @names_version
     async def run(self, scope: Scope, receive: Receive, send: Send, model: ModelHandle) -> None:
         started = time.perf_counter()
-        body = await self.kserve.read(scope, receive, model)
+        try:
+            body = await read_body(scope, receive, self.max_body, model.name)
+        except HTTPError as exc:
+            model.account(exc.status, started)  # (a body too large counts as an answer)
+            raise
         if (
             self.batches is not None
             and (scope["query_string"] or b"request_id" in body)  # (the cheap test first)

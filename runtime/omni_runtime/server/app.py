@@ -124,7 +124,7 @@ class OmniApp:
         kserve = KServeRoutes(models)
         self.surfaces = (
             kserve,
-            AiRunRoutes(models, kserve, batches),
+            AiRunRoutes(models, batches),
             OpenAIRoutes(models),
             RolloutRoutes(rollouts, models.settings.max_body_size),
         )

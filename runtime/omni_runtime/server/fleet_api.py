@@ -55,7 +55,7 @@ class FleetRoutes:
         if kind not in _KINDS:
             raise HTTPError(400, f"Omni-Kind {kind} is not a request kind")
         reject = fields.get(b"omni-reject-if-busy") == b"1"
-        body = await read_body(scope, receive, self.max_body + 8, f"model '{model.name}'")
+        body = await read_body(scope, receive, self.max_body + 8, model.name)
         if kind == Kind.INFER_V2 and (
             len(body) < V2_PREFIX.size or V2_PREFIX.unpack_from(body)[0] > len(body) - 4
         ):

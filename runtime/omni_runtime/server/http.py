@@ -99,17 +99,17 @@ def family_error(path: str, error: HTTPError) -> bytes:
     return error_body(path.startswith("/ai/"), error.status, str(error))
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, subject: str = "") -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int, model: str = "") -> bytes:
     """The whole request body, refused with 413 once it passes ``limit`` bytes; a body sent
     with ``Content-Encoding: gzip`` or ``deflate`` comes back decompressed (``limit`` holds
     for what it decompresses to, so a small bomb is refused as early as a large body).
 
-    ``subject`` (e.g. "model 'x'") starts the 413 message when the route already knows it.
+    ``model``: the model the route is for, named in the 413 message when the route knows it.
     """
     encoding = None
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _too_large(limit, subject)
+            raise _too_large(limit, _subject(model))
         if name == b"content-encoding":
             encoding = value
     message = await receive()
@@ -117,12 +117,17 @@ async def read_body(scope: Scope, receive: Receive, limit: int, subject: str = "
         raise ClientGone
     body: bytes = message.get("body", b"")
     if message.get("more_body"):
-        body = await _read_rest(receive, body, limit, subject)
+        body = await _read_rest(receive, body, limit, _subject(model))
     elif len(body) > limit:
-        raise _too_large(limit, subject)
+        raise _too_large(limit, _subject(model))
     if encoding is not None:
-        return decompress(body, encoding.decode("latin-1").strip().lower(), limit, subject)
+        text = encoding.decode("latin-1").strip().lower()
+        return decompress(body, text, limit, _subject(model))
     return body
+
+
+def _subject(model: str) -> str:
+    return f"model '{model}'" if model else ""
 
 
 def decompress(body: bytes, encoding: str, limit: int, subject: str = "") -> bytes:
