@@ -18,10 +18,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omni_runtime.commands import discover, discoverer, isolation_for
-from omni_runtime.config import OmniFile, command_line_server, node_config
+from omni_runtime.config import OmniFile, ServerSettings, command_line_server, node_config
 from omni_runtime.isolation import Isolation
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ def _serve_with(
     from omni_runtime.scheduler.checks import check_models, detect_gpus
     from omni_runtime.scheduler.rollout import Rollouts, with_promoted
     from omni_runtime.server.app import OmniApp
-    from omni_runtime.server.connection import limited_protocol
     from omni_runtime.workers import LocalWorkers
 
     discovery, files = discover(args, isolation)
@@ -179,21 +178,7 @@ def _serve_with(
         fleet=fleet.routes if fleet is not None else None,
         rollouts=rollouts,
     )  # fmt: skip
-    config = uvicorn.Config(
-        app,
-        http=limited_protocol(
-            settings.max_header_size, settings.body_timeout, settings.max_connections
-        ),
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="on",
-        log_config=None,  # uvicorn logs through the runtime's logging set-up
-        # The controller answers what is left at drain_timeout with 503s; uvicorn's own
-        # deadline comes later, so it never cuts a request off with a bare 500.
-        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
-        server_header=False,
-        proxy_headers=False,  # no proxy in front by default; saves a middleware per request
-    )
+    config = uvicorn_config(app, settings, args.log_level)
 
     class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -210,6 +195,30 @@ def _serve_with(
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         return 130
     return 0
+
+
+def uvicorn_config(app: Any, settings: ServerSettings, log_level: str) -> Any:
+    """How uvicorn runs the app: the connection limits of ``server/connection.py``, no access
+    log or headers of its own, the runtime's logging."""
+    import uvicorn
+
+    from omni_runtime.server.connection import limited_protocol
+
+    return uvicorn.Config(
+        app,
+        http=limited_protocol(
+            settings.max_header_size, settings.body_timeout, settings.max_connections
+        ),
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        log_config=None,  # uvicorn logs through the runtime's logging set-up
+        # The controller answers what is left at drain_timeout with 503s; uvicorn's own
+        # deadline comes later, so it never cuts a request off with a bare 500.
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
+        server_header=False,
+        proxy_headers=False,  # no proxy in front by default; saves a middleware per request
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket | None:

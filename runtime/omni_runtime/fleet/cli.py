@@ -26,9 +26,8 @@ def _route(args: argparse.Namespace) -> int:
 
     from omni_runtime.fleet.node import FleetNode, advertised_url
     from omni_runtime.metrics import Metrics
-    from omni_runtime.serve import _listen
+    from omni_runtime.serve import _listen, uvicorn_config
     from omni_runtime.server.app import OmniApp
-    from omni_runtime.server.connection import limited_protocol
     from omni_runtime.server.tokens import Tokens
 
     tokens = Tokens.from_environ(os.environ)
@@ -51,18 +50,7 @@ def _route(args: argparse.Namespace) -> int:
         node.directory, on_startup=startup, on_shutdown=node.stop, tokens=tokens,
         node=node.name, fleet=node.routes,
     )  # fmt: skip
-    config = uvicorn.Config(
-        app,
-        http=limited_protocol(
-            settings.max_header_size, settings.body_timeout, settings.max_connections
-        ),
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="on",
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,
-    )
+    config = uvicorn_config(app, settings, args.log_level)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
