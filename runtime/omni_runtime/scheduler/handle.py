@@ -111,8 +111,11 @@ class ModelHandle:
         if started is None:
             started = time.perf_counter()
         status = 500
+        model = self._model
+        while model.successor is not None:  # held across a rollout: the version now serving
+            model = model.successor
         try:
-            response = await self._model.call(kind, parts, reject_if_busy, priority, on_chunk)
+            response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
             status = response[0]
         except ModelBusy:
             status = 429

@@ -113,6 +113,7 @@ class ServedModel:
         self.expected_gpu = spec.resources.gpu_memory
         self.lifecycle = asyncio.Lock()  # one operator load or unload at a time
         self.changed = asyncio.Event()  # set whenever a replica becomes ready or a start fails
+        self.successor: ServedModel | None = None  # the version that replaced it (rollout)
 
     # -- what the API shows --------------------------------------------------------------
 
@@ -143,9 +144,8 @@ class ServedModel:
             if wait > 0:
                 return f"{self.failure}; trying again in {wait:.0f}s"
             return f"{self.failure}; it tries again on the next request"
-        ready = self.ready_replicas
+        ready, parts = self.ready_replicas, []
         starting = sum(1 for r in self.replicas if r.state is ReplicaState.STARTING)
-        parts = []
         parked = sum(1 for r in self.replicas if r.state is ReplicaState.PARKED)
         if ready:
             parts.append(f"{ready} replica{'s' if ready > 1 else ''} ready")

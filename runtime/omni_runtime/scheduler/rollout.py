@@ -200,6 +200,7 @@ class Rollouts:
                     problem = await self._watch(rollout, old, new)
                     if problem:
                         self.directory.unsplit(name)
+                        new.successor = old  # a request that already chose it goes back too
                         rollout.move("rolled_back", problem)
                         await self.controller.remove(key, f"rolled back: {problem}")
                         return
@@ -207,6 +208,8 @@ class Rollouts:
         except asyncio.CancelledError:
             if rollout.state != "promoted":
                 self.directory.unsplit(name)
+                if new is not None:
+                    new.successor = old
                 if new is not None and self.controller.models.get(key) is new:
                     await asyncio.shield(self.controller.remove(key, "its rollout was aborted"))
                 rollout.move("aborted", "aborted by an operator")
@@ -270,6 +273,7 @@ class Rollouts:
         retired = f"{name}@{old.spec.version}"
         self.controller.rekey(name, retired)
         self.controller.rekey(new.name, name)
+        old.successor = new  # a request that already chose the old version goes to the new
         new.spec = spec  # its own scaling, now that it serves
         self.directory.unsplit(name)
         rollout.move("promoted")
