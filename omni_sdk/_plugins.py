@@ -37,6 +37,9 @@ class EnginePlugins:
 
     def __init__(self) -> None:
         self._pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        # The distribution version of the package last loaded, where it serves an installed
+        # distribution (``[tool.omni] engines-from``); None for a package of its own.
+        self.version: str | None = None
         self._pm.add_hookspecs(hookspecs)
         if os.environ.get("OMNI_TRACE_PLUGINS"):
             self._pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
@@ -83,6 +86,7 @@ class EnginePlugins:
                     f"import: {type(exc).__name__}: {exc}"
                 ) from exc
             self._pm.register(plugin, name=f"{info['name']}:{ep_name}")
+        self.version = info.get("version")
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -190,12 +194,43 @@ def read_package(package_dir: Path) -> dict[str, Any]:
     entry_points = project.get("entry-points", {}).get(ENTRY_POINT_GROUP)
     if not isinstance(name, str):
         raise PackageError(f"{pyproject} has no [project] name")
+    tool = data.get("tool", {}).get("omni", {})
+    engines_from = tool.get("engines-from") if isinstance(tool, dict) else None
+    if engines_from is not None:
+        if entry_points:
+            raise PackageError(
+                f"{pyproject}: [tool.omni] engines-from and [project.entry-points.omni] are both "
+                "set; keep one"
+            )
+        return _installed_engines(pyproject, engines_from)
     if not entry_points or not isinstance(entry_points, dict):
         raise PackageError(
             f"{pyproject} registers no engine: add [project.entry-points.omni] with a line "
             'such as `my_model = "my_model"` naming the module that holds the hookimpl'
         )
     return {"name": name, "entry_points": entry_points}
+
+
+def _installed_engines(pyproject: Path, distribution: object) -> dict[str, Any]:
+    """Name, version and ``omni`` entry points of the installed distribution that a package's
+    ``[tool.omni] engines-from`` names (a package that serves a published model package: its
+    only dependency, installed in its environment)."""
+    if not isinstance(distribution, str) or not distribution:
+        raise PackageError(f"{pyproject}: [tool.omni] engines-from must name a distribution")
+    try:
+        found = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise PackageError(
+            f"{pyproject}: [tool.omni] engines-from names {distribution!r}, which is not "
+            "installed in the package's environment (list it in [project] dependencies)"
+        ) from None
+    entry_points = {ep.name: ep.value for ep in found.entry_points.select(group=ENTRY_POINT_GROUP)}
+    if not entry_points:
+        raise PackageError(
+            f"distribution {distribution} {found.version} (named by {pyproject}) registers no "
+            "engine: it has no [project.entry-points.omni]"
+        )
+    return {"name": found.metadata["Name"], "version": found.version, "entry_points": entry_points}
 
 
 def _import_target(target: str) -> object:

@@ -91,7 +91,10 @@ def discover(package_dir: Path, registered: list[str] | None = None) -> dict[str
     engines = plugins.engines(registered)
     if not engines:
         raise PackageError(f"package {package_dir} ({name}) registers no engine")
-    return {"package": name, "engines": [describe(e) for e in engines]}
+    result = {"package": name, "engines": [describe(e) for e in engines]}
+    if plugins.version is not None:  # the installed distribution it serves ([tool.omni])
+        result["version"] = plugins.version
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,9 @@ __all__ = [
 CONFIG_NAME = "omni.toml"
 log = logging.getLogger("omni.config")
 
+# What a model's version may be: it is sent in a header and written into paths and labels.
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
 
 class ConfigError(Exception):
     """A configuration file is wrong; the message names the file, the field and what is allowed."""
@@ -193,7 +196,7 @@ class ModelOverride(BaseModel):
         default=None,
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        pattern=VERSION_PATTERN.pattern,
         description="the model's version (default: its package's distribution version)",
     )
 

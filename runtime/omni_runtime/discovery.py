@@ -10,12 +10,17 @@ import os
 import signal
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omni_runtime.config import CONFIG_NAME, ConfigError, ModelOverride, OmniFile, load_omni_file
+from omni_runtime.config import (
+    CONFIG_NAME,
+    ConfigError,
+    ModelOverride,
+    OmniFile,
+    load_omni_file,
+)
 from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_runtime.isolation.environments import (
     EnvironmentBuilder,
@@ -25,6 +30,7 @@ from omni_runtime.isolation.environments import (
 from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.overrides import override_for, own_overrides, shared_overrides, warn_shadowed
 from omni_runtime.progress import DiscoveryProgress, LoggedProgress
+from omni_runtime.versions import model_version
 from omni_sdk import Resources, Scaling
 from omni_sdk.model_config import is_zero_code
 from omni_sdk.units import format_size
@@ -326,7 +332,7 @@ async def discover_all(
             scaling = Scaling.model_validate(engine["scaling"])
             device = "cpu"
             network = "loopback"
-            version = _zero_code_version(package_dir, files) or _distribution_version(package_dir)
+            version = model_version(package_dir, files, result)
             env: dict[str, str] = {}
             sources: dict[str, str] = {}
             overrides = override_for(name, package_dir, files, every_package)
@@ -368,22 +374,3 @@ async def discover_all(
                 )
             )
     return discovery
-
-
-def _distribution_version(package_dir: Path) -> str:
-    """``[project] version`` of the package's pyproject.toml; "1" where it has none (a
-    dynamic version, or a file that cannot be read: discovery reports those)."""
-    try:
-        project = tomllib.loads((package_dir / "pyproject.toml").read_text()).get("project", {})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return "1"
-    version = project.get("version") if isinstance(project, dict) else None
-    return version if isinstance(version, str) and version else "1"
-
-
-def _zero_code_version(package_dir: Path, files: dict[Path, OmniFile]) -> str | None:
-    """``version`` in a zero-code package's ``[model]`` table."""
-    own = files.get(package_dir / CONFIG_NAME)
-    model = own.model if own is not None else None
-    version = getattr(model, "version", None) if model is not None else None
-    return str(version) if version else None

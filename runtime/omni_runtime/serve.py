@@ -56,7 +56,8 @@ def _serve_with(
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler import Controller, ModelDirectory, host_budget
     from omni_runtime.scheduler.checks import check_models, detect_gpus
-    from omni_runtime.scheduler.rollout import Rollouts, with_promoted
+    from omni_runtime.scheduler.promoted import with_promoted
+    from omni_runtime.scheduler.rollout import Rollouts
     from omni_runtime.server.app import OmniApp
     from omni_runtime.workers import LocalWorkers
 
@@ -131,7 +132,14 @@ def _serve_with(
             models, settings, metrics, tokens.api or tokens.admin,
         )  # fmt: skip
         repository = {spec.name for spec in discovery.models}
-        fleet.follow_catalog(node, discoverer(args, isolation, files), repository, isolation.hide)
+        fleet.follow_catalog(
+            node,
+            discoverer(args, isolation, files),
+            repository,
+            isolation.hide,
+            None if args.shared_env else args.state_dir / "catalog",
+            rollouts.replace,
+        )
     front = fleet.directory if fleet is not None else models  # a fleet routes through its own
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []

@@ -11,9 +11,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from omni_runtime.config import ConfigError
+from omni_runtime.config import VERSION_PATTERN, ConfigError
 from omni_runtime.fleet.store import (
     CATALOG_PREFIX,
     URL_FORM,
@@ -25,7 +26,7 @@ from omni_runtime.fleet.store import (
 )
 from omni_sdk import Resources, Scaling
 
-__all__ = ["Catalog", "CatalogEntry", "CatalogError", "catalog_command"]
+__all__ = ["Catalog", "CatalogEntry", "CatalogError", "catalog_command", "requirement_of"]
 
 log = logging.getLogger("omni.fleet")
 
@@ -83,12 +84,31 @@ class CatalogEntry(BaseModel):
     package: str = Field(
         min_length=1, description="a directory every node can read, or a pip requirement"
     )
-    version: str | None = Field(default=None, description="the model's version, if it has one")
+    version: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=VERSION_PATTERN.pattern,
+        description="the model's version (default: its package's)",
+    )
     resources: dict[str, Any] = Field(default_factory=dict, description="omni_sdk.Resources")
     scaling: dict[str, Any] = Field(default_factory=dict, description="omni_sdk.Scaling")
     updated: float = Field(default_factory=time.time, description="when it was put (time.time())")
 
     _resources_and_scaling = field_validator("resources", "scaling")(_checked)
+
+    @field_validator("package")
+    @classmethod
+    def _package_source(cls, value: str) -> str:
+        if value.startswith("/"):
+            return value
+        try:
+            Requirement(value)
+        except InvalidRequirement as exc:
+            why = str(exc).splitlines()[0]  # packaging adds the text and a caret below
+            raise ValueError(
+                f"neither an absolute package directory nor a pip requirement ({why})"
+            ) from None
+        return value
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
@@ -107,6 +127,12 @@ class CatalogEntry(BaseModel):
         if entry.name != name:
             raise CatalogError(f"{catalog_key(name)}: the record names model {entry.name!r}")
         return entry
+
+
+def requirement_of(package: str) -> Requirement | None:
+    """The pip requirement an entry's ``package`` is, or None for a directory (an absolute
+    path)."""
+    return None if package.startswith("/") else Requirement(package)
 
 
 class Catalog:

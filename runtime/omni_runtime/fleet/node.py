@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omni_runtime.config import ConfigError, ServerSettings
 from omni_runtime.fleet.catalog import Catalog
-from omni_runtime.fleet.follow import CatalogFollower, Discover
+from omni_runtime.fleet.follow import CatalogFollower, Discover, Replace
 from omni_runtime.fleet.membership import Membership
 from omni_runtime.fleet.peers import NodeRecord, Peers
 from omni_runtime.fleet.report import node_report
@@ -74,9 +74,15 @@ class FleetNode:
         discover: Discover,
         repository: set[str],
         hide: Callable[[Path], None],
+        packages_dir: Path | None,
+        replace: Replace | None = None,
     ) -> None:
-        """Serve what the fleet's catalog names too, as it changes (``fleet/follow.py``)."""
-        self.follower = CatalogFollower(Catalog(self.store), controller, discover, repository, hide)
+        """Serve what the fleet's catalog names too, as it changes (``fleet/follow.py``); the
+        packages of entries given as pip requirements are written under ``packages_dir`` (None:
+        this node builds no environments and serves no such entry)."""
+        self.follower = CatalogFollower(
+            Catalog(self.store), controller, discover, repository, hide, packages_dir, replace
+        )
 
     def report(self) -> dict[str, object]:
         draining = self.membership.record.draining if self.membership is not None else False

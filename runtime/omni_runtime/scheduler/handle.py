@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority
-from omni_runtime.scheduler.trace import TRACE
+from omni_runtime.scheduler.trace import TRACE, answered_by
 from omni_runtime.scheduler.views import ReplicaState
 
 if TYPE_CHECKING:
@@ -112,8 +112,10 @@ class ModelHandle:
             started = time.perf_counter()
         status = 500
         model = self._model
-        while model.successor is not None:  # held across a rollout: the version now serving
-            model = model.successor
+        if model.successor is not None:  # held across a rollout: the version now serving
+            while model.successor is not None:
+                model = model.successor
+            answered_by(model.spec.version)
         try:
             response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
             status = response[0]

@@ -24,21 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from omni_runtime.discovery import Discovery, ModelSpec
+from omni_runtime.discovery import ModelSpec
 from omni_runtime.scheduler.controller import Controller
 from omni_runtime.scheduler.handle import ModelDirectory
 from omni_runtime.scheduler.models import ServedModel
+from omni_runtime.scheduler.promoted import Discover, promoted, record_promoted
 from omni_sdk.units import parse_duration
 
-__all__ = ["Rollout", "RolloutError", "Rollouts", "promoted", "with_promoted"]
+__all__ = ["Rollout", "RolloutError", "Rollouts"]
 
 log = logging.getLogger("omni.rollout")
 
@@ -47,7 +45,6 @@ MIN_ERRORS = 3
 P99_FACTOR = 3.0
 MIN_SAMPLES = 20  # latencies of each version before p99s are compared
 CHECK_SECONDS = 0.1
-Discover = Callable[[list[Path]], Awaitable[Discovery]]
 
 
 class RolloutError(Exception):
@@ -156,6 +153,28 @@ class Rollouts:
         )
         rollout.move("loading")
         known[spec.version] = package
+        self.rollouts[name] = rollout
+        self._tasks[name] = asyncio.create_task(self._run(rollout, spec))
+        return rollout
+
+    async def replace(self, name: str, spec: ModelSpec, package: str) -> Rollout | None:
+        """Roll model ``name`` out to ``spec`` at once, no canary (its entry in the fleet's
+        catalog changed); a rollout in progress is aborted first. None, with nothing changed,
+        where that cannot be done: ``name`` is not served, ``spec`` is the current version, or
+        an earlier version is still draining."""
+        current = self.controller.models.get(name)
+        if current is None or spec.version == current.spec.version:
+            return None
+        running = self.rollouts.get(name)
+        if running is not None and not running.finished:
+            await self.abort(name)
+        if any(m.spec.name == name and m is not current for m in self.controller.models.values()):
+            return None
+        rollout = Rollout(name, current.spec.version, spec.version, package, 0.0, 0.0, True)
+        rollout.move("loading")
+        known = self.packages.setdefault(name, {})
+        known.setdefault(current.spec.version, current.spec.package_dir)
+        known[spec.version] = spec.package_dir
         self.rollouts[name] = rollout
         self._tasks[name] = asyncio.create_task(self._run(rollout, spec))
         return rollout
@@ -288,72 +307,13 @@ class Rollouts:
         """Remember the promoted version, so that the next start serves it too."""
         if self.state_file is None:
             return
-        saved = promoted(self.state_file)
-        saved[name] = {
+        record = {
             "version": version,
             "package": package,
             "given": str(self.given.get(name, "")),
             "versions": {v: str(p) for v, p in self.packages.get(name, {}).items()},
         }
-        try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.state_file.with_suffix(".tmp")
-            staging.write_text(json.dumps(saved, indent=2))
-            os.replace(staging, self.state_file)
-        except OSError as exc:
-            log.warning("model '%s': version %s is promoted but could not be recorded in %s "
-                        "(%s); the next start serves the package it is given", name, version,
-                        self.state_file, exc)  # fmt: skip
-
-
-def promoted(state_file: Path) -> dict[str, dict[str, Any]]:
-    """The versions promoted by rollouts, by model: ``{"version", "package", "versions"}``.
-    A file that cannot be read counts as none (a warning names it)."""
-    try:
-        value = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("rollouts: %s cannot be read (%s); serving the packages given", state_file, exc)
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    return {
-        name: entry
-        for name, entry in value.items()
-        if isinstance(entry, dict) and isinstance(entry.get("package"), str)
-    }
-
-
-async def with_promoted(
-    specs: list[ModelSpec], state_file: Path, discover: Discover
-) -> list[ModelSpec]:
-    """``specs``, each model a rollout promoted in its promoted version: a restart (even
-    after SIGKILL) serves what was promoted, never a version half rolled out."""
-    saved = promoted(state_file)
-    result = []
-    for spec in specs:
-        entry = saved.get(spec.name)
-        if (
-            entry is None
-            or entry.get("version") == spec.version
-            or entry.get("given") != str(spec.package_dir)  # another deployment's model
-        ):
-            result.append(spec)
-            continue
-        discovery = await discover([Path(entry["package"])])
-        found = next((s for s in discovery.models if s.name == spec.name), None)
-        if found is None:
-            why = discovery.failures[0].error if discovery.failures else "no such model there"
-            log.warning("model '%s': its promoted version %s (package %s) cannot be served "
-                        "(%s); serving version %s", spec.name, entry.get("version"),
-                        entry["package"], why, spec.version)  # fmt: skip
-            result.append(spec)
-            continue
-        log.info("model '%s': serving version %s, promoted by a rollout (package %s)",
-                 spec.name, found.version, entry["package"])  # fmt: skip
-        result.append(found)
-    return result
+        record_promoted(self.state_file, name, record)
 
 
 def _options(name: str, request: dict[str, Any]) -> tuple[Path, float, float, bool]:

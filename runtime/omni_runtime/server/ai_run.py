@@ -16,7 +16,7 @@ from omni_runtime.batch import api as batch_api
 from omni_runtime.batch.runner import BatchRunner
 from omni_runtime.batch.store import BatchStoreUnavailable
 from omni_runtime.scheduler import ModelBusy, ModelDirectory, ModelHandle, ModelUnavailable
-from omni_runtime.scheduler.trace import TRACE
+from omni_runtime.scheduler.trace import version_header
 from omni_runtime.server import sse
 from omni_runtime.server.http import (
     HTTPError,
@@ -174,7 +174,7 @@ class AiRunRoutes:
 
 def _version(model: ModelHandle) -> list[tuple[bytes, bytes]]:
     """The answer's ``Omni-Model-Version``, unless the HTTP app adds it (see names_version)."""
-    return [model.version_header] if TRACE.get() is None else []
+    return version_header(model.version_header)
 
 
 def _not_an_input(model: ModelHandle, problem: str) -> str:

@@ -269,11 +269,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
         except ModelUnavailable as exc:
             status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
-        version = model.spec.version
+        trace = TRACE.get()  # another version's, when a rollout replaced the chosen one
+        version = (trace.version if trace is not None else None) or model.spec.version
         metadata = [("omni-model-version", version)]
         if trace is not None and self.node is not None:  # in a fleet: who answered, how
-            version = trace.version or version
-            metadata = [("omni-model-version", version)]
             metadata.append(("omni-node", trace.served_by or self.node))
             if trace.route:
                 metadata.append(("omni-route", trace.route))

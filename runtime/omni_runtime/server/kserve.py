@@ -18,7 +18,7 @@ from omni_runtime.scheduler import (
     ModelState,
     ModelUnavailable,
 )
-from omni_runtime.scheduler.trace import TRACE
+from omni_runtime.scheduler.trace import version_header
 from omni_runtime.server.http import (
     JSON,
     HTTPError,
@@ -71,8 +71,7 @@ async def call_model(
     except ModelUnavailable as exc:
         status, header_length, body = 503, 0, error_body(ai, 503, str(exc))
         extra = [(b"retry-after", str(exc.retry_after).encode())]
-    if TRACE.get() is None:  # a hot route: the answer names its version here
-        extra.append(model.version_header)
+    extra += version_header(model.version_header)  # a hot route: it names its version here
     if encoding is not None and len(body) >= COMPRESS_FROM:
         body = compress(body, encoding)
         extra.append((b"content-encoding", encoding.encode()))

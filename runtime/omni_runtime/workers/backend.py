@@ -62,6 +62,12 @@ class LocalWorkers:
 
     def worker(self, spec: ModelSpec) -> WorkerProcess:
         prewarmed = self.prewarmed.get(spec.name)
+        if prewarmed is not None and prewarmed.made_for != (spec.python, spec.package_dir):
+            # The model's package or environment changed (a new catalog entry, a rollout):
+            # a process made for the old one would fork workers of the old code, or none.
+            prewarmed.retire()
+            del self.prewarmed[spec.name]
+            prewarmed = None
         if prewarmed is not None and not prewarmed.alive:
             prewarmed = None
         worker = WorkerProcess(spec, self.settings, self.isolation, prewarmed)
@@ -109,6 +115,7 @@ class LocalWorkers:
         ]
         preload = [*wanted, *earlier]  # in the order the worker imported them
         process = PrewarmedProcess(spec.python, preload, label=f"model '{spec.name}'")
+        process.made_for = (spec.python, spec.package_dir)
         process.on_refused = lambda process: self._refused(spec, process)
         self.prewarmed[spec.name] = process
         self._prewarmed_all.add(process)

@@ -58,6 +58,8 @@ class PrewarmedProcess:
     def __init__(self, python: str, preload: list[str], label: str = "") -> None:
         self.python = python
         self.preload = preload
+        # The (interpreter, package directory) of the model it pre-warms for.
+        self.made_for: tuple[str, Path | None] = (python, None)
         self.label = label or python
         self.cgroup: WorkerCgroup | None = None
         self.process: asyncio.subprocess.Process | None = None
