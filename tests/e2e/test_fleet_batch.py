@@ -18,7 +18,7 @@ import pytest
 
 from omni_runtime.fleet.store import EtcdStore
 from tests.e2e.runtime import RunningRuntime
-from tests.e2e.test_fleet import ECHO, STREAM, node
+from tests.e2e.test_fleet import ECHO, STREAM, node, router
 from tests.fleet_etcd import EtcdCluster, requires_etcd
 
 pytestmark = requires_etcd
@@ -108,6 +108,18 @@ def test_any_node_answers_for_a_batch_and_only_nodes_serving_its_model_run_it(
         result = wait_done(a.url, "@test/words", words)
         assert all(r["success"] for r in result["responses"]), result
         assert len(result["responses"]) == 4
+
+
+def test_a_router_takes_batches_for_the_fleet(etcd: EtcdCluster, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        stack.enter_context(member(etcd, "a", tmp_path, ECHO))
+        r = stack.enter_context(router(etcd))
+        wait_known(r.url, "@test/echo")
+        request_id = submit(r.url, "@test/echo", [{"text": f"r{i}"} for i in range(4)])
+        result = wait_done(r.url, "@test/echo", request_id)
+        assert [r["result"]["text"] for r in result["responses"]] == [f"r{i}" for i in range(4)]
+        listed = httpx.get(f"{r.url}/ai/batch", timeout=10).json()["result"]
+        assert [(e["request_id"], e["status"]) for e in listed] == [(request_id, "done")]
 
 
 def test_a_batch_outlives_the_node_that_accepted_it(etcd: EtcdCluster, tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ class BatchRunner:
     def __init__(
         self,
         store: BatchStore | AsyncBatchStore,
-        node: Controller,
+        node: Controller | None,
         retention: float,
         metrics: Metrics | None = None,
     ) -> None:
@@ -131,6 +131,8 @@ class BatchRunner:
                 await asyncio.sleep(1.0)
 
     async def _dispatch(self) -> None:
+        if self.node is None:  # a fleet's router: it takes batches and runs none
+            return
         queued = await self.store.queued_models()
         now = time.monotonic()
         self._waiting = {name: self._waiting.get(name, now) for name in queued}
@@ -162,7 +164,7 @@ class BatchRunner:
         if ready == 0:
             # Scaled to zero (or starting): one item starts it, if the node has room to spare.
             starting = any(r for r in model.replicas)
-            return 1 if starting or self.node.has_room_for(model) else 0
+            return 1 if starting or (self.node and self.node.has_room_for(model)) else 0
         per_replica = max(model.capacity, model.spec.max_batch_size)
         return ready * per_replica
 

@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from omni_runtime.batch.etcd_store import EtcdBatchStore
+    from omni_runtime.batch.runner import BatchRunner
     from omni_runtime.fleet.node import FleetNode, advertised_url
     from omni_runtime.metrics import Metrics
     from omni_runtime.serve import _listen, uvicorn_config
@@ -37,18 +39,28 @@ def _route(args: argparse.Namespace) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     url = advertised_url(args.advertise, host, port)
+    metrics = Metrics()
     node = FleetNode(
-        args.fleet, args.node_name, args.zone, url, None, settings, Metrics(),
+        args.fleet, args.node_name, args.zone, url, None, settings, metrics,
         tokens.api or tokens.admin,
     )  # fmt: skip
+    # Batches submitted here join the fleet's queue, which the serving nodes run.
+    batches = BatchRunner(
+        EtcdBatchStore(node.store, node.name), None, settings.batch_retention, metrics
+    )
 
     async def startup() -> None:
+        batches.start()
         await node.start()
         print(f"omni-runtime: routing for the fleet at http://{host}:{port}", flush=True)
 
+    async def shutdown() -> None:
+        await batches.stop()
+        await node.stop()
+
     app = OmniApp(
-        node.directory, on_startup=startup, on_shutdown=node.stop, tokens=tokens,
-        node=node.name, fleet=node.routes,
+        node.directory, on_startup=startup, on_shutdown=shutdown, tokens=tokens,
+        batches=batches, node=node.name, fleet=node.routes,
     )  # fmt: skip
     config = uvicorn_config(app, settings, args.log_level)
     try:
