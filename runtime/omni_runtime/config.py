@@ -126,6 +126,11 @@ class ServerSettings(BaseModel):
         description="let model packages' dependencies build from source (their build code runs "
         "in the sandbox, as a user of the package's own); otherwise wheels only",
     )
+    grpc_server: Literal["omni", "grpcio"] = Field(
+        default="omni",
+        description='what serves --grpc-port: "omni", its own HTTP/2 server on the event loop, '
+        'or "grpcio", grpcio\'s asyncio server (several times the CPU per call)',
+    )
 
 
 class SchedulerSettings(BaseModel):

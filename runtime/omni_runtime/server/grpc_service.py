@@ -28,6 +28,7 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
+from omni_runtime.server.grpc_server import GrpcServer
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_runtime.server.tokens import Access, Tokens, authorized
@@ -381,17 +382,35 @@ async def start_grpc_server(
 ) -> tuple[Any, int]:
     """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
     max_message = int(models.settings.max_body_size) + (1 << 20)
-    server = grpc.aio.server(
+    service = InferenceService(models, authorize or (lambda context, admin: None), node)
+    if models.settings.grpc_server == "omni":
+        handlers = _Handlers()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, handlers)
+        server = GrpcServer(handlers.found, max_message)
+        return server, await server.start(host, port)
+    aio = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", -1),
         ]
     )
-    service = InferenceService(models, authorize or (lambda context, admin: None), node)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, aio)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    bound = aio.add_insecure_port(address)
     if not bound:
         raise OSError(f"cannot listen for gRPC on {address}")
-    await server.start()
-    return server, bound
+    await aio.start()
+    return aio, bound
+
+
+class _Handlers:
+    """Stands for a grpc server to a generated ``add_*_to_server``: collects its handlers."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.found.update({f"/{service}/{name}": h for name, h in handlers.items()})
