@@ -28,7 +28,8 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
-from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
+from omni_runtime.server import grpc_shared_memory as shm
+from omni_runtime.server.grpc_tensors import RequestError, config_tensor, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
@@ -58,16 +59,7 @@ def _tensor_metadata(t: dict[str, Any]) -> Any:
     )
 
 
-def _config_tensor(t: dict[str, Any], cls: Any) -> Any:
-    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
-    return cls(
-        name=t["name"],
-        data_type=model_config_pb2.DataType.Value(f"TYPE_{datatype}"),
-        dims=t["shape"],
-    )
-
-
-class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The v2 gRPC service over the node's models."""
 
     def __init__(
@@ -128,7 +120,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerMetadataResponse(
             name="omni",
             version=__version__,
-            extensions=["binary_tensor_data", "model_repository", "statistics"],
+            extensions=shm.EXTENSIONS,
         )
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
@@ -150,8 +142,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             platform="omni",
             backend="omni",
             max_batch_size=spec.max_batch_size,
-            input=[_config_tensor(t, model_config_pb2.ModelInput) for t in spec.inputs],
-            output=[_config_tensor(t, model_config_pb2.ModelOutput) for t in spec.outputs],
+            input=[config_tensor(t, model_config_pb2.ModelInput, spec) for t in spec.inputs],
+            output=[config_tensor(t, model_config_pb2.ModelOutput, spec) for t in spec.outputs],
         )
         return service_pb2.ModelConfigResponse(config=config)
 
@@ -244,7 +236,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         """One infer request: the response and its trailing metadata; ``_Refused`` else."""
         started = time.perf_counter()
         try:
-            body, header_length = infer_body(request)
+            body, header_length, after = shm.request_body(self.shared_memory, request, model.name)
         except (RequestError, ValueError, OverflowError, TypeError) as exc:
             model.account(400, started)
             raise _Refused(
@@ -269,6 +261,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
         except ModelUnavailable as exc:
             status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
+        if after is not None:  # outputs meant for shared-memory regions
+            status, out_length, answer = after((status, out_length, answer))
         version = model.spec.version
         metadata = [("omni-model-version", version)]
         if trace is not None and self.node is not None:  # in a fleet: who answered, how
@@ -379,6 +373,7 @@ async def start_grpc_server(
     port: int,
     authorize: Callable[[Any, bool], str | None] | None = None,
     node: str | None = None,
+    shared_memory: shm.SharedMemory | None = None,
 ) -> tuple[Any, int]:
     """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
     max_message = int(models.settings.max_body_size) + (1 << 20)
@@ -394,5 +389,6 @@ async def start_grpc_server(
     bound = server.add_insecure_port(address)
     if not bound:
         raise OSError(f"cannot listen for gRPC on {address}")
+    service.serve_shared_memory(shared_memory or shm.SharedMemory(), bound)
     await server.start()
     return server, bound
