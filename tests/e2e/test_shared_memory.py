@@ -96,7 +96,7 @@ class Runtime:
 
 @pytest.fixture(scope="module")
 def runtime(repository: Path) -> Iterator[Runtime]:
-    with serve(repository, extra=["--grpc-port", "0"]) as running:
+    with serve(repository, extra=["--grpc-port", "0", "--max-body-size", "64KiB"]) as running:
         yield Runtime(running)
 
 
@@ -329,6 +329,25 @@ def test_sizes_past_the_region_are_refused(clients: list[Any], regions: Objects,
         np.testing.assert_array_equal(unchanged, IN0)
         message = _refused(client.get_system_shared_memory_status, "nowhere")
         assert "Unable to find system shared memory region: 'nowhere'" in message
+    finally:
+        client.unregister_system_shared_memory()
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_inputs_from_regions_count_toward_the_body_size_limit(
+    clients: list[Any], regions: Objects, kind: str
+) -> None:
+    client = clients[kind == "grpc"]
+    module = httpclient if kind == "http" else grpcclient
+    rows = 1280  # 80 KiB of INT32, over the runtime's 64 KiB
+    key, _ = regions.create("large", rows * SIXTEEN)
+    client.register_system_shared_memory("large", key, rows * SIXTEEN)
+    try:
+        inputs = [module.InferInput(f"INPUT{i}", [rows, 16], "INT32") for i in (0, 1)]
+        inputs[0].set_shared_memory("large", rows * SIXTEEN)
+        inputs[1].set_shared_memory("large", rows * SIXTEEN)
+        message = _refused(client.infer, "simple", inputs)
+        assert "more than the server's limit of 65536 bytes" in message, message
     finally:
         client.unregister_system_shared_memory()
 

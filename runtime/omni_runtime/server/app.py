@@ -135,7 +135,8 @@ class OmniApp:
         self._on_shutdown = on_shutdown
         self.tokens = tokens or Tokens()
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
-        self.shared_memory = SharedMemory()  # the regions, shared with the gRPC service
+        # the regions, shared with the gRPC service
+        self.shared_memory = SharedMemory(max_request_bytes=models.settings.max_body_size)
         kserve = KServeRoutes(models, self.shared_memory)
         self.surfaces = (
             kserve,

@@ -14,6 +14,7 @@ error naming the region instead of crashing the runtime.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import stat
@@ -91,10 +92,14 @@ class SharedMemory:
         directory: str = SHM_DIR,
         max_regions: int = MAX_REGIONS,
         max_total_bytes: int = MAX_TOTAL_BYTES,
+        max_request_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.max_regions = max_regions
         self.max_total_bytes = max_total_bytes
+        # An infer request's inputs read from regions, with the rest of its body, come to at
+        # most this (the server's max_body_size), checked before anything is read.
+        self.max_request_bytes = max_request_bytes
         self.regions: dict[str, Region] = {}
 
     # -- register, status, unregister ----------------------------------------------------
@@ -140,7 +145,7 @@ class SharedMemory:
             fd = os.open(file_name, flags, dir_fd=directory)
             home = os.fstat(directory).st_dev
         except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == 40 else exc.strerror  # ELOOP
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
             raise SharedMemoryError(400, f"{unable}: {why}") from None
         finally:
             os.close(directory)

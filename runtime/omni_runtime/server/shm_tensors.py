@@ -49,22 +49,26 @@ def _slice(memory: SharedMemory, what: str, params: dict[str, Any]) -> tuple[Reg
         region = memory.get(params.get("shared_memory_region"))
     except SharedMemoryError as exc:
         raise _bad(f"{what}: {exc}") from None
-    size = params.get("shared_memory_byte_size")
-    offset = params.get("shared_memory_offset", 0)
-    for field, value in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _bad(f"{what}: '{field}' must be a whole number >= 0, not {value!r}")
+    size = _whole(params.get("shared_memory_byte_size"), what, "shared_memory_byte_size")
+    offset = _whole(params.get("shared_memory_offset", 0), what, "shared_memory_offset")
     if offset + size > region.byte_size:
         raise _bad(
             f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {size} is past "
             f"the end of shared memory region '{region.name}' ({region.byte_size} bytes)"
         )
-    return region, int(offset), int(size)  # type: ignore[arg-type]
+    return region, offset, size
+
+
+def _whole(value: Any, what: str, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(f"{what}: '{field}' must be a whole number >= 0, not {value!r}")
+    return value
 
 
 def _expected_size(item: dict[str, Any]) -> int | None:
     """Bytes a fixed-size tensor of this datatype and shape holds; None when unknown (BYTES)."""
-    item_size = ITEM_SIZE.get(item.get("datatype"))  # type: ignore[arg-type]
+    datatype = item.get("datatype")
+    item_size = ITEM_SIZE.get(datatype) if isinstance(datatype, str) else None
     shape = item.get("shape")
     if item_size is None or not isinstance(shape, list):
         return None
@@ -88,6 +92,8 @@ def request_from_regions(
     binary = memoryview(body)[header_length:] if header_length else memoryview(b"")
     position = 0
     chunks: list[bytes | memoryview] = []
+    budget = memory.max_request_bytes
+    total = len(body)
     for item in inputs:
         params = item.get("parameters") if isinstance(item, dict) else None
         if not isinstance(params, dict):
@@ -101,6 +107,13 @@ def request_from_regions(
                     f"{what}: shared_memory_byte_size is {size} bytes, but shape "
                     f"{item.get('shape')} of {item.get('datatype')} holds {expected}"
                 )
+            total += size
+            if budget is not None and total > budget:
+                raise SharedMemoryError(
+                    413, f"{what}: the inputs read from shared memory and the request come to "
+                    f"more than the server's limit of {budget} bytes (server.max_body_size in "
+                    "omni.toml)",
+                )  # fmt: skip
             chunks.append(memory.read(region, offset, size))
             item.pop("data", None)
             kept = {k: v for k, v in params.items() if k not in SHM_PARAMETERS}
@@ -151,6 +164,9 @@ def response_to_regions(
         return _write_outputs(memory, plans, header_length, body)
     except SharedMemoryError as exc:
         return exc.status, 0, v2_error_body(f"model '{model}': {exc}")
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+        message = f"model '{model}' answered with outputs that cannot be written: {exc!r}"
+        return 500, 0, v2_error_body(message)
 
 
 def _write_outputs(
@@ -166,7 +182,7 @@ def _write_outputs(
         params = output.get("parameters") or {}
         size = params.get("binary_data_size")
         data = None
-        if size is not None:
+        if isinstance(size, int) and size >= 0:
             data = view[position : position + size]
             position += size
         plan = wanted.get(output.get("name"))
