@@ -145,3 +145,45 @@ def test_a_request_keeps_its_other_binary_inputs_in_order(
     written = json.loads(body[:length])["outputs"][1]
     assert written["parameters"] == {"shared_memory_region": "r", "shared_memory_byte_size": 3}
     assert (tmp_path / "obj").read_bytes() == b"xyzDEFGH"
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [1, "x", None],
+        [{"name": "a", "parameters": {"shared_memory_region": ["r"]}}],
+        [{"name": "a", "parameters": {"shared_memory_region": "r",
+                                      "shared_memory_byte_size": "8"}}],
+        [{"name": "a", "parameters": {"shared_memory_region": "r",
+                                      "shared_memory_byte_size": True}}],
+        [{"name": "a", "datatype": ["FP32"], "shape": [2],
+          "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8}}],
+        [{"name": "a", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4,
+                                      "shared_memory_offset": -1}}],
+        [{"name": "a", "parameters": {"binary_data_size": -3}}],
+    ],
+)  # fmt: skip
+def test_hostile_headers_are_refused_or_left_to_the_worker(
+    memory: SharedMemory, tmp_path: Path, inputs: list[object]
+) -> None:
+    memory.register("r", _object(tmp_path, "obj", bytes(8)), 0, 8, os.getuid())
+    body = json.dumps({"inputs": inputs, "outputs": [{"parameters": {}}, 5]}).encode()
+    try:
+        request_from_regions(memory, body, 0)
+    except SharedMemoryError as exc:
+        assert exc.status == 400
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"[]", b'{"outputs": 5}', b'{"outputs": [5]}', b'{"outputs": [{"name": ["x"]}]}', b"{"],
+)
+def test_an_answer_that_cannot_be_written_is_a_500(
+    memory: SharedMemory, tmp_path: Path, answer: bytes
+) -> None:
+    memory.register("r", _object(tmp_path, "obj", bytes(8)), 0, 8, os.getuid())
+    header = {"inputs": [], "outputs": [{"name": "x", "parameters": {
+        "shared_memory_region": "r", "shared_memory_byte_size": 8}}]}  # fmt: skip
+    _, _, plans = request_from_regions(memory, json.dumps(header).encode(), 0)
+    status, _, body = response_to_regions(memory, "m", plans, (200, 0, answer))
+    assert status == 500 and b"model 'm'" in body
