@@ -201,7 +201,11 @@ class SharedMemory:
         parts = []
         done = 0
         while done < size:
-            part = os.pread(region.fd, min(size - done, _CHUNK), start + done)
+            try:
+                part = os.pread(region.fd, min(size - done, _CHUNK), start + done)
+            except OSError as exc:
+                message = f"shared memory region '{region.name}' cannot be read: {exc.strerror}"
+                raise SharedMemoryError(400, message) from None
             if not part:
                 raise SharedMemoryError(
                     400, f"shared memory region '{region.name}' is shorter than it was when "

@@ -164,8 +164,8 @@ def response_to_regions(
         return _write_outputs(memory, plans, header_length, body)
     except SharedMemoryError as exc:
         return exc.status, 0, v2_error_body(f"model '{model}': {exc}")
-    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
-        message = f"model '{model}' answered with outputs that cannot be written: {exc!r}"
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, OSError) as exc:
+        message = f"model '{model}': its outputs could not be written into shared memory: {exc!r}"
         return 500, 0, v2_error_body(message)
 
 
