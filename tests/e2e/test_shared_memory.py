@@ -160,17 +160,17 @@ def test_register_infer_from_regions_and_unregister(
     out_key, out_handle = regions.create(f"out-{kind}", 2 * SIXTEEN)
     shm.set_shared_memory_region(in_handle, [IN0])
     shm.set_shared_memory_region(in_handle, [IN1], offset=SIXTEEN)
-    client.register_system_shared_memory("input_data", in_key, 2 * SIXTEEN)
+    client.register_system_shared_memory("input/data", in_key, 2 * SIXTEEN)
     client.register_system_shared_memory("output_data", out_key, 2 * SIXTEEN)
     assert _status(client) == {
-        "input_data": (in_key, 0, 2 * SIXTEEN),
+        "input/data": (in_key, 0, 2 * SIXTEEN),
         "output_data": (out_key, 0, 2 * SIXTEEN),
     }
     assert _status(client, "output_data") == {"output_data": (out_key, 0, 2 * SIXTEEN)}
 
     inputs = [module.InferInput(f"INPUT{i}", [1, 16], "INT32") for i in (0, 1)]
-    inputs[0].set_shared_memory("input_data", SIXTEEN)
-    inputs[1].set_shared_memory("input_data", SIXTEEN, offset=SIXTEEN)
+    inputs[0].set_shared_memory("input/data", SIXTEEN)
+    inputs[1].set_shared_memory("input/data", SIXTEEN, offset=SIXTEEN)
     outputs = [module.InferRequestedOutput(f"OUTPUT{i}") for i in (0, 1)]
     outputs[0].set_shared_memory("output_data", SIXTEEN)
     outputs[1].set_shared_memory("output_data", SIXTEEN, offset=SIXTEEN)
@@ -188,7 +188,7 @@ def test_register_infer_from_regions_and_unregister(
     np.testing.assert_array_equal(total, IN0 + IN1)
     np.testing.assert_array_equal(difference, IN0 - IN1)
 
-    client.unregister_system_shared_memory("input_data")
+    client.unregister_system_shared_memory("input/data")
     assert set(_status(client)) == {"output_data"}
     client.unregister_system_shared_memory()
     assert _status(client) == {}
@@ -418,6 +418,8 @@ def test_cuda_shared_memory_is_refused_saying_why(clients: list[Any]) -> None:
         message = _refused(client.register_cuda_shared_memory, "gpu", handle, 0, 64)
         assert "CUDA shared memory is not supported by this server" in message, message
     assert clients[0].get_cuda_shared_memory_status() == []
+    message = _refused(clients[0].get_cuda_shared_memory_status, "gpu/0")
+    assert "Unable to find cuda shared memory region: 'gpu/0'" in message, message
 
 
 def test_server_metadata_and_config_show_the_extension_and_the_batch_dimension(

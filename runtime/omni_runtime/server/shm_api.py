@@ -15,13 +15,12 @@ CUDA_REFUSAL = (
     "CUDA shared memory is not supported by this server (it needs a GPU and CUDA IPC in the "
     "runtime); use system shared memory (/v2/systemsharedmemory) instead"
 )
-_REGION = "/v2/systemsharedmemory/region/"
 
 
 def _region_name(scope: Scope, action: str) -> str:
-    """The region's name in ``/v2/systemsharedmemory/region/{name}/{action}``."""
-    path: str = scope["path"]
-    return path[len(_REGION) : len(path) - len(action) - 1]  # (ASGI decoded it)
+    """The region's name in ``/v2/...sharedmemory/region/{name}/{action}`` (ASGI decoded it)."""
+    name = str(scope["path"]).partition("/region/")[2]
+    return name[: len(name) - len(action) - 1]
 
 
 class SharedMemoryRoutes:
