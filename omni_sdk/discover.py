@@ -39,6 +39,8 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         "resources": engine.resources.model_dump(),
         "scaling": engine.scaling.model_dump(),
         "max_batch_size": engine.max_batch_size,
+        # requests are joined along dimension 0 (Triton's batch dimension)
+        "batch_dimension": issubclass(engine, TensorEngine) and engine.max_batch_size > 1,
         "async": inspect.iscoroutinefunction(
             engine.infer_batch if engine.max_batch_size > 1 else engine.infer
         )

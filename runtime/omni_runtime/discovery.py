@@ -67,6 +67,7 @@ class ModelSpec:
     resources: Resources
     scaling: Scaling
     max_batch_size: int = 0
+    batch_dimension: bool = False  # dimension 0 of every tensor is the batch (a TensorEngine's)
     version: str = "1"  # the package's distribution version, unless omni.toml sets one
     device: str = "cpu"
     is_async: bool = False
@@ -363,6 +364,7 @@ async def discover_all(
                     resources=resources,
                     scaling=scaling,
                     max_batch_size=engine["max_batch_size"],
+                    batch_dimension=engine.get("batch_dimension") is True,
                     device=device,
                     is_async=bool(engine.get("async", False)),
                     streaming=bool(engine.get("streaming", False)),

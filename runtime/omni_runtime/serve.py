@@ -158,11 +158,11 @@ def _serve_with(
         if fleet is not None:
             await fleet.start()
         if args.grpc_port is not None:
-            from omni_runtime.server.grpc_service import grpc_authorizer, start_grpc_server
+            from omni_runtime.server.grpc_listen import grpc_authorizer, start_grpc_server
 
             server, grpc_port = await start_grpc_server(
                 front, args.host, args.grpc_port, grpc_authorizer(tokens),
-                fleet.name if fleet is not None else None,
+                fleet.name if fleet is not None else None, app.shared_memory,
             )  # fmt: skip
             grpc_servers.append(server)
             print(f"omni-runtime: KServe v2 gRPC at {args.host}:{grpc_port}", flush=True)
@@ -179,6 +179,7 @@ def _serve_with(
             await server.stop(settings.drain_timeout)
         await batches.stop()  # items still running are run again at the next start
         await node.stop()
+        app.shared_memory.close()
 
     app = OmniApp(
         front, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches,

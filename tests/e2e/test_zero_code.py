@@ -91,6 +91,15 @@ def test_served_through_v2_and_tritonclient(runtime: RunningRuntime) -> None:
     np.testing.assert_allclose(response.json()["result"]["y"], x * 2 + 1)
 
 
+def test_config_leaves_the_batch_dimension_out_as_triton_does(runtime: RunningRuntime) -> None:
+    client = triton.InferenceServerClient(runtime.url.removeprefix("http://"))
+    config = client.get_model_config(NAME)
+    assert config["max_batch_size"] == 8
+    assert [t["dims"] for t in config["input"] + config["output"]] == [[3], [3]]
+    assert client.get_model_metadata(NAME)["inputs"][0]["shape"] == [-1, 3]  # the full shape
+    client.close()
+
+
 def test_an_unknown_kind_names_the_file_and_the_kinds_there_are(tmp_path: Path) -> None:
     package = _package(tmp_path, kind="onnxx")
     result = _models(package, tmp_path / "state")

@@ -106,3 +106,18 @@ def _routes(app: OmniApp) -> list[Route]:
     from omni_runtime.server.app import route_list
 
     return route_list(app, *app.surfaces)
+
+
+def test_region_routes_take_any_name_and_need_the_api_token(table: RouteTable) -> None:
+    register = resolve(table, "POST", "/v2/systemsharedmemory/region/in/put/register")
+    assert name(register) == "register" and register.access is Access.API
+    assert register.model is None  # a region's name is no model's
+    status = resolve(table, "GET", "/v2/systemsharedmemory/region/a/status")
+    assert name(status) == "region_status" and status.access is Access.API
+    assert name(resolve(table, "POST", "/v2/systemsharedmemory/region/a/unregister")) == (
+        "unregister"
+    )
+    assert resolve(table, "GET", "/v2/systemsharedmemory/region/a/register").why is Why.METHOD
+    assert resolve(table, "POST", "/v2/systemsharedmemory/region//register").why is Why.NO_ROUTE
+    cuda = resolve(table, "POST", "/v2/cudasharedmemory/region/g/register")
+    assert name(cuda) == "cuda_register" and cuda.access is Access.API

@@ -41,6 +41,7 @@ def spec_record(spec: ModelSpec) -> dict[str, Any]:
         "input_schema": spec.input_schema,
         "output_schema": spec.output_schema,
         "max_batch_size": spec.max_batch_size,
+        "batch_dimension": spec.batch_dimension,
         "device": spec.device,
         "is_async": spec.is_async,
         "streaming": spec.streaming,

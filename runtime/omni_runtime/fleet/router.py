@@ -348,6 +348,7 @@ def spec_from_record(record: dict[str, Any]) -> ModelSpec:
         resources=Resources.model_validate(record.get("resources", {})),
         scaling=Scaling.model_validate(record.get("scaling", {})),
         max_batch_size=int(record.get("max_batch_size", 0)),
+        batch_dimension=record.get("batch_dimension") is True,
         device=str(record.get("device", "cpu")),
         is_async=bool(record.get("is_async")),
         streaming=bool(record.get("streaming")),

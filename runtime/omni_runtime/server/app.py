@@ -35,6 +35,8 @@ from omni_runtime.server.openai_api import OpenAIRoutes
 from omni_runtime.server.openapi import build_openapi
 from omni_runtime.server.rollout_api import RolloutRoutes
 from omni_runtime.server.routes import Resolved, Route, RouteTable, Why
+from omni_runtime.server.shared_memory import SharedMemory
+from omni_runtime.server.shm_api import SharedMemoryRoutes
 from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 
@@ -56,6 +58,7 @@ def route_list(
     ai: AiRunRoutes,
     openai: OpenAIRoutes,
     rollout: RolloutRoutes,
+    shm: SharedMemoryRoutes,
     fleet: FleetRoutes | None = None,
 ) -> list[Route]:
     """Every HTTP route Omni answers, and who may call it (DESIGN.md, HTTP routes)."""
@@ -87,6 +90,17 @@ def route_list(
         Route("POST", "/v2/repository/models/{model}/rollout", rollout.start, admin),
         Route("GET", "/v2/repository/models/{model}/rollout", rollout.status, admin),
         Route("DELETE", "/v2/repository/models/{model}/rollout", rollout.abort, admin),
+        # Triton's shared-memory extensions ({name}: a region's name, not a model's)
+        Route("GET", "/v2/systemsharedmemory/status", shm.status, api),
+        Route("GET", "/v2/systemsharedmemory/region/{name}/status", shm.region_status, api),
+        Route("POST", "/v2/systemsharedmemory/region/{name}/register", shm.register, api),
+        Route("POST", "/v2/systemsharedmemory/unregister", shm.unregister_all, api),
+        Route("POST", "/v2/systemsharedmemory/region/{name}/unregister", shm.unregister, api),
+        Route("GET", "/v2/cudasharedmemory/status", shm.cuda_status, api),
+        Route("GET", "/v2/cudasharedmemory/region/{name}/status", shm.cuda_region_status, api),
+        Route("POST", "/v2/cudasharedmemory/region/{name}/register", shm.cuda_register, api),
+        Route("POST", "/v2/cudasharedmemory/unregister", shm.cuda_unregister, api),
+        Route("POST", "/v2/cudasharedmemory/region/{name}/unregister", shm.cuda_unregister, api),
         # Workers AI
         Route("POST", "/ai/run/{model}", ai.run, api),
         Route("GET", "/ai/batch", ai.batch_index, admin),
@@ -121,12 +135,15 @@ class OmniApp:
         self._on_shutdown = on_shutdown
         self.tokens = tokens or Tokens()
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
-        kserve = KServeRoutes(models)
+        # the regions, shared with the gRPC service
+        self.shared_memory = SharedMemory(max_request_bytes=models.settings.max_body_size)
+        kserve = KServeRoutes(models, self.shared_memory)
         self.surfaces = (
             kserve,
             AiRunRoutes(models, batches),
             OpenAIRoutes(models),
             RolloutRoutes(rollouts, models.settings.max_body_size),
+            SharedMemoryRoutes(self.shared_memory, models.settings.max_body_size),
         )
         self.table = RouteTable(route_list(self, *self.surfaces, fleet), models)
         self._cache: dict[tuple[str, str], _Prepared] = {}

@@ -118,7 +118,8 @@ class CallContext:
     def peer(self) -> str:
         transport = self._call.stream.connection.transport
         address = transport.get_extra_info("peername") if transport is not None else None
-        if isinstance(address, tuple) and len(address) >= 2:
-            family = "ipv6" if ":" in str(address[0]) else "ipv4"
-            return f"{family}:{address[0]}:{address[1]}"
+        if isinstance(address, tuple) and len(address) >= 2:  # as grpcio writes it
+            if ":" in str(address[0]):
+                return f"ipv6:[{address[0]}]:{address[1]}"
+            return f"ipv4:{address[0]}:{address[1]}"
         return "unknown"

@@ -28,14 +28,13 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
-from omni_runtime.server.grpc_server import GrpcServer
-from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
+from omni_runtime.server import grpc_shared_memory as shm
+from omni_runtime.server.grpc_tensors import RequestError, config_tensor, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
-from omni_runtime.server.tokens import Access, Tokens, authorized
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
-__all__ = ["InferenceService", "grpc_authorizer", "start_grpc_server"]
+__all__ = ["InferenceService"]
 
 log = logging.getLogger("omni.grpc")
 
@@ -59,16 +58,7 @@ def _tensor_metadata(t: dict[str, Any]) -> Any:
     )
 
 
-def _config_tensor(t: dict[str, Any], cls: Any) -> Any:
-    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
-    return cls(
-        name=t["name"],
-        data_type=model_config_pb2.DataType.Value(f"TYPE_{datatype}"),
-        dims=t["shape"],
-    )
-
-
-class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The v2 gRPC service over the node's models."""
 
     def __init__(
@@ -129,7 +119,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerMetadataResponse(
             name="omni",
             version=__version__,
-            extensions=["binary_tensor_data", "model_repository", "statistics"],
+            extensions=shm.EXTENSIONS,
         )
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
@@ -151,8 +141,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             platform="omni",
             backend="omni",
             max_batch_size=spec.max_batch_size,
-            input=[_config_tensor(t, model_config_pb2.ModelInput) for t in spec.inputs],
-            output=[_config_tensor(t, model_config_pb2.ModelOutput) for t in spec.outputs],
+            input=[config_tensor(t, model_config_pb2.ModelInput, spec) for t in spec.inputs],
+            output=[config_tensor(t, model_config_pb2.ModelOutput, spec) for t in spec.outputs],
         )
         return service_pb2.ModelConfigResponse(config=config)
 
@@ -245,7 +235,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         """One infer request: the response and its trailing metadata; ``_Refused`` else."""
         started = time.perf_counter()
         try:
-            body, header_length = infer_body(request)
+            body, header_length, after = shm.request_body(self.shared_memory, request, model.name)
         except (RequestError, ValueError, OverflowError, TypeError) as exc:
             model.account(400, started)
             raise _Refused(
@@ -270,6 +260,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             status, out_length, answer = 429, 0, json.dumps({"error": str(exc)}).encode()
         except ModelUnavailable as exc:
             status, out_length, answer = 503, 0, json.dumps({"error": str(exc)}).encode()
+        if after is not None:  # outputs meant for shared-memory regions
+            status, out_length, answer = after((status, out_length, answer))
         trace = TRACE.get()  # another version's, when a rollout replaced the chosen one
         version = (trace.version if trace is not None else None) or model.spec.version
         metadata = [("omni-model-version", version)]
@@ -351,66 +343,3 @@ def _wants_final_flag(request: Any) -> bool:
     """The client asked for ``triton_final_response`` on the last response of a request."""
     parameter = request.parameters.get("triton_enable_empty_final_response")
     return parameter is not None and parameter.bool_param
-
-
-def grpc_authorizer(tokens: Tokens) -> Callable[[Any, bool], str | None]:
-    """The token check: ``authorization: Bearer TOKEN`` metadata, as the header is on HTTP."""
-
-    def authorize(context: Any, admin: bool) -> str | None:
-        accepted = tokens.accepted(Access.ADMIN if admin else Access.API)
-        if not accepted:
-            return None
-        headers = [
-            (key.encode(), value.encode())
-            for key, value in context.invocation_metadata() or ()
-            if isinstance(value, str)
-        ]
-        if authorized(headers, accepted):
-            return None
-        which = "OMNI_ADMIN_TOKEN" if admin else "OMNI_API_TOKEN"
-        return f"missing or wrong token: send the metadata 'authorization: Bearer <{which}>'"
-
-    return authorize
-
-
-async def start_grpc_server(
-    models: ModelDirectory,
-    host: str,
-    port: int,
-    authorize: Callable[[Any, bool], str | None] | None = None,
-    node: str | None = None,
-) -> tuple[Any, int]:
-    """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
-    max_message = int(models.settings.max_body_size) + (1 << 20)
-    service = InferenceService(models, authorize or (lambda context, admin: None), node)
-    if models.settings.grpc_server == "omni":
-        handlers = _Handlers()
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, handlers)
-        server = GrpcServer(handlers.found, max_message)
-        return server, await server.start(host, port)
-    aio = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.max_send_message_length", -1),
-        ]
-    )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, aio)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = aio.add_insecure_port(address)
-    if not bound:
-        raise OSError(f"cannot listen for gRPC on {address}")
-    await aio.start()
-    return aio, bound
-
-
-class _Handlers:
-    """Stands for a grpc server to a generated ``add_*_to_server``: collects its handlers."""
-
-    def __init__(self) -> None:
-        self.found: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass  # the same handlers come through add_registered_method_handlers
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.found.update({f"/{service}/{name}": h for name, h in handlers.items()})

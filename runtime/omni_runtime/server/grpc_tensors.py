@@ -9,9 +9,11 @@ import struct
 from typing import Any
 
 import numpy as np
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2
 
-__all__ = ["RequestError", "infer_body", "infer_response"]
+from omni_runtime.discovery import ModelSpec
+
+__all__ = ["RequestError", "config_tensor", "infer_body", "infer_response", "tensor_bytes"]
 
 # Typed contents fields, by v2 datatype, and the numpy type their values take.
 _CONTENTS = {
@@ -45,6 +47,22 @@ def _bytes_of(datatype: str, contents: Any, name: str) -> bytes:
             f"input '{name}': {datatype} has no typed contents field; send it in raw_input_contents"
         )
     return np.asarray(list(getattr(contents, field[0])), dtype=field[1]).tobytes()
+
+
+def config_tensor(t: dict[str, Any], cls: Any, spec: ModelSpec) -> Any:
+    """A tensor of ``spec`` as ``ModelConfig`` shows it (``cls``: ModelInput, ModelOutput);
+    without the batch dimension where dimension 0 is the batch, as Triton shows it."""
+    datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
+    return cls(
+        name=t["name"],
+        data_type=model_config_pb2.DataType.Value(f"TYPE_{datatype}"),
+        dims=t["shape"][1:] if spec.batch_dimension else t["shape"],
+    )
+
+
+def tensor_bytes(tensor: Any) -> bytes:
+    """An input's typed contents as the raw bytes of the binary tensor extension."""
+    return _bytes_of(tensor.datatype, tensor.contents, tensor.name)
 
 
 def infer_body(request: Any) -> tuple[bytes, int]:
@@ -93,7 +111,14 @@ def infer_response(
         tensor = response.outputs.add(
             name=output["name"], datatype=output["datatype"], shape=output["shape"]
         )
-        size = (output.get("parameters") or {}).get("binary_data_size")
+        parameters = output.get("parameters") or {}
+        size = parameters.get("binary_data_size")
+        if "shared_memory_region" in parameters:  # written into a region: no data here
+            for key, value in parameters.items():
+                if isinstance(value, str):
+                    tensor.parameters[key].string_param = value
+                else:
+                    tensor.parameters[key].int64_param = value
         if size is not None:
             response.raw_output_contents.append(body[offset : offset + size])
             offset += size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from omni_runtime.scheduler import (
@@ -33,6 +34,12 @@ from omni_runtime.server.http import (
     respond_json,
 )
 from omni_runtime.server.model_control import ControlError, config_tensor, scaling_override
+from omni_runtime.server.shared_memory import SharedMemory, SharedMemoryError
+from omni_runtime.server.shm_tensors import (
+    REGION_MARK,
+    request_from_regions,
+    response_to_regions,
+)
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
@@ -47,7 +54,14 @@ def names_version(handler: Any) -> Any:
 
 
 COMPRESS_FROM = 1024  # bytes: a smaller answer is sent as it is, whatever the client accepts
-EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_repository",
+    "statistics",
+    "model_configuration",
+    "system_shared_memory",
+]
+Answer = tuple[int, int, bytes]  # a worker's answer: status, header length, body
 
 
 async def call_model(
@@ -59,13 +73,16 @@ async def call_model(
     ai: bool,
     reject_if_busy: bool = False,
     encoding: str | None = None,
+    after: Callable[[Answer], Answer] | None = None,
 ) -> None:
     """Send one request to the model and write its answer (or why there is none) back,
     compressed with ``encoding`` (gzip, deflate) when the client's Accept-Encoding asked and
-    the answer is large enough for it to pay."""
+    the answer is large enough for it to pay; ``after`` rewrites the model's answer first."""
     extra: list[tuple[bytes, bytes]] = []
     try:
         status, header_length, body = await model.call(kind, parts, reject_if_busy, started=started)
+        if after is not None:
+            status, header_length, body = after((status, header_length, body))
     except ModelBusy as exc:
         status, header_length, body = 429, 0, error_body(ai, 429, str(exc))
     except ModelUnavailable as exc:
@@ -85,9 +102,10 @@ async def call_model(
 class KServeRoutes:
     """The v2 handlers; each takes ``(scope, receive, send, model)``."""
 
-    def __init__(self, models: ModelDirectory) -> None:
+    def __init__(self, models: ModelDirectory, memory: SharedMemory | None = None) -> None:
         self.models = models
         self.max_body = models.settings.max_body_size
+        self.memory = memory or SharedMemory()
 
     # -- inference -----------------------------------------------------------------------
 
@@ -115,9 +133,35 @@ class KServeRoutes:
                 f"model '{model.name}': Inference-Header-Content-Length is {header_length} "
                 f"but the body has {len(body)} bytes",
             )
-        parts = [V2_PREFIX.pack(header_length), body]
         encoding = accepted_encoding(scope)
+        if body.find(REGION_MARK, 0, header_length or len(body)) != -1:
+            await self._infer_with_regions(send, model, body, header_length, started, encoding)
+            return
+        parts = [V2_PREFIX.pack(header_length), body]
         await call_model(send, model, Kind.INFER_V2, parts, started, False, False, encoding)
+
+    async def _infer_with_regions(
+        self,
+        send: Send,
+        model: ModelHandle,
+        body: bytes,
+        header_length: int,
+        started: float,
+        encoding: str | None,
+    ) -> None:
+        """An infer request whose header names a shared-memory region: inputs read from
+        their regions, the model called, outputs written into theirs (shm_tensors.py)."""
+        try:
+            body, header_length, plans = request_from_regions(self.memory, body, header_length)
+        except SharedMemoryError as exc:
+            model.account(exc.status, started)
+            raise HTTPError(exc.status, f"model '{model.name}': {exc}") from None
+
+        def after(answer: Answer) -> Answer:
+            return response_to_regions(self.memory, model.name, plans, answer)
+
+        parts = [V2_PREFIX.pack(header_length), body]
+        await call_model(send, model, Kind.INFER_V2, parts, started, False, False, encoding, after)
 
     # -- health and metadata -------------------------------------------------------------
 
@@ -169,8 +213,8 @@ class KServeRoutes:
                 "platform": "omni",
                 "backend": "omni",
                 "max_batch_size": spec.max_batch_size,
-                "input": [config_tensor(t) for t in spec.inputs],
-                "output": [config_tensor(t) for t in spec.outputs],
+                "input": [config_tensor(t, spec.batch_dimension) for t in spec.inputs],
+                "output": [config_tensor(t, spec.batch_dimension) for t in spec.outputs],
                 "parameters": {
                     "task": {"string_value": spec.task},
                     "package": {"string_value": spec.package},

@@ -81,14 +81,17 @@ def _current(spec: ModelSpec) -> dict[str, Any]:
         "platform": "omni",
         "backend": "omni",
         "max_batch_size": spec.max_batch_size,
-        "input": [config_tensor(t) for t in spec.inputs],
-        "output": [config_tensor(t) for t in spec.outputs],
+        "input": [config_tensor(t, spec.batch_dimension) for t in spec.inputs],
+        "output": [config_tensor(t, spec.batch_dimension) for t in spec.outputs],
     }
 
 
-def config_tensor(t: dict[str, Any]) -> dict[str, Any]:
+def config_tensor(t: dict[str, Any], batched: bool = False) -> dict[str, Any]:
+    """A tensor as ``/config`` shows it; ``batched``: dimension 0 is the batch, left out of
+    ``dims`` as Triton leaves it out when ``max_batch_size`` is set."""
     datatype = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
-    entry = {"name": t["name"], "data_type": f"TYPE_{datatype}", "dims": t["shape"]}
+    dims = t["shape"][1:] if batched else t["shape"]
+    entry = {"name": t["name"], "data_type": f"TYPE_{datatype}", "dims": dims}
     if t.get("optional"):
         entry["optional"] = True
     return entry

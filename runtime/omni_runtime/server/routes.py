@@ -4,6 +4,8 @@ A path is fixed (``/v2/health/live``) or holds one ``{model}``: a model's name, 
 itself contain slashes (``@cf/baai/bge-small-en-v1.5``). A ``versioned`` route also matches
 ``{model}/versions/{version}``. ``RouteTable.resolve`` turns a request line into a
 ``Resolved``: the handler, the model's handle, the version asked for, and the access level.
+A ``{name}`` is any other name (a shared-memory region's), which the handler reads from the
+path itself.
 What matches no route still gets an access level (``FAMILY_ACCESS``), so that an unknown path
 under the admin routes asks for the admin token like the routes beside it.
 """
@@ -66,9 +68,13 @@ class RouteTable:
     def __init__(self, routes: Sequence[Route], models: ModelDirectory) -> None:
         self._models = models
         self._fixed: dict[str, dict[str, Route]] = {}
+        self._named: dict[tuple[str, str], dict[str, Route]] = {}
         patterns: dict[tuple[str, str], dict[str, Route]] = {}
         for route in routes:
-            if "{model}" in route.path:
+            if "{name}" in route.path:
+                prefix, _, suffix = route.path.partition("{name}")
+                by_method = self._named.setdefault((prefix, suffix), {})
+            elif "{model}" in route.path:
                 prefix, _, suffix = route.path.partition("{model}")
                 by_method = patterns.setdefault((prefix, suffix), {})
             else:
@@ -89,6 +95,13 @@ class RouteTable:
             if route is None:
                 return Resolved(None, _family_access(path), why=Why.METHOD)
             return Resolved(route.handler, route.access)
+        for (prefix, suffix), by_method in self._named.items():
+            fits = len(path) > len(prefix) + len(suffix)
+            if fits and path.startswith(prefix) and path.endswith(suffix):
+                route = by_method.get(method)
+                if route is None:
+                    return Resolved(None, _family_access(path), why=Why.METHOD)
+                return Resolved(route.handler, route.access)
         unknown: Resolved | None = None
         for pattern in self._patterns:
             if not (path.startswith(pattern.prefix) and path.endswith(pattern.suffix)):
