@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -19,12 +20,17 @@ from hpack import Encoder
 from omni_runtime.server.grpc_server import GrpcServer
 
 MAX = 8 << 20
-pytestmark = pytest.mark.anyio
+# One event loop for the module: grpcio's asyncio client keeps a poller bound to the first
+# loop it ran on, and calls into it after that loop closed.
+LOOP = asyncio.new_event_loop()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def on_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    @functools.wraps(test)
+    def run() -> None:
+        LOOP.run_until_complete(test())
+
+    return run
 
 
 class Behaviour:
@@ -95,6 +101,7 @@ def channel(address: str, **options: Any) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, **options)
 
 
+@on_loop
 async def test_unary_calls_carry_messages_metadata_and_status() -> None:
     async with serving() as served:
         _, address, _ = served
@@ -119,6 +126,7 @@ async def test_unary_calls_carry_messages_metadata_and_status() -> None:
             assert await echo(b"still served") == b"still served"  # nothing above broke the server
 
 
+@on_loop
 async def test_large_messages_flow_both_ways_within_the_windows() -> None:
     async with serving() as served:
         _, address, _ = served
@@ -132,6 +140,7 @@ async def test_large_messages_flow_both_ways_within_the_windows() -> None:
         assert all(a == payload * 4 for a in answers)
 
 
+@on_loop
 async def test_compressed_requests_are_read() -> None:
     async with serving() as served:
         _, address, _ = served
@@ -141,6 +150,7 @@ async def test_compressed_requests_are_read() -> None:
                 assert await chan.unary_unary("/test.Svc/echo")(payload) == payload
 
 
+@on_loop
 async def test_a_message_over_the_limit_is_refused_naming_it() -> None:
     async with serving() as served:
         _, address, _ = served
@@ -157,6 +167,7 @@ async def test_a_message_over_the_limit_is_refused_naming_it() -> None:
                 assert "limit" in (bomb.value.details() or "")
 
 
+@on_loop
 async def test_a_deadline_ends_the_call_and_cancels_its_work() -> None:
     async with serving() as served:
         _, address, behaviour = served
@@ -167,6 +178,7 @@ async def test_a_deadline_ends_the_call_and_cancels_its_work() -> None:
             await asyncio.wait_for(behaviour.cancelled.wait(), 5)
 
 
+@on_loop
 async def test_a_call_the_client_cancels_is_cancelled_here() -> None:
     async with serving() as served:
         _, address, behaviour = served
@@ -177,6 +189,7 @@ async def test_a_call_the_client_cancels_is_cancelled_here() -> None:
             await asyncio.wait_for(behaviour.cancelled.wait(), 5)
 
 
+@on_loop
 async def test_streams_answer_each_message() -> None:
     async with serving() as served:
         _, address, _ = served
@@ -215,6 +228,7 @@ def _read_frames(sock: socket.socket) -> list[tuple[int, int, bytes]]:
     return frames
 
 
+@on_loop
 async def test_a_peer_that_is_not_http2_or_resets_in_a_flood_is_sent_away() -> None:
     async with serving() as served:
         _, address, _ = served
@@ -257,6 +271,7 @@ class _nothing:
         return isinstance(exc[1], OSError)  # the server may close mid-burst
 
 
+@on_loop
 async def test_stopping_lets_calls_in_progress_finish() -> None:
     async with serving() as served:
         server, address, behaviour = served
@@ -269,3 +284,25 @@ async def test_stopping_lets_calls_in_progress_finish() -> None:
             behaviour.release.set()
             assert await call == b"held"
             await asyncio.wait_for(stopping, 5)
+
+
+@on_loop
+async def test_at_the_connection_limit_the_longest_idle_connection_makes_room() -> None:
+    behaviour = Behaviour()
+    server = GrpcServer(handlers(behaviour), MAX, max_connections=2)
+    port = await server.start("127.0.0.1", 0)
+    address = f"127.0.0.1:{port}"
+    try:
+        first, second = channel(address), channel(address)
+        assert await first.unary_unary("/test.Svc/echo")(b"1") == b"1"
+        assert await second.unary_unary("/test.Svc/echo")(b"2") == b"2"
+        busy = second.unary_unary("/test.Svc/hold")(b"")
+        await asyncio.wait_for(behaviour.entered.wait(), 5)
+        async with channel(address) as third:  # the first, idle, is closed for it
+            assert await third.unary_unary("/test.Svc/echo")(b"3") == b"3"
+        behaviour.release.set()
+        assert await busy == b"held"  # the busy one was left alone
+        await first.close()
+        await second.close()
+    finally:
+        await server.stop(1.0)

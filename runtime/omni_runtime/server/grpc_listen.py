@@ -54,7 +54,7 @@ async def start_grpc_server(
     if models.settings.grpc_server == "omni":
         handlers = _Handlers()
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, handlers)
-        server = GrpcServer(handlers.found, max_message)
+        server = GrpcServer(handlers.found, max_message, models.settings.max_connections)
         service.serve_shared_memory(memory, None)
         bound = await server.start(host, port)
         service.serve_shared_memory(memory, bound)

@@ -51,9 +51,12 @@ _MAX_DETAILS = 8192
 class GrpcServer:
     """Listens on one address and serves ``handlers`` (full method path -> RpcMethodHandler)."""
 
-    def __init__(self, handlers: dict[str, Any], max_message: int) -> None:
+    def __init__(
+        self, handlers: dict[str, Any], max_message: int, max_connections: int = 1000
+    ) -> None:
         self.handlers = {path.encode(): handler for path, handler in handlers.items()}
         self.max_message = max_message
+        self.max_connections = max_connections
         self.connections: set[H2Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._trailers: dict[tuple[int, str, tuple[tuple[str, Any], ...]], bytes] = {}
@@ -65,6 +68,14 @@ class GrpcServer:
 
     def _connection(self) -> H2Connection:
         connection = H2Connection(Calls(self))
+        if len(self.connections) >= self.max_connections:
+            # At the limit (server.max_connections, as on HTTP): the longest idle connection
+            # with no call open is closed for the new one; with none, the new one is refused.
+            idle = [c for c in self.connections if not c.streams and not c.going_away]
+            if idle:
+                min(idle, key=lambda c: c.active).go_away()
+            else:
+                connection.going_away = True  # sent GOAWAY as soon as it is made
         self.connections.add(connection)
         connection.closed.add_done_callback(lambda _: self.connections.discard(connection))
         return connection

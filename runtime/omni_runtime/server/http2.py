@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import struct
+import time
 from typing import Any, Protocol, cast
 
 from omni_runtime.server import http2_frames as wire
@@ -100,6 +101,7 @@ class H2Connection(asyncio.Protocol):
         self.going_away = False
         self.paused: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.active = time.monotonic()  # when the peer last sent something
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class H2Connection(asyncio.Protocol):
         transport.write(
             frame(wire.SETTINGS, 0, 0, settings) + frame(wire.WINDOW_UPDATE, 0, 0, grow)
         )
+        if self.going_away:  # refused before it was made (the server's connection limit)
+            self.go_away()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -135,6 +139,7 @@ class H2Connection(asyncio.Protocol):
             self.paused.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self.active = time.monotonic()
         buffer = self.buffer + data if self.buffer else data
         if not self.preface:
             if len(buffer) < len(wire.PREFACE):
