@@ -58,6 +58,8 @@ class EngineRunner:
     ``respond``: each becomes that request's 4xx or 5xx.
     """
 
+    model_version = "1"  # what v2 answers name as ``model_version`` (the worker sets it)
+
     def __init__(
         self,
         engine: Engine,
@@ -347,7 +349,10 @@ class EngineRunner:
         self, prepared: Prepared, tensors: list[dict[str, Any]], chunks: list[bytes]
     ) -> tuple[int, int, list[bytes]]:
         """The v2 inference response: its JSON header, then any binary outputs in order."""
-        header: dict[str, Any] = {"model_name": self.model_name, "model_version": "1"}
+        header: dict[str, Any] = {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+        }
         if prepared.request_id is not None:
             header["id"] = prepared.request_id
         header["outputs"] = tensors

@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package", type=Path, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-version", default="1", help="the version its answers name")
     parser.add_argument("--resources", default="{}", help="Resources as JSON")
     parser.add_argument("--fd-channel", type=int, help="the socket large payloads' memfds use")
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         resources = Resources.model_validate(json.loads(args.resources))
         engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
         runner = runner_for(engine, args.model, max_tensor_elements=args.max_tensor_elements)
+        runner.model_version = args.model_version
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("model %r failed to load:\n%s", args.model, traceback.format_exc())

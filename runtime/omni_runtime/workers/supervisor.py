@@ -102,6 +102,7 @@ class WorkerProcess:
             "--fd", str(child.fileno()),
             "--package", str(spec.package_dir),
             "--model", spec.name,
+            f"--model-version={spec.version}",
             "--device", spec.device,
             "--resources", spec.resources.model_dump_json(),
             "--fd-channel", str(fds_child.fileno()),
