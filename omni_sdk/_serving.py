@@ -43,6 +43,7 @@ class Prepared:
     request_id: str | None = None
     outputs: list[tuple[Any, bool]] | None = None  # (TensorSpec, binary) for v2
     tensors: dict[str, Any] | None = None  # input arrays, for tensor-native engines
+    input_ns: int = 0  # how long decoding it took (the worker measures it)
 
     @property
     def valid(self) -> bool:

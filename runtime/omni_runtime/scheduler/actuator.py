@@ -105,6 +105,7 @@ class ReplicaActuator:
         replica.state = ReplicaState.READY
         replica.idle_since = self.clock()
         model.measure()
+        worker.count_compute(model.stats.compute)
         model.changed.set()
         log.info(
             "model '%s' ready: replica %d, worker pid %s, %s in %.2fs (%s)",

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler.backend import Response
     from omni_runtime.scheduler.controller import Controller
-    from omni_runtime.scheduler.models import ModelState, ModelStats, ServedModel
+    from omni_runtime.scheduler.models import ModelState, ServedModel
+    from omni_runtime.scheduler.stats import ModelStats
 
 __all__ = ["ModelDirectory", "ModelHandle"]
 

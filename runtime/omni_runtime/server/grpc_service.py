@@ -28,6 +28,7 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
+from omni_runtime.server.grpc_stats import statistics_response
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_runtime.server.tokens import Access, Tokens, authorized
@@ -161,23 +162,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             models = [await self._model(context, request.name, request.version)]
         else:
             models = list(self.models)
-        response = service_pb2.ModelStatisticsResponse()
-        for model in models:
-            s = model.stats
-            entry = response.model_stats.add(
-                name=model.name,
-                version=model.spec.version,
-                last_inference=s.last_inference_ms,
-                inference_count=s.success_count,
-                execution_count=s.success_count,
-            )
-            entry.inference_stats.success.count = s.success_count
-            entry.inference_stats.success.ns = s.success_ns
-            entry.inference_stats.fail.count = s.fail_count
-            entry.inference_stats.fail.ns = s.fail_ns
-            entry.inference_stats.queue.count = s.queue_count
-            entry.inference_stats.queue.ns = s.queue_ns
-        return response
+        return statistics_response(models)
 
     # -- inference -----------------------------------------------------------------------
 
