@@ -44,6 +44,7 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         )
         or inspect.isasyncgenfunction(engine.infer),
         "streaming": engine.is_streaming(),
+        "warmup": engine.warmup,
     }
 
 

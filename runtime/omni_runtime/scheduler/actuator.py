@@ -22,6 +22,7 @@ from omni_runtime.scheduler.models import ServedModel
 from omni_runtime.scheduler.queue import ModelUnavailable
 from omni_runtime.scheduler.replica import Replica
 from omni_runtime.scheduler.views import ReplicaState
+from omni_runtime.scheduler.warmup import wants_warm_up, warm_up
 
 __all__ = ["ReplicaActuator", "backoff"]
 
@@ -81,6 +82,8 @@ class ReplicaActuator:
         self.metrics.cold_starts.labels(model.name).inc()
         try:
             await worker.start()
+            if wants_warm_up(model):
+                await warm_up(model, worker, self.settings.load_timeout)
         except Exception as exc:
             if not isinstance(exc, LoadFailed):
                 log.exception("model '%s': starting replica %d failed", model.name, replica.id)
