@@ -348,13 +348,18 @@ class ServedModel:
         self._release(replica)
 
     def _first_response(self, replica: Replica, seconds: float) -> None:
-        self.metrics.cold_start.labels(self.name, "first_response").observe(seconds)
+        self.metrics.cold_start.labels(*self.labels, "first_response").observe(seconds)
         t = replica.worker.timings
         log.info(
             "model '%s': cold start of replica %d took %.3fs (spawn %.3fs, import %.3fs, "
             "load %.3fs, first response %.3fs)",
             self.name, replica.id, t.total + seconds, t.spawn, t.import_, t.load, seconds,
         )  # fmt: skip
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """Its metrics' ``model`` and ``version`` labels (the plain name, for every version)."""
+        return self.spec.name, self.spec.version
 
     def fail_waiting(self, error: Exception) -> None:
         self.queue.fail_all(error)
