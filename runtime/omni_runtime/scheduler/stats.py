@@ -21,24 +21,17 @@ __all__ = ["ComputeStats", "ModelStats"]
 class ComputeStats:
     """Where a model's successful requests spent their time in its workers: overall, per
     request (each request of a batch counts the whole batch's times, as Triton counts them),
-    and by batch size, per batch run."""
+    and by batch size, per batch run. Adding is a few integer additions (it runs for every
+    answer); the totals are summed when read."""
 
-    __slots__ = ("_batches", "count", "infer_ns", "input_ns", "output_ns")
+    __slots__ = ("_batches",)
 
     def __init__(self) -> None:
-        self.count = 0
-        self.input_ns = 0
-        self.infer_ns = 0
-        self.output_ns = 0
         # batch size -> [requests, input ns, infer ns, output ns], summed over the requests
         self._batches: dict[int, list[int]] = {}
 
     def add(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One answered request that ran in a batch of ``batch_size`` requests (1: alone)."""
-        self.count += 1
-        self.input_ns += input_ns
-        self.infer_ns += infer_ns
-        self.output_ns += output_ns
         row = self._batches.get(batch_size)
         if row is None:
             row = self._batches[batch_size] = [0, 0, 0, 0]
@@ -46,6 +39,16 @@ class ComputeStats:
         row[1] += input_ns
         row[2] += infer_ns
         row[3] += output_ns
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """Requests, and their input, infer and output nanoseconds."""
+        rows = list(self._batches.values())
+        return (
+            sum(r[0] for r in rows),
+            sum(r[1] for r in rows),
+            sum(r[2] for r in rows),
+            sum(r[3] for r in rows),
+        )
 
     @property
     def executions(self) -> int:
@@ -95,29 +98,25 @@ class ModelStats:
             self.fail_ns += elapsed_ns
         self.last_inference_ms = time.time_ns() // 1_000_000
 
-    @property
-    def execution_count(self) -> int:
-        """Triton's ``execution_count``: batches run; a success whose worker named no batch
-        (a stream, an answer from another node) counts as one."""
-        compute = self.compute
-        return max(0, self.success_count - compute.count) + compute.executions
-
     def to_json(self, name: str, version: str) -> dict[str, Any]:
-        """One entry of Triton's ``model_stats``."""
+        """One entry of Triton's ``model_stats``. ``execution_count`` is the batches run; a
+        success whose worker named no batch (a stream, an answer from another node) counts as
+        one."""
         compute = self.compute
+        timed, input_ns, infer_ns, output_ns = compute.totals()
         return {
             "name": name,
             "version": version,
             "last_inference": self.last_inference_ms,
             "inference_count": self.success_count,
-            "execution_count": self.execution_count,
+            "execution_count": max(0, self.success_count - timed) + compute.executions,
             "inference_stats": {
                 "success": {"count": self.success_count, "ns": self.success_ns},
                 "fail": {"count": self.fail_count, "ns": self.fail_ns},
                 "queue": {"count": self.queue_count, "ns": self.queue_ns},
-                "compute_input": {"count": compute.count, "ns": compute.input_ns},
-                "compute_infer": {"count": compute.count, "ns": compute.infer_ns},
-                "compute_output": {"count": compute.count, "ns": compute.output_ns},
+                "compute_input": {"count": timed, "ns": input_ns},
+                "compute_infer": {"count": timed, "ns": infer_ns},
+                "compute_output": {"count": timed, "ns": output_ns},
             },
             "batch_stats": compute.batch_stats(),
         }
