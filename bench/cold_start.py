@@ -109,10 +109,9 @@ class Runtime:
 
 
 def gauge(http: httpx.Client, metric: str, model: str) -> float:
-    match = re.search(
-        rf'^{metric}\{{model="{re.escape(model)}"\}} (\S+)$', http.get("/metrics").text, re.M
-    )
-    return float(match.group(1)) if match else 0.0
+    """The gauge ``metric`` of ``model``, summed over its versions."""
+    pattern = rf'^{metric}\{{model="{re.escape(model)}",[^}}]*\}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, http.get("/metrics").text, re.M))
 
 
 def import_seconds(runs: int) -> list[float]:

@@ -957,7 +957,7 @@ def print_workers(result: Result) -> float:
 
     def listing(counts: dict[tuple[str, ...], float]) -> str:
         return ", ".join(
-            f"{model} {reason} {n:.0f}" for (model, reason), n in sorted(counts.items())
+            f"{model} {reason} {n:.0f}" for (model, reason, *_), n in sorted(counts.items())
         )
 
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import typing
 from collections.abc import Awaitable
@@ -10,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from omni_sdk._resources import Resources, Scaling
 from omni_sdk._streaming import chunk_type, is_streaming
 from omni_sdk._tensors import TensorSpec, specs_of
 
 __all__ = ["Engine", "EngineDefinitionError", "LoadContext", "Signature"]
+
+MAX_WARMUP_BYTES = 1 << 20  # an engine's warm-up request, as JSON
 
 
 class EngineDefinitionError(TypeError):
@@ -59,6 +62,11 @@ class Engine:
     receives up to that many requests at once (waiting at most ``batch_timeout`` seconds for
     a batch to fill) and returns one response per request, in order.
 
+    ``warmup`` is an example request, as the ``/ai/run`` body would hold it (e.g.
+    ``{"text": "hello"}``): when set, each new replica answers it before it takes traffic (a
+    new version being rolled out that fails it gets none). It is checked against the input
+    model when the package is discovered.
+
     ``resources`` and ``scaling`` are defaults; an ``omni.toml`` beside the package or at
     the repository root overrides them per deployment.
     """
@@ -70,6 +78,7 @@ class Engine:
     scaling: ClassVar[Scaling] = Scaling()
     max_batch_size: ClassVar[int] = 0
     batch_timeout: ClassVar[float] = 0.0
+    warmup: ClassVar[dict[str, Any] | None] = None
 
     def load(self, ctx: LoadContext) -> None:
         """Load weights and warm up. Runs once per replica, in the worker process."""
@@ -148,7 +157,37 @@ class Engine:
                 f"{where}: `resources` and `scaling` must be omni_sdk.Resources and "
                 "omni_sdk.Scaling instances"
             )
-        cls.signature()
+        signature = cls.signature()
+        if cls.warmup is not None:
+            _check_warmup(where, cls.warmup, signature.request_model)
+
+
+def _check_warmup(where: str, warmup: Any, request_model: type[BaseModel]) -> None:
+    """``warmup`` is a JSON object the engine's input model accepts."""
+    if not isinstance(warmup, dict):
+        raise EngineDefinitionError(
+            f"{where}: `warmup` must be a dict holding an example request (the /ai/run body), "
+            f"got {type(warmup).__name__}"
+        )
+    try:
+        encoded = json.dumps(warmup)
+    except (TypeError, ValueError) as exc:
+        raise EngineDefinitionError(f"{where}: `warmup` is not JSON: {exc}") from None
+    if len(encoded) > MAX_WARMUP_BYTES:
+        raise EngineDefinitionError(
+            f"{where}: `warmup` is {len(encoded)} bytes as JSON, over the limit of "
+            f"{MAX_WARMUP_BYTES}"
+        )
+    try:
+        request_model.model_validate(warmup)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"input '{'.'.join(str(x) for x in e['loc']) or '(root)'}': {e['msg']}"
+            for e in exc.errors(include_url=False)[:3]
+        )
+        raise EngineDefinitionError(
+            f"{where}: `warmup` is not a valid request: {problems}"
+        ) from None
 
 
 def _list_item(annotation: Any) -> Any:

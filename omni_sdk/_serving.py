@@ -43,6 +43,7 @@ class Prepared:
     request_id: str | None = None
     outputs: list[tuple[Any, bool]] | None = None  # (TensorSpec, binary) for v2
     tensors: dict[str, Any] | None = None  # input arrays, for tensor-native engines
+    input_ns: int = 0  # how long decoding it took (the worker measures it)
 
     @property
     def valid(self) -> bool:
@@ -57,6 +58,8 @@ class EngineRunner:
     Nothing a request holds, and nothing an engine returns, raises out of ``prepare_*`` or
     ``respond``: each becomes that request's 4xx or 5xx.
     """
+
+    model_version = "1"  # what v2 answers name as ``model_version`` (the worker sets it)
 
     def __init__(
         self,
@@ -347,7 +350,10 @@ class EngineRunner:
         self, prepared: Prepared, tensors: list[dict[str, Any]], chunks: list[bytes]
     ) -> tuple[int, int, list[bytes]]:
         """The v2 inference response: its JSON header, then any binary outputs in order."""
-        header: dict[str, Any] = {"model_name": self.model_name, "model_version": "1"}
+        header: dict[str, Any] = {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+        }
         if prepared.request_id is not None:
             header["id"] = prepared.request_id
         header["outputs"] = tensors

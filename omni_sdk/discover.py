@@ -46,6 +46,7 @@ def describe(engine: type[Engine]) -> dict[str, Any]:
         )
         or inspect.isasyncgenfunction(engine.infer),
         "streaming": engine.is_streaming(),
+        "warmup": engine.warmup,
     }
 
 

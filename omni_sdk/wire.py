@@ -18,7 +18,9 @@ Kinds (``Kind``), and their bodies:
     INFER_V2 3     runtime → worker  V2_PREFIX (u32 Inference-Header-Content-Length, 0 for
                                      plain JSON) + the v2 request body as received
     RUN_JSON 4     runtime → worker  the /ai/run JSON body
-    RESPONSE 5     worker → runtime  RESPONSE_PREFIX (u16 HTTP status, u32 header length) +
+    RESPONSE 5     worker → runtime  RESPONSE_PREFIX (u16 HTTP status, u32 header length,
+                                     u16 batch size, u64 ns decoding inputs, running the
+                                     engine, encoding outputs; a batch size of 0: not run) +
                                      the HTTP response body
     SHUTDOWN 6     runtime → worker  finish what is in flight, then exit
     PING 7, PONG 8                   liveness
@@ -69,7 +71,7 @@ __all__ = [
     "write_memfd",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct("<IBBHQ")
 FLAG_FD = 0x1
 FD_REF = struct.Struct("<Q")  # the payload's size; its memfd came over the side channel
@@ -77,7 +79,10 @@ MAX_FRAME = 64 << 20  # the longest frame body either side accepts on the socket
 MAX_PAYLOAD = 4 << 30  # the largest payload either side reads from a memfd
 _SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # F_SEAL_SEAL | SHRINK | GROW | WRITE
 V2_PREFIX = struct.Struct("<I")  # Inference-Header-Content-Length, 0 for a plain JSON body
-RESPONSE_PREFIX = struct.Struct("<HI")  # HTTP status, Inference-Header-Content-Length
+# HTTP status, Inference-Header-Content-Length, then where the worker spent its time: the
+# requests it ran together (0: this one did not run), and nanoseconds decoding their inputs,
+# running the engine and encoding the outputs (Triton's compute_input, _infer, _output).
+RESPONSE_PREFIX = struct.Struct("<HIHQQQ")
 DEFAULT_SHM_THRESHOLD = 256 * 1024
 
 

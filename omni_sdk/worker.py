@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from time import perf_counter_ns
 from typing import Any
 
 from omni_sdk._engine import Engine, LoadContext
@@ -113,14 +114,18 @@ class WorkerLoop:
             )
             if control:
                 self.sock.sendall(b"".join(control))
+            run = self.runner.run
             if batch and self.runner.batch_size > 1:
-                prepared = [p for _, p in batch]
-                self.sock.sendall(answer(self.runner, self.shm, batch, self.runner.run(prepared)))
+                began = perf_counter_ns()
+                outcomes = run([p for _, p in batch])
+                took = perf_counter_ns() - began
+                self.sock.sendall(answer(self.runner, self.shm, batch, outcomes, took))
             else:
                 for item in batch:  # each answer leaves as soon as it is ready
-                    self.sock.sendall(
-                        answer(self.runner, self.shm, [item], self.runner.run([item[1]]))
-                    )
+                    began = perf_counter_ns()
+                    outcomes = run([item[1]])
+                    took = perf_counter_ns() - began
+                    self.sock.sendall(answer(self.runner, self.shm, [item], outcomes, took))
             for request_id, streamed in streams:  # (it came after the batch's requests)
                 if streamed is not None:  # None: a CANCEL for a stream already over
                     pending = self._stream(request_id, streamed, pending)
@@ -270,9 +275,11 @@ class AsyncWorker(asyncio.Protocol):
             self.transport.write(data)
 
     async def _answer(self, batch: list[tuple[int, Prepared]]) -> None:
+        began = perf_counter_ns()
         outcomes = await self.runner.arun([p for _, p in batch])
+        took = perf_counter_ns() - began
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(answer(self.runner, self.shm, batch, outcomes))
+            self.transport.write(answer(self.runner, self.shm, batch, outcomes, took))
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -350,7 +357,9 @@ def _failure(runner: EngineRunner, exc: Exception) -> str:
 def _stream_end(request_id: int, status: int, runner: EngineRunner, error: str = "") -> bytes:
     """The RESPONSE that ends a stream: empty when it went well, else the error's envelope."""
     body = ai_error_body(status, error) if error else b""
-    return encode_frame(Kind.RESPONSE, request_id, RESPONSE_PREFIX.pack(status, 0) + body)
+    return encode_frame(
+        Kind.RESPONSE, request_id, RESPONSE_PREFIX.pack(status, 0, 0, 0, 0, 0) + body
+    )
 
 
 def prefetch(model: str, where: bytes) -> None:
@@ -374,6 +383,15 @@ def prefetch(model: str, where: bytes) -> None:
 def _prepare(
     runner: EngineRunner, kind: int, flags: int, body: bytes, fds: socket.socket | None
 ) -> Prepared:
+    began = perf_counter_ns()
+    prepared = _decode(runner, kind, flags, body, fds)
+    prepared.input_ns = perf_counter_ns() - began
+    return prepared
+
+
+def _decode(
+    runner: EngineRunner, kind: int, flags: int, body: bytes, fds: socket.socket | None
+) -> Prepared:
     v2 = kind == Kind.INFER_V2
     try:
         raw = payload(flags, body, fds)
@@ -389,21 +407,42 @@ def _prepare(
 
 
 def answer(
-    runner: EngineRunner, shm: Payloads, batch: list[tuple[int, Prepared]], outcomes: list[Any]
+    runner: EngineRunner,
+    shm: Payloads,
+    batch: list[tuple[int, Prepared]],
+    outcomes: list[Any],
+    infer_ns: int = 0,
 ) -> bytes:
+    """The RESPONSE frames of ``batch``, each carrying where the worker spent its time: a
+    batch's requests each name the whole batch's times (as Triton counts them), requests
+    that ran alone their own; a request that did not run names none."""
     prepared = [p for _, p in batch]
+    began = perf_counter_ns()
+    responses = runner.respond_all(prepared, outcomes)
+    output_ns = perf_counter_ns() - began
+    ran = sum(1 for p in prepared if p.valid)
+    batched = runner.batch_size > 1
+    size = ran if batched else 1
+    input_ns = sum(p.input_ns for p in prepared if p.valid) if batched else 0
+    if not batched and ran > 1:  # (requests an async engine ran side by side)
+        output_ns //= ran
     frames = []
-    for (request_id, item), (status, header_length, parts) in zip(
-        batch, runner.respond_all(prepared, outcomes), strict=True
-    ):
-        prefix = RESPONSE_PREFIX.pack(status, header_length)
+    for (request_id, item), (status, header_length, parts) in zip(batch, responses, strict=True):
+        prefix = RESPONSE_PREFIX.pack(
+            status,
+            header_length,
+            size if item.valid else 0,
+            input_ns if batched else item.input_ns,
+            infer_ns,
+            output_ns,
+        )
         try:
             frames.append(shm.frame(Kind.RESPONSE, request_id, [prefix, *parts]))
         except OSError as exc:  # no memory for a large answer: that request fails, alone
             log.error("model %r: could not send an answer: %s", runner.model_name, exc)
             message = f"model '{runner.model_name}' could not send its answer: {exc}"
             error = v2_error_body(message) if item.v2 else ai_error_body(500, message)
-            body = RESPONSE_PREFIX.pack(500, 0) + error
+            body = RESPONSE_PREFIX.pack(500, 0, 0, 0, 0, 0) + error
             frames.append(encode_frame(Kind.RESPONSE, request_id, body))
     return b"".join(frames)
 
@@ -428,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package", type=Path, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-version", default="1", help="the version its answers name")
     parser.add_argument("--resources", default="{}", help="Resources as JSON")
     parser.add_argument("--fd-channel", type=int, help="the socket large payloads' memfds use")
     parser.add_argument("--shm-threshold", type=int, default=256 * 1024)
@@ -455,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         resources = Resources.model_validate(json.loads(args.resources))
         engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
         runner = runner_for(engine, args.model, max_tensor_elements=args.max_tensor_elements)
+        runner.model_version = args.model_version
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("model %r failed to load:\n%s", args.model, traceback.format_exc())

@@ -77,6 +77,7 @@ class ModelSpec:
     # input_schema says everything the worker's validation does (no custom validator), so a
     # body may be refused by the schema before the model starts.
     input_schema_exact: bool = False
+    warmup: dict[str, Any] | None = None  # Engine.warmup: a request each new replica answers
     # Where each overridden setting came from ("scaling.min_replicas" -> the omni.toml's path),
     # so a contradiction can name the file.
     sources: dict[str, str] = field(default_factory=dict)
@@ -372,6 +373,7 @@ async def discover_all(
                     network=network,
                     sources=sources,
                     input_schema_exact=engine.get("input_schema_exact") is True,
+                    warmup=warmup if isinstance(warmup := engine.get("warmup"), dict) else None,
                     version=version,
                 )
             )

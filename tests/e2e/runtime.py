@@ -178,3 +178,17 @@ def worker_deaths(metrics: str) -> float:
         ):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+_SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The samples ``name`` of a /metrics page whose labels include ``labels``, summed (0 when
+    there is none): ``metric(text, "omni_model_replicas", model="@test/echo")``."""
+    total = 0.0
+    for found, inside, value in _SAMPLE.findall(text):
+        if found == name and labels.items() <= dict(_LABEL.findall(inside)).items():
+            total += float(value)
+    return total

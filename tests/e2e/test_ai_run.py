@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.runtime import RunningRuntime
+from tests.e2e.runtime import RunningRuntime, metric
 
 
 def _errors(response: httpx.Response) -> list[dict[str, object]]:
@@ -186,10 +186,7 @@ def test_requests_that_arrive_together_reach_infer_batch_together(
 
 
 def _crashes(metrics: str, model: str) -> float:
-    prefix = f'omni_model_evictions_total{{model="{model}",reason="crash"}} '
-    return sum(
-        float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)
-    )
+    return metric(metrics, "omni_model_evictions_total", model=model, reason="crash")
 
 
 def test_metrics(http: httpx.Client, runtime: RunningRuntime) -> None:
@@ -200,11 +197,14 @@ def test_metrics(http: httpx.Client, runtime: RunningRuntime) -> None:
     assert http.post("/ai/run/@test/fail", json={"text": "crash"}).status_code == 503
     runtime.wait_for_line(r"model '@test/fail' ready", start=mark)  # back, for the tests after
     text = http.get("/metrics").text
-    assert 'omni_requests_total{model="@test/echo",status="200"}' in text
-    assert 'omni_request_duration_seconds_bucket{le="0.001",model="@test/echo"}' in text
-    assert 'omni_model_replicas{model="@test/echo"} 1.0' in text
-    assert 'omni_model_cold_starts_total{model="@test/echo"}' in text
-    assert 'omni_model_memory_bytes{kind="host",model="@test/echo"}' in text
+    # Every per-model metric names the model and the version that served (its package's).
+    echo = {"model": "@test/echo", "version": "0.1.0"}
+    assert 'omni_requests_total{model="@test/echo",status="200",version="0.1.0"}' in text
+    assert metric(text, "omni_requests_total", status="200", **echo) >= 1
+    assert metric(text, "omni_request_duration_seconds_count", **echo) >= 1
+    assert metric(text, "omni_model_replicas", **echo) == 1
+    assert metric(text, "omni_model_cold_starts_total", **echo) >= 1
+    assert metric(text, "omni_model_memory_bytes", kind="host", **echo) > 0
     assert _crashes(text, "@test/fail") == crashes + 1
 
 

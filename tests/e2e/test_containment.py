@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.e2e.runtime import RunningRuntime, serve
+from tests.e2e.runtime import RunningRuntime, metric, serve
 
 PACKAGES = FIXTURES / "packages"
 needs_cgroups = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_a_model_past_its_memory_limit_is_killed_alone(runtime: RunningRuntime) 
         runtime.wait_for_line(r"model '@test/hog' ready", start=mark)
         assert http.post("/ai/run/@test/hog", json={"mib": 16}).status_code == 200
         metrics = http.get("/metrics").text
-        assert 'omni_model_evictions_total{model="@test/hog",reason="oom"}' in metrics
+        assert metric(metrics, "omni_model_evictions_total", model="@test/hog", reason="oom") >= 1
 
 
 def test_kill_9_during_load_costs_the_other_models_nothing(runtime: RunningRuntime) -> None:
@@ -102,4 +102,4 @@ def test_a_worker_that_stops_answering_is_replaced(tmp_path: Path) -> None:
         assert http.post("/ai/run/@test/slow", json={"seconds": 0}).status_code == 200
         assert http.post("/ai/run/@test/echo", json={"text": "x"}).status_code == 200
         metrics = http.get("/metrics").text
-        assert 'omni_model_evictions_total{model="@test/slow",reason="hung"} 1.0' in metrics
+        assert metric(metrics, "omni_model_evictions_total", model="@test/slow", reason="hung") == 1

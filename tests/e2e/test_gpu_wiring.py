@@ -3,7 +3,6 @@ it holds on the GPU; no GPU needed to check (the cstub tests' fake libcuda stand
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import httpx
 import omni_cstub
 from tests.conftest import FIXTURES
 from tests.cstub.conftest import FAKE_SOURCE, compile_c
-from tests.e2e.runtime import serve
+from tests.e2e.runtime import metric, serve
 
 HOLDER = """
 import ctypes
@@ -74,14 +73,13 @@ def test_cuda_models_get_the_hooks_and_cpu_models_do_not(tmp_path: Path) -> None
         echo = http.post("/ai/run/@test/echo", json={"text": "x"})
         assert echo.status_code == 200
         metrics = http.get("/metrics").text
-        assert 'omni_model_memory_bytes{kind="gpu",model="@test/env"} 0.0' in metrics
+        assert 'omni_model_memory_bytes{kind="gpu",model="@test/env",version=' in metrics
+        assert metric(metrics, "omni_model_memory_bytes", kind="gpu", model="@test/env") == 0
 
 
 def _gpu_bytes(metrics: str, model: str) -> float:
-    pattern = rf'^omni_model_memory_bytes{{kind="gpu",model="{re.escape(model)}"}} (\S+)$'
-    match = re.search(pattern, metrics, re.M)
-    assert match, f"no GPU memory gauge for {model}"
-    return float(match.group(1))
+    assert f'omni_model_memory_bytes{{kind="gpu",model="{model}",' in metrics, model
+    return metric(metrics, "omni_model_memory_bytes", kind="gpu", model=model)
 
 
 def test_the_gpu_memory_metric_is_what_the_model_holds_through_the_driver(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.runtime import RunningRuntime, serve
+from tests.e2e.runtime import RunningRuntime, metric, serve
 
 ENGINE = """
 import asyncio
@@ -159,6 +159,15 @@ def test_a_rollout_under_load_fails_no_request(
     assert described["versions"] == ["2.0.0"]
     metrics = httpx.get(f"{running.url}/metrics").text
     assert f'omni_rollouts_total{{model="{model}",outcome="promoted"}} 1.0' in metrics
+    # Each version counted under the model's own name, told apart by its version label.
+    served = Counter(version for _, version, _ in load.answers)
+    for version in ("1.0.0", "2.0.0"):
+        counted = metric(metrics, "omni_requests_total", model=model, version=version)
+        assert counted == served[version], (version, counted, served)
+        timed = metric(metrics, "omni_request_duration_seconds_count", model=model, version=version)
+        assert timed == served[version]
+    assert f'model="{model}@' not in metrics
+    assert metric(metrics, "omni_model_replicas", model=model, version="2.0.0") >= 1
 
 
 def test_a_canary_gets_its_share_and_a_broken_one_goes_back_by_itself(

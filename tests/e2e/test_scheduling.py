@@ -15,19 +15,11 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import FIXTURES
-from tests.e2e.runtime import RunningRuntime, serve
+from tests.e2e.runtime import RunningRuntime, metric, serve
 
 PACKAGES = FIXTURES / "packages"
 SCALING = PACKAGES / "scaling-models"
 FAST_WINDOWS = '[scheduler]\nstable_window = "2s"\npanic_window = "1s"\n'
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from Prometheus text, or 0 when it is not there."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(want)}\}} (\S+)$", re.M)
-    match = pattern.search(text)
-    return float(match.group(1)) if match else 0.0
 
 
 def wait_until(check: object, timeout: float = 30.0, what: str = "") -> None:

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.e2e.runtime import serve
@@ -40,6 +43,19 @@ def test_versions_are_named_on_every_answer_and_reachable(tmp_path: Path) -> Non
             index = client.post("/v2/repository/index", json={}).json()
             versions = {entry["name"]: entry["version"] for entry in index}
             assert versions["@test/echo"] == "0.1.0" and versions["@test/fail"] == "2024.06"
+        # The v2 body names the version that served, as the worker was started with it.
+        text = np.array([b"v"], dtype=np.object_)
+        http_input = triton_http.InferInput("text", [1], "BYTES")
+        http_input.set_data_from_numpy(text)
+        http_client = triton_http.InferenceServerClient(runtime.host_port)
+        served = http_client.infer("@test/echo", [http_input]).get_response()
+        assert served["model_version"] == "0.1.0" and served["model_name"] == "@test/echo"
+        grpc_input = triton_grpc.InferInput("text", [1], "BYTES")
+        grpc_input.set_data_from_numpy(text)
+        grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        assert grpc_client.infer("@test/echo", [grpc_input]).get_response().model_version == (
+            "0.1.0"
+        )
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             response, call = stub.ModelInfer.with_call(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import json
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
@@ -198,3 +199,35 @@ def test_allow_list_limits_installed_plugins(monkeypatch: pytest.MonkeyPatch) ->
     allowed = EnginePlugins()
     allowed.load_installed()
     assert [e.name for e in allowed.engines()] == ["@cf/sentence-transformers/all-minilm-l6-v2"]
+
+
+class Warmed(Sentiment):
+    name = "@cf/acme/warmed"
+    warmup: ClassVar[dict[str, Any]] = {"text": "great"}
+
+
+def test_a_warm_up_request_is_checked_and_described() -> None:
+    from omni_sdk.discover import describe
+
+    Warmed.validate_definition()
+    assert describe(Warmed)["warmup"] == {"text": "great"}
+    assert describe(Sentiment)["warmup"] is None
+
+
+@pytest.mark.parametrize(
+    ("warmup", "message"),
+    [
+        ({"txt": "great"}, "`warmup` is not a valid request: input 'text': Field required"),
+        ({"text": 3}, "`warmup` is not a valid request: input 'text'"),
+        (["great"], "`warmup` must be a dict holding an example request"),
+        ({"text": "great", "blob": b"x"}, "`warmup` is not JSON"),
+        ({"text": "x" * (2 << 20)}, "over the limit of"),
+    ],
+)
+def test_a_bad_warm_up_is_a_definition_error_naming_the_engine(
+    warmup: object, message: str
+) -> None:
+    engine = type("BadWarmup", (Sentiment,), {"name": "@cf/acme/bad", "warmup": warmup})
+    with pytest.raises(EngineDefinitionError, match=message) as error:
+        engine.validate_definition()
+    assert "BadWarmup" in str(error.value)

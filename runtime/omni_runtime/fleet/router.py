@@ -104,13 +104,13 @@ class RoutedHandle(ModelHandle):
             return {"warm": 0, "room": 0, "queued": 0, "queue_room": 0}
         return self._local.load()
 
-    def account(self, status: int, started: float) -> None:
+    def account(self, status: int, started: float, version: str | None = None) -> None:
         if self._local is not None:
-            self._local.account(status, started)
+            self._local.account(status, started, version)
             return
         elapsed = time.perf_counter() - started
         self._stats.record(status == 200, int(elapsed * 1e9))
-        self._directory.metrics.observe(self.name, status, elapsed)
+        self._directory.metrics.observe(self.name, version or self.spec.version, status, elapsed)
 
     # -- requests ------------------------------------------------------------------------
 

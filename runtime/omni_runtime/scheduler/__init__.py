@@ -30,14 +30,15 @@ from omni_runtime.scheduler.views import ModelView, NodeView, ReplicaState, Repl
 
 if TYPE_CHECKING:
     from omni_runtime.scheduler.controller import Controller, host_budget
-    from omni_runtime.scheduler.models import ModelState, ModelStats, ServedModel
+    from omni_runtime.scheduler.models import ModelState, ServedModel
     from omni_runtime.scheduler.replica import Replica
+    from omni_runtime.scheduler.stats import ModelStats
 
 _LAZY = {
     "Controller": "controller",
     "host_budget": "controller",
     "ModelState": "models",
-    "ModelStats": "models",
+    "ModelStats": "stats",
     "Replica": "replica",
     "ServedModel": "models",
 }

@@ -22,6 +22,7 @@ from omni_runtime.scheduler.models import ServedModel
 from omni_runtime.scheduler.queue import ModelUnavailable
 from omni_runtime.scheduler.replica import Replica
 from omni_runtime.scheduler.views import ReplicaState
+from omni_runtime.scheduler.warmup import wants_warm_up, warm_up
 
 __all__ = ["ReplicaActuator", "backoff"]
 
@@ -78,9 +79,11 @@ class ReplicaActuator:
 
     async def _start(self, model: ServedModel, replica: Replica, reason: str) -> None:
         worker = replica.worker
-        self.metrics.cold_starts.labels(model.name).inc()
+        self.metrics.cold_starts.labels(*model.labels).inc()
         try:
             await worker.start()
+            if wants_warm_up(model):
+                await warm_up(model, worker, self.settings.load_timeout)
         except Exception as exc:
             if not isinstance(exc, LoadFailed):
                 log.exception("model '%s': starting replica %d failed", model.name, replica.id)
@@ -92,7 +95,7 @@ class ReplicaActuator:
             self._start_failed(model, str(exc))
             return
         model.load_seconds = worker.load_seconds
-        self.metrics.load_seconds.labels(model.name).observe(worker.load_seconds)
+        self.metrics.load_seconds.labels(*model.labels).observe(worker.load_seconds)
         if replica.stop_reason is not None:
             await worker.stop(timeout=5)
             self._remove(model, replica, ReplicaState.STOPPED)
@@ -102,6 +105,7 @@ class ReplicaActuator:
         model.failure = ""
         model.restarts = 0
         self._record_cold_start(model, worker)
+        worker.count_compute(model.stats.compute)
         replica.state = ReplicaState.READY
         replica.idle_since = self.clock()
         model.measure()
@@ -144,7 +148,7 @@ class ReplicaActuator:
         for phase, seconds in (
             ("env", env), ("spawn", t.spawn), ("import", t.import_), ("load", t.load),
         ):  # fmt: skip
-            phases.labels(model.name, phase).observe(seconds)
+            phases.labels(*model.labels, phase).observe(seconds)
 
     async def _watch(self, model: ServedModel, replica: Replica) -> None:
         worker = replica.worker
@@ -158,7 +162,7 @@ class ReplicaActuator:
         delay = backoff(model.restarts)
         model.not_before = self.clock() + delay
         cause = "hung" if worker.hung_after else "oom" if worker.oom_killed else "crash"
-        self.metrics.evictions.labels(model.name, cause).inc()
+        self.metrics.evictions.labels(*model.labels, cause).inc()
         log.warning(
             "model '%s': worker pid %s %s; a new replica may start in %.1fs if it is needed",
             model.name, worker.pid, worker.exit_reason(returncode), delay,
@@ -174,7 +178,7 @@ class ReplicaActuator:
             return
         replica.state = ReplicaState.PARKED
         replica.on_host = True
-        self.metrics.evictions.labels(model.name, cause).inc()
+        self.metrics.evictions.labels(*model.labels, cause).inc()
         log.info("model '%s': parked replica %d (%s)", model.name, replica.id, reason)
         self._spawn(replica.worker.park())
 
@@ -197,7 +201,7 @@ class ReplicaActuator:
         if replica.state is not ReplicaState.STARTING:
             return  # stopped meanwhile
         replica.state = ReplicaState.READY
-        self.metrics.wakes.labels(model.name).inc()
+        self.metrics.wakes.labels(*model.labels).inc()
         log.info(
             "model '%s': woke replica %d in %.3fs (%s)",
             model.name, replica.id, self.clock() - started, reason,
@@ -237,7 +241,7 @@ class ReplicaActuator:
         await worker.stop(timeout=10)
         self._remove(model, replica, ReplicaState.STOPPED)
         if cause != "unload":
-            self.metrics.evictions.labels(model.name, cause).inc()
+            self.metrics.evictions.labels(*model.labels, cause).inc()
         log.info(
             "model '%s': stopped replica %d, worker pid %s (%s)",
             model.name, replica.id, worker.pid, reason,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from omni_runtime.discovery import ModelSpec
+from omni_runtime.scheduler.stats import ComputeStats
 
 __all__ = [
     "Clock",
@@ -87,6 +88,10 @@ class Worker(Protocol):
         self, kind: int, parts: list[bytes], on_chunk: Callable[[bytes], None] | None = None
     ) -> asyncio.Future[Response]:
         """Send one request; the future resolves with its answer (``WorkerGone`` if it ends)."""
+
+    def count_compute(self, stats: ComputeStats) -> None:
+        """From now on, add the compute times its answers carry (decoding, running, encoding:
+        Triton's compute_input, _infer, _output) to ``stats``."""
 
     def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
         """The caller of a request left: tell the worker (CANCEL; a stream stops there, a

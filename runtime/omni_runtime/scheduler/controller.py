@@ -112,18 +112,19 @@ class Controller:
         )
         metrics.watch_models(self._gauges)
 
-    def _gauges(self) -> dict[str, ModelGauges]:
-        """Each model's replicas, queue and memory, read when ``/metrics`` is scraped."""
-        return {
-            name: ModelGauges(
+    def _gauges(self) -> list[ModelGauges]:
+        """Each model version's replicas, queue and memory, read when ``/metrics`` is scraped."""
+        return [
+            ModelGauges(
+                *m.labels,
                 replicas=m.ready_replicas,
                 parked=sum(1 for r in m.replicas if r.state is ReplicaState.PARKED),
                 queued=len(m.queue),
                 host_bytes=sum(r.worker.memory_bytes() for r in m.replicas),
                 gpu_bytes=sum(r.worker.gpu_memory_bytes() for r in m.replicas),
             )
-            for name, m in self.models.items()
-        }
+            for m in list(self.models.values())
+        ]
 
     # -- the loop ------------------------------------------------------------------------
 

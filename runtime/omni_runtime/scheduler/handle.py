@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from omni_runtime.metrics import Metrics
     from omni_runtime.scheduler.backend import Response
     from omni_runtime.scheduler.controller import Controller
-    from omni_runtime.scheduler.models import ModelState, ModelStats, ServedModel
+    from omni_runtime.scheduler.models import ModelState, ServedModel
+    from omni_runtime.scheduler.stats import ModelStats
 
 __all__ = ["ModelDirectory", "ModelHandle"]
 
@@ -42,13 +43,13 @@ CLIENT_GONE = 499  # nginx's code for a request whose client closed the connecti
 class ModelHandle:
     """One model as a front end sees it."""
 
-    __slots__ = ("__weakref__", "_label", "_metrics", "_model", "name", "spec", "version_header")
+    __slots__ = ("__weakref__", "_metrics", "_model", "_version", "name", "spec", "version_header")
 
     def __init__(self, model: ServedModel) -> None:
         self._model = model
         self._metrics = model.metrics
         self.name = model.spec.name
-        self._label = model.name  # "name@version" while a rollout runs beside the current one
+        self._version = model.spec.version  # its metrics' version label
         self.spec: ModelSpec = model.spec  # what ``describe`` routes show
         self.version_header = (b"omni-model-version", model.spec.version.encode())
 
@@ -112,10 +113,12 @@ class ModelHandle:
             started = time.perf_counter()
         status = 500
         model = self._model
+        version = self._version
         if model.successor is not None:  # held across a rollout: the version now serving
             while model.successor is not None:
                 model = model.successor
-            answered_by(model.spec.version)
+            version = model.spec.version
+            answered_by(version)  # the answer names the version that gave it
         try:
             response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
             status = response[0]
@@ -129,18 +132,19 @@ class ModelHandle:
             status = CLIENT_GONE
             raise
         finally:
-            self.account(status, started)
+            self.account(status, started, version)
         return response
 
-    def account(self, status: int, started: float) -> None:
-        """Count one answer the model did not give itself (e.g. a body refused unread)."""
+    def account(self, status: int, started: float, version: str | None = None) -> None:
+        """Count one answer the model did not give itself (e.g. a body refused unread);
+        ``version``: the version that gave it, when not this handle's."""
         elapsed = time.perf_counter() - started
         stats = self._model.stats
         stats.record(status == 200, int(elapsed * 1e9))
         if status >= 500:
             stats.server_errors += 1
         stats.latencies.append(elapsed)
-        self._metrics.observe(self._label, status, elapsed)
+        self._metrics.observe(self.name, version or self._version, status, elapsed)
 
     def __repr__(self) -> str:
         return f"ModelHandle({self.name!r})"
@@ -160,7 +164,7 @@ class SplitHandle(ModelHandle):
         self._credit = 0.0
         self._model = current._model
         self._metrics = current._metrics
-        self._label = current._label
+        self._version = current._version
         self.name = current.name
         self.spec = current.spec
         self.version_header = current.version_header

@@ -12,10 +12,7 @@ import asyncio
 import enum
 import logging
 import math
-import time
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from omni_runtime.config import ServerSettings
@@ -24,6 +21,7 @@ from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler.backend import Clock, Response, Worker, WorkerGone
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
 from omni_runtime.scheduler.replica import Replica, pipelines, replica_capacity
+from omni_runtime.scheduler.stats import ModelStats
 from omni_runtime.scheduler.views import ACTIVE, ReplicaState
 
 __all__ = ["ModelState", "ModelStats", "ServedModel"]
@@ -39,30 +37,6 @@ class ModelState(enum.StrEnum):
     READY = "READY"  # serves: now, or on demand after a start (scaled to zero)
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"  # unloaded by an operator, or its replica failed to load
-
-
-@dataclass
-class ModelStats:
-    """Counters for ``/v2/models/{name}/stats`` (Triton's statistics extension)."""
-
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    last_inference_ms: int = 0
-    queue_count: int = 0
-    queue_ns: int = 0
-    server_errors: int = 0  # answers of 500 and above: what a rollout's watch counts
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))  # seconds
-
-    def record(self, ok: bool, elapsed_ns: int) -> None:
-        if ok:
-            self.success_count += 1
-            self.success_ns += elapsed_ns
-        else:
-            self.fail_count += 1
-            self.fail_ns += elapsed_ns
-        self.last_inference_ms = time.time_ns() // 1_000_000
 
 
 class ServedModel:
@@ -374,13 +348,18 @@ class ServedModel:
         self._release(replica)
 
     def _first_response(self, replica: Replica, seconds: float) -> None:
-        self.metrics.cold_start.labels(self.name, "first_response").observe(seconds)
+        self.metrics.cold_start.labels(*self.labels, "first_response").observe(seconds)
         t = replica.worker.timings
         log.info(
             "model '%s': cold start of replica %d took %.3fs (spawn %.3fs, import %.3fs, "
             "load %.3fs, first response %.3fs)",
             self.name, replica.id, t.total + seconds, t.spawn, t.import_, t.load, seconds,
         )  # fmt: skip
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """Its metrics' ``model`` and ``version`` labels (the plain name, for every version)."""
+        return self.spec.name, self.spec.version
 
     def fail_waiting(self, error: Exception) -> None:
         self.queue.fail_all(error)

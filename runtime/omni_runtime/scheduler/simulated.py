@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from omni_runtime.discovery import ModelSpec
 from omni_runtime.scheduler.backend import LoadFailed, Response, StartTimings, Worker, WorkerGone
+from omni_runtime.scheduler.stats import ComputeStats
 
 __all__ = ["Physics", "SimulatedWorker", "SimulatedWorkers"]
 
@@ -212,6 +213,9 @@ class SimulatedWorker:
             finally:
                 self.running -= 1
         return _OK
+
+    def count_compute(self, stats: ComputeStats) -> None:
+        """Its answers carry no compute times: simulated physics has no phases."""
 
     def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
         """Its caller left; like a sync worker, it finishes the request all the same."""

@@ -29,6 +29,7 @@ from omni_runtime.scheduler import (
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
 from omni_runtime.server import grpc_shared_memory as shm
+from omni_runtime.server.grpc_stats import statistics_response
 from omni_runtime.server.grpc_tensors import RequestError, config_tensor, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_sdk import __version__
@@ -152,23 +153,7 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
             models = [await self._model(context, request.name, request.version)]
         else:
             models = list(self.models)
-        response = service_pb2.ModelStatisticsResponse()
-        for model in models:
-            s = model.stats
-            entry = response.model_stats.add(
-                name=model.name,
-                version=model.spec.version,
-                last_inference=s.last_inference_ms,
-                inference_count=s.success_count,
-                execution_count=s.success_count,
-            )
-            entry.inference_stats.success.count = s.success_count
-            entry.inference_stats.success.ns = s.success_ns
-            entry.inference_stats.fail.count = s.fail_count
-            entry.inference_stats.fail.ns = s.fail_ns
-            entry.inference_stats.queue.count = s.queue_count
-            entry.inference_stats.queue.ns = s.queue_ns
-        return response
+        return statistics_response(models)
 
     # -- inference -----------------------------------------------------------------------
 

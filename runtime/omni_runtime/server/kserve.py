@@ -306,20 +306,4 @@ def _tensor(t: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stats(model: ModelHandle) -> dict[str, Any]:
-    s = model.stats
-    return {
-        "name": model.name,
-        "version": model.spec.version,
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.success_count,
-        "execution_count": s.success_count,
-        "inference_stats": {
-            "success": {"count": s.success_count, "ns": s.success_ns},
-            "fail": {"count": s.fail_count, "ns": s.fail_ns},
-            "queue": {"count": s.queue_count, "ns": s.queue_ns},
-            "compute_input": {"count": 0, "ns": 0},
-            "compute_infer": {"count": 0, "ns": 0},
-            "compute_output": {"count": 0, "ns": 0},
-        },
-        "batch_stats": [],
-    }
+    return model.stats.to_json(model.name, model.spec.version)

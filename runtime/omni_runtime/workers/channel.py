@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from omni_runtime.scheduler.backend import Response, WorkerGone
+from omni_runtime.scheduler.stats import ComputeStats
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.wire import (
     FLAG_FD,
@@ -99,6 +100,7 @@ def _discard(flags: int, fds: socket.socket | None) -> None:
 class WorkerChannel(asyncio.Protocol):
     def __init__(self, label: str, payloads: Payloads, fds: socket.socket | None) -> None:
         self.label = label
+        self.compute: ComputeStats | None = None  # where its answers' compute times add up
         self.shm = payloads
         self.fds = fds  # where the worker's large payloads' memfds arrive
         self.transport: asyncio.Transport | None = None
@@ -144,11 +146,15 @@ class WorkerChannel(asyncio.Protocol):
                                 "%s: answer %d came in a memfd (%d bytes)",
                                 self.label, request_id, len(raw),
                             )  # fmt: skip
-                        status, header_length = RESPONSE_PREFIX.unpack_from(raw)
+                        status, header_length, ran, took_in, took, took_out = (
+                            RESPONSE_PREFIX.unpack_from(raw)
+                        )
                     except (PayloadError, struct.error) as exc:  # that answer alone is lost
                         message = f"{self.label}: its answer could not be read: {exc}"
                         future.set_result((502, 0, json.dumps({"error": message}).encode()))
                         continue
+                    if ran and status == 200 and self.compute is not None:
+                        self.compute.add(ran, took_in, took, took_out)
                     future.set_result((status, header_length, bytes(raw[RESPONSE_PREFIX.size :])))
                 elif kind == Kind.CHUNK:
                     on_chunk = self._streams.get(request_id)

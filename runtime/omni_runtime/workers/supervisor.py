@@ -22,6 +22,7 @@ from omni_runtime.discovery import ModelSpec
 from omni_runtime.isolation import CgroupError, Isolation, WorkerCgroup
 from omni_runtime.isolation.plan import worker_environment
 from omni_runtime.scheduler.backend import LoadFailed, Response, StartTimings, WorkerGone
+from omni_runtime.scheduler.stats import ComputeStats
 from omni_runtime.workers.channel import WorkerChannel
 from omni_runtime.workers.output import relay_output
 from omni_runtime.workers.prewarm import ForkedProcess, PrewarmedProcess
@@ -38,11 +39,8 @@ def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "is still running"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
+        names = {s.value: s.name for s in signal.Signals}
+        return f"was killed by {names.get(-returncode, f'signal {-returncode}')}"
     return f"exited with status {returncode}"
 
 
@@ -102,6 +100,7 @@ class WorkerProcess:
             "--fd", str(child.fileno()),
             "--package", str(spec.package_dir),
             "--model", spec.name,
+            f"--model-version={spec.version}",
             "--device", spec.device,
             "--resources", spec.resources.model_dump_json(),
             "--fd-channel", str(fds_child.fileno()),
@@ -286,6 +285,11 @@ class WorkerProcess:
             future.set_exception(WorkerGone(f"{self.label}: its worker is not connected"))
             return future
         return channel.request(kind, parts, on_chunk)
+
+    def count_compute(self, stats: ComputeStats) -> None:
+        """From now on, add the compute times its answers carry to ``stats``."""
+        if self.channel is not None:
+            self.channel.compute = stats
 
     def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
         """CANCEL a request whose caller left; the returned future ends with its answer."""
