@@ -1,20 +1,27 @@
-"""What the process boundary costs: a trivial engine in-process vs served by omni-runtime.
+"""What the process boundary costs: trivial engines in-process vs served by omni-runtime.
 
-    python bench/overhead.py [--seconds 5] [--token]
+    python bench/overhead.py [--seconds 5] [--token] [--compare DIR] [--shapes NAME,...]
 
+Every row is measured for each request shape (--shapes; all by default):
+  BYTES string        one BYTES tensor ["hello"], JSON (@bench/trivial)
+  one FP32            one FP32 value, JSON (@bench/value)
+  1,000 FP32          a list of 1,000 floats, JSON (@bench/values)
+  binary 1,000 FP32   the same as a binary tensor (Inference-Header-Content-Length)
 Rows:
   in-process call      EngineRunner decode → infer → encode, no HTTP (one Python loop)
   plain ASGI app       Starlette on uvicorn, the engine in the same process (bench/baseline_app.py)
-  omni-runtime v2      omni-runtime serving the engine in a worker process, KServe v2 JSON
-  omni-runtime ai/run  the same, through /ai/run
-  omni-runtime gRPC    the same engine over KServe v2 gRPC (--grpc-port)
-HTTP rows are driven by wrk (Debian package `wrk`), one thread, at concurrency 1 and 8. gRPC
-rows by tritonclient.grpc.aio in one process with that many requests in flight: on two cores
-the Python driver shares the CPU with the runtime, so gRPC figures are a floor.
+  omni-runtime v2      omni-runtime serving the engine in a worker process, KServe v2 HTTP
+  omni-runtime ai/run  the same, through /ai/run (BYTES string only)
+  omni-runtime gRPC    the same request as a ModelInfer message over KServe v2 gRPC
+HTTP rows are driven by wrk (Debian package `wrk`), gRPC rows by h2load (Debian package
+`nghttp2-client`) sending a fixed ModelInfer message: both one thread, one connection per
+request in flight for wrk and one connection with that many streams for h2load, at
+concurrency 1 and 8, after a 1 s warm-up. h2load reports the mean latency, not percentiles:
+the gRPC rows' p50 column is that mean and their p99 is left out.
 Then time to first event of a streamed /ai/run (server-sent events) from a model that yields
 a word every 20 ms.
-With --token, omni-runtime runs with OMNI_API_TOKEN set and wrk sends it on every request.
-With --compare DIR, the v2 and ai/run rows are measured a second time, in the same run, with
+With --token, omni-runtime runs with OMNI_API_TOKEN set and the load generators send it.
+With --compare DIR, the omni-runtime rows are measured a second time, in the same run, with
 the runtime (omni_runtime) of another checkout DIR, e.g. a worktree of an older commit:
 ``git worktree add /tmp/before REV && python bench/overhead.py --compare /tmp/before``.
 """
@@ -27,11 +34,14 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = HERE / "packages" / "trivial"
@@ -40,6 +50,42 @@ V2_BODY = json.dumps(
     {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]}
 )
 AI_BODY = json.dumps({"text": "hello"})
+VALUES = [i / 1000 for i in range(1000)]
+
+
+def _v2(name: str, datatype: str, data: list[Any]) -> bytes:
+    shape = [len(data)]
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                                   "data": data}]}).encode()  # fmt: skip
+
+
+def _binary(name: str, values: list[float]) -> tuple[bytes, int]:
+    raw = struct.pack(f"<{len(values)}f", *values)
+    header = json.dumps({"inputs": [{"name": name, "datatype": "FP32", "shape": [len(values)],
+                                     "parameters": {"binary_data_size": len(raw)}}]})  # fmt: skip
+    return header.encode() + raw, len(header)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One request body, as HTTP sends it and as a gRPC ModelInfer message."""
+
+    model: str
+    body: bytes
+    header_length: int  # of a binary body's JSON part; 0: all JSON
+    tensor: tuple[str, str, list[Any]]  # name, datatype, values
+    raw: bool = False  # gRPC: raw_input_contents rather than typed contents
+
+
+_BINARY, _BINARY_HEADER = _binary("values", VALUES)
+SHAPES = {
+    "BYTES string": Shape(MODEL, V2_BODY.encode(), 0, ("text", "BYTES", ["hello"])),
+    "one FP32": Shape("@bench/value", _v2("value", "FP32", [0.5]), 0, ("value", "FP32", [0.5])),
+    "1,000 FP32": Shape("@bench/values", _v2("values", "FP32", VALUES), 0,
+                        ("values", "FP32", VALUES)),
+    "binary 1,000 FP32": Shape("@bench/values", _BINARY, _BINARY_HEADER,
+                               ("values", "FP32", VALUES), raw=True),
+}  # fmt: skip
 
 
 def in_process(seconds: float) -> dict[str, float]:
@@ -82,14 +128,34 @@ def wait_http(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def _lua(data: bytes) -> str:
+    """``data`` as a Lua string literal (decimal escapes for what is not printable)."""
+    out = []
+    for byte in data:
+        char = chr(byte)
+        out.append(char if 32 <= byte < 127 and char not in '"\\' else f"\\{byte:03d}")
+    return '"' + "".join(out) + '"'
+
+
 def wrk(
-    url: str, body: str, connections: int, seconds: float, token: str | None = None
+    url: str,
+    body: str | bytes,
+    connections: int,
+    seconds: float,
+    token: str | None = None,
+    header_length: int = 0,
 ) -> dict[str, float]:
+    data = body.encode() if isinstance(body, str) else body
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
             'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(body)}\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = {_lua(data)}\n"
+            + (
+                f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n'
+                'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+                if header_length
+                else 'wrk.headers["Content-Type"] = "application/json"\n'
+            )
             + (f'wrk.headers["Authorization"] = "Bearer {token}"\n' if token else "")
             + "done = function(summary, latency, requests)\n"
             '  io.write(string.format("OMNI %d %d %d %d %d\\n", summary.requests,'
@@ -117,37 +183,49 @@ def wrk(
     return {"p50_ms": p50_us / 1000, "p99_ms": p99_us / 1000, "rps": requests / (duration_us / 1e6)}
 
 
-def grpc_load(address: str, connections: int, seconds: float) -> dict[str, float]:
-    """Requests in flight over KServe v2 gRPC from one asyncio process."""
-    import asyncio
+def infer_message(shape: Shape) -> bytes:
+    """``shape`` as one length-prefixed gRPC ModelInferRequest message."""
+    from tritonclient.grpc import service_pb2
 
-    import numpy as np
-    import tritonclient.grpc.aio as grpcclient
+    request = service_pb2.ModelInferRequest(model_name=shape.model)
+    name, datatype, values = shape.tensor
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=[len(values)])
+    if shape.raw:
+        request.raw_input_contents.append(struct.pack(f"<{len(values)}f", *values))
+    elif datatype == "BYTES":
+        tensor.contents.bytes_contents.extend(v.encode() for v in values)
+    else:
+        tensor.contents.fp32_contents.extend(values)
+    message = request.SerializeToString()
+    return b"\0" + struct.pack(">I", len(message)) + message
 
-    async def run() -> list[int]:
-        client = grpcclient.InferenceServerClient(address)
-        text = grpcclient.InferInput("text", [1], "BYTES")
-        text.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
-        samples: list[int] = []
 
-        async def one(until: float) -> None:
-            while time.perf_counter() < until:
-                start = time.perf_counter_ns()
-                await client.infer(MODEL, [text])
-                samples.append(time.perf_counter_ns() - start)
-
-        await asyncio.gather(*(one(time.perf_counter() + 1.0) for _ in range(connections)))
-        samples.clear()  # warm-up
-        await asyncio.gather(*(one(time.perf_counter() + seconds) for _ in range(connections)))
-        await client.close()
-        return samples
-
-    samples = sorted(asyncio.run(run()))
-    return {
-        "p50_ms": samples[len(samples) // 2] / 1e6,
-        "p99_ms": samples[int(len(samples) * 0.99)] / 1e6,
-        "rps": len(samples) / seconds,
-    }
+def h2load(
+    address: str, shape: Shape, streams: int, seconds: float, token: str | None = None
+) -> dict[str, float]:
+    """ModelInfer calls from h2load: one connection, ``streams`` calls in flight."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".bin", delete=False) as body:
+        body.write(infer_message(shape))
+    url = f"http://{address}/inference.GRPCInferenceService/ModelInfer"
+    command = [
+        "h2load", "-c1", f"-m{streams}", "-t1", f"-D{seconds:.0f}", "--warm-up-time=1",
+        "-d", body.name, "-H", "content-type: application/grpc", "-H", "te: trailers",
+        *(["-H", f"authorization: Bearer {token}"] if token else []), url,
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(body.name)
+    done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    assert done and rps and mean, out
+    if int(done.group(2)) or int(done.group(3)):
+        raise RuntimeError(f"h2load saw failed calls against {url}:\n{out}")
+    text = mean.group(1)
+    ms = float(text[:-2]) * {"us": 1e-3, "ms": 1.0}[text[-2:]] if text[-2:] in ("us", "ms") \
+        else float(text[:-1]) * 1e3  # fmt: skip
+    return {"p50_ms": ms, "p99_ms": float("nan"), "rps": float(rps.group(1))}
 
 
 def first_event(url: str, runs: int = 20) -> dict[str, float]:
@@ -172,15 +250,23 @@ def first_event(url: str, runs: int = 20) -> dict[str, float]:
     return {"first_ms": firsts[len(firsts) // 2] * 1e3, "done_ms": totals[len(totals) // 2] * 1e3}
 
 
+Row = tuple[str, str, int, dict[str, float]]  # shape, path, concurrency, figures
+
+
 def omni_rows(
-    label: str, seconds: float, token: str | None, runtime: Path | None = None
-) -> list[tuple[str, int, dict[str, float]]]:
-    """omni-runtime's rows: v2 and ai/run at concurrency 1 and 8, gRPC unless ``token``;
-    ``runtime``: the omni_runtime source to run instead of the installed one."""
+    label: str,
+    seconds: float,
+    token: str | None,
+    shapes: list[str],
+    runtime: Path | None = None,
+) -> list[Row]:
+    """omni-runtime's rows: v2 (HTTP and gRPC) for each shape, ai/run for the BYTES string, at
+    concurrency 1 and 8; ``runtime``: the omni_runtime source to run instead of the installed
+    one."""
     env = {"OMNI_API_TOKEN": token} if token else {}
     if runtime is not None:
         env["PYTHONPATH"] = str(runtime)
-    rows: list[tuple[str, int, dict[str, float]]] = []
+    rows: list[Row] = []
     port, grpc_port = free_port(), free_port()
     omni = start(
         [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
@@ -188,16 +274,19 @@ def omni_rows(
         port, ready="omni-runtime: serving", env=env,
     )  # fmt: skip
     try:
-        for c in (1, 8):
-            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-            rows.append((f"{label} v2", c, wrk(url, V2_BODY, c, seconds, token)))
-        for c in (1, 8):
-            url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
-            rows.append((f"{label} ai/run", c, wrk(url, AI_BODY, c, seconds, token)))
-        if not token:
+        for name in shapes:
+            shape = SHAPES[name]
+            url = f"http://127.0.0.1:{port}/v2/models/{shape.model}/infer"
             for c in (1, 8):
-                address = f"127.0.0.1:{grpc_port}"
-                rows.append((f"{label} gRPC", c, grpc_load(address, c, seconds)))
+                figures = wrk(url, shape.body, c, seconds, token, shape.header_length)
+                rows.append((name, f"{label} v2", c, figures))
+            for c in (1, 8):
+                figures = h2load(f"127.0.0.1:{grpc_port}", shape, c, seconds, token)
+                rows.append((name, f"{label} gRPC", c, figures))
+            if name == "BYTES string":
+                for c in (1, 8):
+                    url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
+                    rows.append((name, f"{label} ai/run", c, wrk(url, AI_BODY, c, seconds, token)))
     finally:
         stop(omni)
     return rows
@@ -232,7 +321,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument(
-        "--token", action="store_true", help="serve with OMNI_API_TOKEN; wrk sends it"
+        "--token", action="store_true", help="serve with OMNI_API_TOKEN; the load sends it"
     )
     parser.add_argument(
         "--compare",
@@ -240,15 +329,22 @@ def main() -> int:
         metavar="DIR",
         help="also measure the runtime of the checkout DIR (its runtime/ on PYTHONPATH)",
     )
+    parser.add_argument(
+        "--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}"
+    )
     args = parser.parse_args()
     token = "bench-token" if args.token else None
-    if shutil.which("wrk") is None:
-        print("bench/overhead.py needs wrk: apt-get install wrk", file=sys.stderr)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        print(f"--shapes: unknown {unknown} (known: {', '.join(SHAPES)})", file=sys.stderr)
         return 2
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if shutil.which(tool) is None:
+            print(f"bench/overhead.py needs {tool}: apt-get install {package}", file=sys.stderr)
+            return 2
 
-    rows: list[tuple[str, int, dict[str, float]]] = []
-    rows.append(("in-process call", 1, in_process(args.seconds)))
-
+    rows: list[Row] = [("BYTES string", "in-process call", 1, in_process(args.seconds))]
     port = free_port()
     baseline = start(
         [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
@@ -256,19 +352,22 @@ def main() -> int:
         port,
     )  # fmt: skip
     try:
-        for c in (1, 8):
-            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-            rows.append(("plain ASGI app", c, wrk(url, V2_BODY, c, args.seconds)))
+        for name in shapes:
+            shape = SHAPES[name]
+            url = f"http://127.0.0.1:{port}/v2/models/{shape.model}/infer"
+            for c in (1, 8):
+                figures = wrk(url, shape.body, c, args.seconds, None, shape.header_length)
+                rows.append((name, "plain ASGI app", c, figures))
     finally:
         stop(baseline)
 
-    rows.extend(omni_rows("omni-runtime", args.seconds, token))
+    rows.extend(omni_rows("omni-runtime", args.seconds, token, shapes))
     if args.compare is not None:
         runtime = (args.compare / "runtime").resolve()
         if not (runtime / "omni_runtime").is_dir():
             print(f"--compare: {runtime}/omni_runtime does not exist", file=sys.stderr)
             return 2
-        rows.extend(omni_rows(f"{args.compare.name}", args.seconds, token, runtime))
+        rows.extend(omni_rows(f"{args.compare.name}", args.seconds, token, shapes, runtime))
 
     port = free_port()
     streams = start(
@@ -281,28 +380,41 @@ def main() -> int:
         sse = first_event(f"http://127.0.0.1:{port}/ai/run/@test/words")
     finally:
         stop(streams)
+    report(rows, sse, args.seconds)
+    return 0
 
-    base = {c: r for name, c, r in rows if name == "plain ASGI app"}
-    direct = rows[0][2]
-    print(f"{'path':<26}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
-          f"{'+p50 vs call':>14}{'req/s vs ASGI':>15}")  # fmt: skip
-    for name, c, r in rows:
-        added = f"{(r['p50_ms'] - direct['p50_ms']):.3f}" if name != "in-process call" else "-"
-        ratio = f"{r['rps'] / base[c]['rps']:.2f}" if not name.startswith(("in-", "plain")) else "-"
-        print(f"{name:<26}{c:>5}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['rps']:>9.0f}"
-              f"{added:>14}{ratio:>15}")  # fmt: skip
+
+def report(rows: list[Row], sse: dict[str, float], seconds: float) -> None:
+    base = {(shape, c): r for shape, path, c, r in rows if path == "plain ASGI app"}
+    print(f"{'shape':<19}{'path':<24}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+          f"{'req/s vs ASGI':>15}{'p50 vs ASGI':>13}")  # fmt: skip
+    for shape, path, c, r in rows:
+        plain = base.get((shape, c))
+        compared = plain is not None and not path.startswith(("in-", "plain"))
+        ratio = f"{r['rps'] / plain['rps']:.2f}" if compared and plain else "-"
+        p50 = f"{r['p50_ms'] / plain['p50_ms']:.2f}" if compared and plain else "-"
+        p99 = "-" if r["p99_ms"] != r["p99_ms"] else f"{r['p99_ms']:.3f}"  # NaN: h2load's
+        print(f"{shape:<19}{path:<24}{c:>5}{r['p50_ms']:>9.3f}{p99:>9}{r['rps']:>9.0f}"
+              f"{ratio:>15}{p50:>13}")  # fmt: skip
+    print(
+        "\ntargets, per shape (one run): HTTP req/s at conc 8 vs the plain app (>= 1.10), "
+        "p50 at conc 1 vs the plain app (<= 1.30), gRPC req/s vs HTTP at conc 8 (>= 0.50)"
+    )
+    figures = {(shape, path, c): r for shape, path, c, r in rows}
+    for shape in dict.fromkeys(s for s, *_ in rows):
+        http8 = figures.get((shape, "omni-runtime v2", 8))
+        http1 = figures.get((shape, "omni-runtime v2", 1))
+        grpc8 = figures.get((shape, "omni-runtime gRPC", 8))
+        if not (http8 and http1 and grpc8):
+            continue
+        print(f"  {shape:<19} HTTP/plain {http8['rps'] / base[(shape, 8)]['rps']:.2f}   "
+              f"p50 c1/plain {http1['p50_ms'] / base[(shape, 1)]['p50_ms']:.2f}   "
+              f"gRPC/HTTP {grpc8['rps'] / http8['rps']:.2f}")  # fmt: skip
     print(
         f"\nstreamed /ai/run, 10 words 20 ms apart: first event {sse['first_ms']:.1f} ms, "
-        f"[DONE] {sse['done_ms']:.1f} ms (median of 20)"
+        f"[DONE] {sse['done_ms']:.1f} ms (median of 20); cpu count {os.cpu_count()}, "
+        f"one {seconds:.0f}s run each"
     )
-    omni_c1 = next(r for name, c, r in rows if name == "omni-runtime v2" and c == 1)
-    plain_c1 = base[1]
-    print(
-        f"\nadded p50 at concurrency 1, omni-runtime v2 over the plain ASGI app: "
-        f"{omni_c1['p50_ms'] - plain_c1['p50_ms']:.3f} ms "
-        f"(cpu count {os.cpu_count()}, median of one {args.seconds:.0f}s run each)"
-    )
-    return 0
 
 
 if __name__ == "__main__":

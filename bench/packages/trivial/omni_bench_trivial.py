@@ -1,4 +1,5 @@
-"""The cheapest possible engine: what remains is the cost of serving it."""
+"""The cheapest possible engines: what remains is the cost of serving them. One per request
+shape bench/overhead.py measures: a string, one float, a list of floats."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ class Text(BaseModel):
     text: str
 
 
+class Value(BaseModel):
+    value: float
+
+
+class Values(BaseModel):
+    values: list[float]
+
+
 class Trivial(Engine):
     name = "@bench/trivial"
     scaling = Scaling(max_queue_size=1024)
@@ -19,6 +28,24 @@ class Trivial(Engine):
         return request
 
 
+class TrivialValue(Engine):
+    name = "@bench/value"
+    scaling = Scaling(max_queue_size=1024)
+
+    def infer(self, request: Value) -> Value:
+        return request
+
+
+class TrivialValues(Engine):
+    name = "@bench/values"
+    scaling = Scaling(max_queue_size=1024)
+
+    def infer(self, request: Values) -> Values:
+        return request
+
+
 @hookimpl
 def register_engines(register):
     register(Trivial)
+    register(TrivialValue)
+    register(TrivialValues)
