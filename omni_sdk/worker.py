@@ -34,6 +34,7 @@ from omni_sdk._serving import EngineRunner, Prepared
 from omni_sdk._streaming import encode_chunk
 from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from omni_sdk.envelopes import ai_error_body, v2_error_body
+from omni_sdk.sequences import SequenceControls
 from omni_sdk.wire import (
     PROTOCOL_VERSION,
     RESPONSE_PREFIX,
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_TENSOR_ELEMENTS,
         help="a v2 input whose shape holds more elements gets 400",
     )
+    parser.add_argument("--sequence", help="SequenceControls as JSON: a sequence model's controls")
     args = parser.parse_args(argv)
     main_started = time.monotonic()  # the runtime compares it with when it spawned us
     inherited = len(sys.modules)  # (a fork has its pre-warmed process's modules already)
@@ -455,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         resources = Resources.model_validate(json.loads(args.resources))
         engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
         runner = runner_for(engine, args.model, max_tensor_elements=args.max_tensor_elements)
+        if args.sequence:
+            runner.use_sequences(SequenceControls.model_validate_json(args.sequence))
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("model %r failed to load:\n%s", args.model, traceback.format_exc())

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from omni_sdk import Resources, Scaling
+from omni_sdk.sequences import SequenceControls
 from omni_sdk.units import Bytes, Seconds
 
 __all__ = [
@@ -196,6 +197,9 @@ class ModelOverride(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
         description="the model's version (default: its package's distribution version)",
     )
+    sequence: SequenceControls | None = Field(
+        default=None, description="the control inputs of a stateful model (docs/http-api.md)"
+    )
 
     def apply(self, resources: Resources, scaling: Scaling) -> tuple[Resources, Scaling]:
         """Only the fields the file sets replace the engine's defaults."""
@@ -218,6 +222,7 @@ class ZeroCodeModel(BaseModel):
     name: str
     task: str
     kind: str
+    sequence: SequenceControls | None = None  # [model.sequence]
 
 
 class OmniFile(BaseModel):

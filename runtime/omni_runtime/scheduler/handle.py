@@ -115,7 +115,10 @@ class ModelHandle:
         while model.successor is not None:  # held across a rollout: the version now serving
             model = model.successor
         try:
-            response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
+            if model.sequences is not None:  # a stateful model: the sequence's replica
+                response = await model.sequences.call(kind, parts, priority, on_chunk)
+            else:
+                response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
             status = response[0]
         except ModelBusy:
             status = 429
