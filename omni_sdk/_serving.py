@@ -405,6 +405,14 @@ class EngineRunner:
         except Exception as exc:  # whatever it returned costs this request alone
             return self._bad_response(prepared, exc)
 
+    def encode_v2_chunk(self, prepared: Prepared, chunk: Any) -> tuple[int, list[bytes]]:
+        """One chunk of a streamed v2 request as a v2 inference response: (its JSON
+        header's length, or 0 for JSON alone; the body's parts). Raises for a bad chunk."""
+        _, header_length, parts = self._encode_v2(
+            prepared, self._check_response(chunk).model_dump(mode="json")
+        )
+        return header_length, parts
+
     def _bad_response(self, prepared: Prepared, exc: Exception) -> tuple[int, int, list[bytes]]:
         detail = str(exc) or type(exc).__name__
         return self._error(prepared.v2, 500, f"{self._label} returned a bad response: {detail}")

@@ -28,6 +28,7 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
+from omni_runtime.server.grpc_stream import decoupled_refusal, stream_decoupled, wants_final_flag
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_runtime.server.tokens import Access, Tokens, authorized
@@ -152,6 +153,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             max_batch_size=spec.max_batch_size,
             input=[_config_tensor(t, model_config_pb2.ModelInput) for t in spec.inputs],
             output=[_config_tensor(t, model_config_pb2.ModelOutput) for t in spec.outputs],
+            model_transaction_policy=model_config_pb2.ModelTransactionPolicy(
+                decoupled=spec.streaming
+            ),
         )
         return service_pb2.ModelConfigResponse(config=config)
 
@@ -184,6 +188,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._guard(context)
         model = await self._model(context, request.model_name, request.model_version)
+        if model.spec.streaming:  # a decoupled model, as Triton refuses it
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, decoupled_refusal(model.name))
         try:
             response, metadata = await self._infer(model, request)
         except _Refused as refused:
@@ -194,11 +200,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return response
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:
-        """Each request of the stream answered as ``ModelInfer`` would answer it, as soon as
-        it is ready (several at once, in the order they finish; ``id`` tells them apart); an
-        error is that request's ``error_message``, and the stream goes on."""
+        """Each request of the stream answered as ``ModelInfer`` would answer it (a decoupled
+        model's with a response per chunk: ``grpc_stream``), as soon as it is ready, several at
+        once (``id`` tells them apart); an error is that request's ``error_message``."""
         await self._guard(context)
-        answers: asyncio.Queue[Any] = asyncio.Queue()
+        answers: asyncio.Queue[Any] = asyncio.Queue(64)  # a slow reader holds the workers back
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(request: Any) -> None:
@@ -212,8 +218,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                         f"(served models: {known})",
                     )
                 self._check_version(model, request.model_version)
+                if model.spec.streaming:  # a decoupled model: a response per chunk
+                    return await stream_decoupled(model, request, self.max_body, answers.put)
                 response, _ = await self._infer(model, request)
-                if _wants_final_flag(request):
+                if wants_final_flag(request):
                     response.parameters["triton_final_response"].bool_param = True
                 await answers.put(service_pb2.ModelStreamInferResponse(infer_response=response))
             except _Refused as refused:
@@ -345,12 +353,6 @@ class _Refused(Exception):
         super().__init__(message)
         self.code = code
         self.metadata = metadata or []
-
-
-def _wants_final_flag(request: Any) -> bool:
-    """The client asked for ``triton_final_response`` on the last response of a request."""
-    parameter = request.parameters.get("triton_enable_empty_final_response")
-    return parameter is not None and parameter.bool_param
 
 
 def grpc_authorizer(tokens: Tokens) -> Callable[[Any, bool], str | None]:

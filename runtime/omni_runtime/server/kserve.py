@@ -172,6 +172,7 @@ class KServeRoutes:
                 "max_batch_size": spec.max_batch_size,
                 "input": [config_tensor(t) for t in spec.inputs],
                 "output": [config_tensor(t) for t in spec.outputs],
+                "model_transaction_policy": {"decoupled": spec.streaming},
                 "parameters": {
                     "task": {"string_value": spec.task},
                     "package": {"string_value": spec.package},
