@@ -26,6 +26,7 @@ PLAIN = "@test/plain-counter"
 GRAPH = "@test/sequence-graph"
 
 ENGINES = '''
+import os
 import random
 import time
 
@@ -60,6 +61,8 @@ class Accumulator(Engine):
     def infer(self, request: Step) -> Total:
         if request.READY != 1 or not request.CORRID:
             raise ValueError(f"control inputs not filled: {request!r}")
+        if request.INPUT == -999:
+            os._exit(3)  # the replica dies, and the state of its sequences with it
         if request.START:
             self.totals[request.CORRID] = 0
         if request.CORRID not in self.totals:
@@ -323,3 +326,22 @@ def test_a_zero_code_graph_gets_its_control_inputs_filled(
     value.set_data_from_numpy(np.array([[1]], dtype=np.int32))
     with pytest.raises(InferenceServerException, match="input 'START' is filled from"):
         http.infer(GRAPH, [value, start], sequence_id=8, sequence_start=True)
+
+
+def test_a_sequence_whose_replica_died_is_refused_not_moved(
+    http: httpclient.InferenceServerClient, runtime: RunningRuntime
+) -> None:
+    assert _step(http, 1, sequence_id="doomed", sequence_start=True)[0] == 1
+    with pytest.raises(InferenceServerException, match="while serving this request"):
+        _step(http, -999, sequence_id="doomed")
+    with pytest.raises(InferenceServerException, match=r"which is gone.*sequence_start") as error:
+        _step(http, 1, sequence_id="doomed")
+    assert "503" in str(error.value.status())
+    assert _step(http, 1, sequence_id="doomed", sequence_start=True)[0] == 1  # begun again
+    deadline = time.monotonic() + 60  # min_replicas = 2: a new replica replaces the dead one
+    while (
+        next(m["replicas"] for m in http.get_model_repository_index() if m["name"] == ACCUMULATOR)
+        != 2
+    ):
+        assert time.monotonic() < deadline, "no replica replaced the one that died"
+        time.sleep(0.2)

@@ -98,11 +98,21 @@ class Sequences:
         replica = live.replica
         if replica is None:  # its first request is still waiting for one
             replica = await asyncio.shield(live.pinned)
-        if replica.state is not ReplicaState.READY or replica not in model.replicas:
+        if (
+            replica.state is not ReplicaState.READY
+            or replica.worker.returncode is not None
+            or replica not in model.replicas
+        ):
             self._end(sequence_id, live)
             raise ModelUnavailable(
                 f"model '{name}': sequence {sequence_id!r} lived on replica {replica.id}, which "
                 "is gone, and its state with it: start the sequence again ('sequence_start')"
+            )
+        if replica.in_flight >= replica.capacity + model.queue.limit:  # as a full queue
+            raise ModelBusy(
+                f"model '{name}': sequence {sequence_id!r}'s replica {replica.id} has "
+                f"{replica.in_flight} requests in flight, its limit (its room and "
+                "scaling.max_queue_size); try again shortly"
             )
         if end:
             self._end(sequence_id, live)
