@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from omni_sdk import Engine, Tensor, TensorEngine
 from omni_sdk._runners import runner_for
 from omni_sdk.sequences import SequenceControls, SequenceError, control_values, read_sequence
+from omni_sdk.testing import EngineCallError, EngineTester
 
 
 class Step(BaseModel):
@@ -144,3 +145,13 @@ def test_controls_must_name_inputs_that_can_hold_them(
         return
     with pytest.raises(ValueError, match=message):
         runner.use_sequences(controls)
+
+
+def test_engine_tester_fills_the_control_inputs_as_the_worker_does() -> None:
+    controls = SequenceControls(start="START", correlation_id="CORRID")
+    with EngineTester(Stateful, sequence=controls) as tester:
+        request = {"inputs": VALUE, "parameters": {"sequence_id": "s", "sequence_start": True}}
+        outputs = {o["name"]: o["data"] for o in tester.infer_v2(request)["outputs"]}
+        assert outputs["START"] == [True] and outputs["CORRID"] == ["s"]
+        with pytest.raises(EngineCallError, match="needs the parameter 'sequence_id'"):
+            tester.infer_v2({"inputs": VALUE})
