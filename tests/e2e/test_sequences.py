@@ -300,6 +300,20 @@ def test_control_inputs_are_hidden_from_metadata_and_config(
         assert [t["name"] for t in http.get_model_metadata(model)["inputs"]] == visible
         assert [t["name"] for t in http.get_model_config(model)["input"]] == visible
         assert [t.name for t in grpc.get_model_metadata(model).inputs] == visible
+    # Named, as Triton names them, in sequence_batching instead.
+    batching = http.get_model_config(ACCUMULATOR)["sequence_batching"]
+    assert batching["max_sequence_idle_microseconds"] == 1_000_000
+    controls = {c["name"]: c["control"][0]["kind"] for c in batching["control_input"]}
+    assert controls == {
+        "START": "CONTROL_SEQUENCE_START",
+        "END": "CONTROL_SEQUENCE_END",
+        "READY": "CONTROL_SEQUENCE_READY",
+        "CORRID": "CONTROL_SEQUENCE_CORRID",
+    }
+    config = grpc.get_model_config(ACCUMULATOR).config
+    assert config.sequence_batching.max_sequence_idle_microseconds == 1_000_000
+    assert [c.name for c in config.sequence_batching.control_input] == list(controls)
+    assert "sequence_batching" not in http.get_model_config(PLAIN)
 
 
 def _graph_step(

@@ -28,7 +28,7 @@ from omni_runtime.scheduler import (
     ModelUnavailable,
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
-from omni_runtime.server.grpc_stream import decoupled_refusal, stream_decoupled, wants_final_flag
+from omni_runtime.server import grpc_stream
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
 from omni_runtime.server.tokens import Access, Tokens, authorized
@@ -153,11 +153,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             max_batch_size=spec.max_batch_size,
             input=[_config_tensor(t, model_config_pb2.ModelInput) for t in spec.inputs],
             output=[_config_tensor(t, model_config_pb2.ModelOutput) for t in spec.outputs],
-            model_transaction_policy=model_config_pb2.ModelTransactionPolicy(
-                decoupled=spec.streaming
-            ),
         )
-        return service_pb2.ModelConfigResponse(config=config)
+        return service_pb2.ModelConfigResponse(config=grpc_stream.call_policy(config, spec))
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         await self._guard(context)
@@ -189,7 +186,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         await self._guard(context)
         model = await self._model(context, request.model_name, request.model_version)
         if model.spec.streaming:  # a decoupled model, as Triton refuses it
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, decoupled_refusal(model.name))
+            await grpc_stream.refuse(context, model.name)
         try:
             response, metadata = await self._infer(model, request)
         except _Refused as refused:
@@ -219,9 +216,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                     )
                 self._check_version(model, request.model_version)
                 if model.spec.streaming:  # a decoupled model: a response per chunk
-                    return await stream_decoupled(model, request, self.max_body, answers.put)
+                    return await grpc_stream.answer(model, request, self.max_body, answers.put)
                 response, _ = await self._infer(model, request)
-                if wants_final_flag(request):
+                if grpc_stream.wants_final_flag(request):
                     response.parameters["triton_final_response"].bool_param = True
                 await answers.put(service_pb2.ModelStreamInferResponse(infer_response=response))
             except _Refused as refused:

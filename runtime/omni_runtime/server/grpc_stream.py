@@ -17,14 +17,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
+from omni_runtime.discovery import ModelSpec
 from omni_runtime.scheduler import ModelBusy, ModelHandle, ModelUnavailable
 from omni_runtime.server.grpc_tensors import RequestError, infer_body, infer_response
+from omni_runtime.server.model_control import sequence_batching
 from omni_runtime.workers.channel import ChunkSink
 from omni_sdk.wire import V2_PREFIX, Kind
 
-__all__ = ["decoupled_refusal", "stream_decoupled", "wants_final_flag"]
+__all__ = ["answer", "call_policy", "refuse", "wants_final_flag"]
 
 Put = Callable[[Any], Awaitable[None]]
 
@@ -35,16 +39,27 @@ def wants_final_flag(request: Any) -> bool:
     return parameter is not None and parameter.bool_param
 
 
-def decoupled_refusal(model: str) -> str:
-    """Why ``ModelInfer`` does not answer a decoupled model (UNIMPLEMENTED, Triton's words)."""
-    return (
+def call_policy(config: Any, spec: ModelSpec) -> Any:
+    """A ``ModelConfig`` with how the model is called: decoupled (a streaming engine), and
+    ``sequence_batching`` (a sequence model), as ``/v2/models/{name}/config`` shows them."""
+    config.model_transaction_policy.decoupled = spec.streaming
+    batching = sequence_batching(spec)
+    if batching is not None:
+        json_format.ParseDict(batching, config.sequence_batching)
+    return config
+
+
+async def refuse(context: Any, model: str) -> None:
+    """``ModelInfer`` does not answer a decoupled model: UNIMPLEMENTED, in Triton's words."""
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
         "ModelInfer RPC doesn't support models with decoupled transaction policy: model "
         f"'{model}' streams its answer; call ModelStreamInfer (tritonclient's start_stream and "
-        "async_stream_infer) for one response per chunk, or the HTTP route for one joined answer"
+        "async_stream_infer) for one response per chunk, or the HTTP route for one joined answer",
     )
 
 
-async def stream_decoupled(model: ModelHandle, request: Any, max_body: int, put: Put) -> None:
+async def answer(model: ModelHandle, request: Any, max_body: int, put: Put) -> None:
     """Answer one request of a stream to a decoupled model through ``put``: a response per
     chunk, then the empty final one if asked; an error is a response with ``error_message``."""
     started = time.perf_counter()

@@ -32,7 +32,12 @@ from omni_runtime.server.http import (
     respond,
     respond_json,
 )
-from omni_runtime.server.model_control import ControlError, config_tensor, scaling_override
+from omni_runtime.server.model_control import (
+    ControlError,
+    config_tensor,
+    scaling_override,
+    sequence_batching,
+)
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
@@ -163,6 +168,7 @@ class KServeRoutes:
         self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
     ) -> None:
         spec = model.spec
+        batching = sequence_batching(spec)
         await respond_json(
             send,
             {
@@ -170,6 +176,7 @@ class KServeRoutes:
                 "platform": "omni",
                 "backend": "omni",
                 "max_batch_size": spec.max_batch_size,
+                **({"sequence_batching": batching} if batching is not None else {}),
                 "input": [config_tensor(t) for t in spec.inputs],
                 "output": [config_tensor(t) for t in spec.outputs],
                 "model_transaction_policy": {"decoupled": spec.streaming},
