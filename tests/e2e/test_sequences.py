@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -262,12 +263,15 @@ def test_a_sequence_over_grpc_with_an_integer_id(
 
 
 def test_requests_outside_a_live_sequence_are_refused(
-    http: httpclient.InferenceServerClient,
+    http: httpclient.InferenceServerClient, runtime: RunningRuntime
 ) -> None:
     with pytest.raises(InferenceServerException, match="sequence 'never-started' is not live"):
         _step(http, 1, sequence_id="never-started")
     with pytest.raises(InferenceServerException, match="needs the parameter 'sequence_id'"):
         _step(http, 1)
+    answer = httpx.post(f"{runtime.url}/ai/run/{ACCUMULATOR}", json={"INPUT": 1}, timeout=30)
+    assert answer.status_code == 400
+    assert "keeps state per sequence" in answer.json()["errors"][0]["message"]
     # A start on a live id begins it again.
     assert _step(http, 4, sequence_id="again", sequence_start=True)[0] == 4
     assert _step(http, 4, sequence_id="again", sequence_start=True)[0] == 4

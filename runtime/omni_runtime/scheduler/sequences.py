@@ -70,7 +70,7 @@ class Sequences:
         if kind not in _V2_KINDS:
             message = (
                 f"model '{name}' keeps state per sequence: send its requests over KServe v2 "
-                "(/v2/models/{name}/infer or gRPC) with the parameter 'sequence_id'"
+                f"(/v2/models/{name}/infer or gRPC) with the parameter 'sequence_id'"
             )
             return 400, 0, ai_error_body(400, message)
         try:
