@@ -273,12 +273,16 @@ def _allowed_fields(parent: tuple[Any, ...]) -> list[str]:
             model = ServerSettings
         elif model is OmniFile and part == "scheduler":
             model = SchedulerSettings
+        elif model is OmniFile and part == "model":
+            model = ZeroCodeModel
         elif model is OmniFile:
             model = ModelOverride
         elif model is ModelOverride and part == "resources":
             model = Resources
         elif model is ModelOverride and part == "scaling":
             model = Scaling
+        elif part == "sequence":  # [models."X".sequence], or a zero-code [model.sequence]
+            model = SequenceControls
     return list(model.model_fields)
 
 
