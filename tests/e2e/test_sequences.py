@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import re
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -363,3 +365,36 @@ def test_a_sequence_whose_replica_died_is_refused_not_moved(
     ):
         assert time.monotonic() < deadline, "no replica replaced the one that died"
         time.sleep(0.2)
+
+
+def test_a_sequence_sent_on_a_grpc_stream_without_waiting_keeps_its_order(
+    grpc: grpcclient.InferenceServerClient,
+) -> None:
+    received: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def callback(result: Any, error: Any) -> None:
+        if error is not None:
+            received.append(("error", str(error)))  # type: ignore[arg-type]
+        else:
+            received.append((result.get_response().id, int(result.as_numpy("OUTPUT")[0])))
+        if len(received) == 5:
+            done.set()
+
+    grpc.start_stream(callback=callback)
+    try:
+        for position, value in enumerate([1, 2, 3, 4, 5]):
+            tensor = grpcclient.InferInput("INPUT", [1], "INT64")
+            tensor.set_data_from_numpy(np.array([value], dtype=np.int64))
+            grpc.async_stream_infer(
+                ACCUMULATOR,
+                [tensor],
+                request_id=str(position),
+                sequence_id="streamed",
+                sequence_start=position == 0,
+                sequence_end=position == 4,
+            )
+        assert done.wait(60), received
+    finally:
+        grpc.stop_stream()
+    assert sorted(received) == [("0", 1), ("1", 3), ("2", 6), ("3", 10), ("4", 15)]
