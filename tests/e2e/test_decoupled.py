@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import re
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ MODELS = ["@test/counting-stream", "@test/async-counting-stream"]
 
 ENGINES = """
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 from pydantic import BaseModel
@@ -48,10 +50,20 @@ def _piece(request: Prompt, index: int) -> Piece:
 class CountingStream(Engine):
     name = "@test/counting-stream"
     task = "text-generation"
+    abandoned = 0  # streams whose client went away
 
     def infer(self, request: Prompt) -> Iterator[Piece]:
-        for index in range(request.count):
-            yield _piece(request, index)
+        if request.prompt == "abandoned?":
+            yield Piece(text=str(CountingStream.abandoned), index=0)
+            return
+        try:
+            for index in range(request.count):
+                if request.prompt == "slow":
+                    time.sleep(0.1)
+                yield _piece(request, index)
+        except GeneratorExit:
+            CountingStream.abandoned += 1
+            raise
 
 
 class AsyncCountingStream(Engine):
@@ -212,3 +224,23 @@ def test_model_infer_refuses_a_decoupled_model_as_triton_does(
         assert answer.as_numpy("text").tolist() == [b"joined-0joined-1joined-2"]
     finally:
         http.close()
+
+
+def test_a_client_that_cancels_its_stream_stops_the_generator(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    received: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: received.put((result, error)))
+    try:
+        client.async_stream_infer(MODELS[0], _inputs("slow", 600), request_id="s")
+        first, error = received.get(timeout=60)
+        assert error is None and first.as_numpy("text").tolist() == [b"slow-0"]
+    finally:
+        client.stop_stream(cancel_requests=True)
+    deadline = time.monotonic() + 30
+    while True:  # (the worker notices between two chunks)
+        answers = _stream(client, [("q", "abandoned?", 1)], MODELS[0])
+        if answers[0][0].as_numpy("text").tolist() == [b"1"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert answers[0][0].as_numpy("text").tolist() == [b"1"], "the generator ran on"
