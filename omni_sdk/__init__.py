@@ -3,8 +3,9 @@
 The names below are for model authors. The contracts between the SDK and omni-runtime have
 their own public modules, and the runtime imports nothing else of the SDK:
 ``omni_sdk.wire`` (the framed protocol to a worker), ``omni_sdk.units`` (sizes and durations),
-``omni_sdk.envelopes`` (the answer and error bodies of both APIs) and ``omni_sdk.model_config``
-(zero-code packages). Modules whose names start with ``_`` may change in any release.
+``omni_sdk.envelopes`` (the answer and error bodies of both APIs), ``omni_sdk.model_config``
+(zero-code packages) and ``omni_sdk.sequences`` (a stateful model's sequence parameters).
+Modules whose names start with ``_`` may change in any release.
 """
 
 from __future__ import annotations

@@ -28,6 +28,13 @@ from omni_sdk._tensors import (
     value_to_tensor,
 )
 from omni_sdk.envelopes import RESULT_CLOSE, RESULT_OPEN, ai_error_body, dump_json, v2_error_body
+from omni_sdk.sequences import (
+    SequenceControls,
+    SequenceError,
+    SequenceId,
+    control_values,
+    read_sequence,
+)
 
 __all__ = ["EngineRunner", "Prepared", "describe_validation_error"]
 
@@ -60,6 +67,7 @@ class EngineRunner:
     """
 
     model_version = "1"  # what v2 answers name as ``model_version`` (the worker sets it)
+    sequence: SequenceControls | None = None  # the control inputs it fills (``use_sequences``)
 
     def __init__(
         self,
@@ -151,7 +159,11 @@ class EngineRunner:
         if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
             return self._bad(True, f"{self._label}: the request needs an 'inputs' list")
         try:
-            values = self._decode_inputs(header["inputs"], view, end)
+            parameters = header.get("parameters")
+            filled = None
+            if parameters is not None or self.sequence is not None:
+                filled = self._sequence_inputs(parameters)
+            values = self._decode_inputs(header["inputs"], view, end, filled)
             outputs = self._requested_outputs(header)
         except InvalidInput as exc:
             return self._bad(True, f"{self._label}: {exc}")
@@ -161,8 +173,14 @@ class EngineRunner:
         prepared.outputs = outputs
         return prepared
 
-    def _decode_inputs(self, inputs: list[Any], view: memoryview, offset: int) -> dict[str, Any]:
-        values: dict[str, Any] = {}
+    def _decode_inputs(
+        self,
+        inputs: list[Any],
+        view: memoryview,
+        offset: int,
+        filled: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = filled or {}
         decode = self._decode_tensor
         for item in inputs:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -173,6 +191,11 @@ class EngineRunner:
                 known = ", ".join(self.inputs) or "none"
                 raise InvalidInput(f"has no input '{name}' (its inputs: {known})")
             if name in values:
+                if filled and name in filled:
+                    raise InvalidInput(
+                        f"input '{name}' is filled from the request's sequence parameters "
+                        "(a control input of [model.sequence]); do not send it"
+                    )
                 raise InvalidInput(f"input '{name}' appears twice")
             raw = None
             params = item.get("parameters")
@@ -198,6 +221,77 @@ class EngineRunner:
         if missing:
             raise InvalidInput(f"missing input '{missing[0]}'")
         return values
+
+    # -- sequences -----------------------------------------------------------------------
+
+    def use_sequences(self, controls: SequenceControls) -> None:
+        """Fill ``controls``' inputs from every v2 request's sequence parameters; ValueError
+        (naming the input) when the model has no such input or it cannot hold the value."""
+        for name, control in controls.inputs().items():
+            spec = self.inputs.get(name)
+            if spec is None:
+                known = ", ".join(self.inputs) or "none"
+                raise ValueError(
+                    f"{self._label}: sequence.{control} names the input '{name}', which the "
+                    f"model does not have (its inputs: {known})"
+                )
+            numeric = spec.datatype != "BYTES" and spec.datatype != "BOOL"
+            if control == "correlation_id" and not (numeric or spec.datatype == "BYTES"):
+                raise ValueError(
+                    f"{self._label}: sequence.correlation_id input '{name}' is {spec.datatype}; "
+                    "it must be an integer or BYTES tensor"
+                )
+            if control != "correlation_id" and not (numeric or spec.datatype == "BOOL"):
+                raise ValueError(
+                    f"{self._label}: sequence.{control} input '{name}' is {spec.datatype}; it "
+                    "must be a number or BOOL tensor"
+                )
+        self.sequence = controls
+
+    def _sequence_inputs(self, parameters: Any) -> dict[str, Any] | None:
+        """The control inputs a request's sequence parameters fill (None: no sequence)."""
+        try:
+            found = read_sequence(parameters)
+        except SequenceError as exc:
+            raise InvalidInput(str(exc)) from None
+        if self.sequence is None:
+            if found is None:
+                return None
+            raise InvalidInput(
+                "has no sequence support, but the request carries sequence parameters "
+                "(sequence_id, sequence_start, sequence_end); send it without them, or "
+                "declare the model's control inputs in omni.toml ([model.sequence])"
+            )
+        if found is None:
+            raise InvalidInput(
+                "keeps state per sequence: every request needs the parameter 'sequence_id' "
+                "(and 'sequence_start' on a sequence's first request)"
+            )
+        sequence_id, start, end = found
+        return {
+            name: self._control_value(self.inputs[name], value)
+            for name, value in control_values(self.sequence, sequence_id, start, end).items()
+        }
+
+    def _control_value(self, spec: Any, value: SequenceId) -> Any:
+        """One control input's value as its field holds it (a scalar, or one row)."""
+        if isinstance(value, str) and spec.datatype != "BYTES":
+            raise InvalidInput(
+                f"sequence_id {value!r} is a string, but the correlation input '{spec.name}' "
+                f"is {spec.datatype}; send an integer sequence_id"
+            )
+        filled: Any = value
+        if spec.datatype == "BYTES":
+            filled = str(value)
+        elif spec.datatype == "BOOL":
+            filled = bool(value)
+        elif spec.datatype.startswith("FP"):
+            filled = float(value)
+        elif spec.datatype in INT_RANGES:
+            check_int_range(spec.name, spec.datatype, [value])
+        for _ in range(spec.rank):
+            filled = [filled]
+        return filled
 
     def _decode_tensor(
         self, spec: Any, datatype: Any, shape: Any, data: Any, raw: memoryview | None
@@ -312,6 +406,14 @@ class EngineRunner:
             return self._encode_v2(prepared, dumped)
         except Exception as exc:  # whatever it returned costs this request alone
             return self._bad_response(prepared, exc)
+
+    def encode_v2_chunk(self, prepared: Prepared, chunk: Any) -> tuple[int, list[bytes]]:
+        """One chunk of a streamed v2 request as a v2 inference response: (its JSON
+        header's length, or 0 for JSON alone; the body's parts). Raises for a bad chunk."""
+        _, header_length, parts = self._encode_v2(
+            prepared, self._check_response(chunk).model_dump(mode="json")
+        )
+        return header_length, parts
 
     def _bad_response(self, prepared: Prepared, exc: Exception) -> tuple[int, int, list[bytes]]:
         detail = str(exc) or type(exc).__name__

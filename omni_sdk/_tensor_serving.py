@@ -6,6 +6,7 @@ output arrays go out with ``tobytes``; JSON data is converted with ``np.asarray`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from omni_sdk._tensors import (
     encode_bytes_tensor,
 )
 from omni_sdk.envelopes import RESULT_CLOSE, RESULT_OPEN, dump_json
+from omni_sdk.sequences import SequenceId
 
 __all__ = [
     "TensorEngineRunner",
@@ -229,6 +231,18 @@ class TensorEngineRunner(EngineRunner):
     ) -> Any:
         tensor = self.tensor_inputs[spec.name]
         return array_from_v2(tensor, datatype, shape, data, raw, self.max_tensor_elements)
+
+    def _control_value(self, spec: Any, value: SequenceId) -> NDArray[Any]:
+        """A control input as an array of its declared datatype: one batch row (each
+        dimension of any size is 1), as Triton's sequence batcher fills it."""
+        tensor = self.tensor_inputs[spec.name]
+        scalar = super()._control_value(dataclasses.replace(spec, rank=0), value)
+        shape = tuple(d if d > 0 else 1 for d in tensor.shape)
+        if tensor.datatype == "BYTES":
+            array = np.empty(shape, dtype=object)
+            array.fill(str(scalar).encode())
+            return array
+        return np.full(shape, scalar, dtype=_dtype(tensor.datatype))
 
     def _validate(self, v2: bool, values: dict[str, Any]) -> Prepared:
         if v2:

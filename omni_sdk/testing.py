@@ -16,6 +16,7 @@ from typing import Any
 
 from omni_sdk._engine import Engine, LoadContext
 from omni_sdk._runners import runner_for
+from omni_sdk.sequences import SequenceControls
 
 __all__ = ["EngineCallError", "EngineTester"]
 
@@ -32,8 +33,15 @@ class EngineTester:
     """Loads one engine in this process and calls it as the runtime would."""
 
     def __init__(
-        self, engine: type[Engine], *, device: str = "cpu", model_dir: Path | None = None
+        self,
+        engine: type[Engine],
+        *,
+        device: str = "cpu",
+        model_dir: Path | None = None,
+        sequence: SequenceControls | None = None,
     ) -> None:
+        """``sequence``: the control inputs ``[models."NAME".sequence]`` would give it, filled
+        from each v2 request's ``sequence_id``, ``sequence_start`` and ``sequence_end``."""
         engine.validate_definition()
         self.engine = engine()
         ctx = LoadContext(
@@ -45,6 +53,8 @@ class EngineTester:
         )
         self.engine.load(ctx)
         self.runner = runner_for(self.engine)
+        if sequence is not None:
+            self.runner.use_sequences(sequence)
 
     def __enter__(self) -> EngineTester:
         return self

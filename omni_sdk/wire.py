@@ -28,6 +28,8 @@ Kinds (``Kind``), and their bodies:
     RUN_STREAM 10  runtime → worker  an /ai/run body whose answer is streamed
     CHUNK 11       worker → runtime  one output chunk (JSON) of a streamed request
     CANCEL 12      runtime → worker  the client of a streamed request went away
+    STREAM_V2 13   runtime → worker  as INFER_V2, answered as a stream: each CHUNK is
+                                     V2_PREFIX + one v2 inference response (a decoupled model)
 
 A peer ignores a kind it does not know, so a new kind needs no new version; a change to the
 header or to the meaning of an existing body bumps ``PROTOCOL_VERSION``.
@@ -99,6 +101,7 @@ class Kind(enum.IntEnum):
     RUN_STREAM = 10  # runtime → worker: an /ai/run body whose answer is streamed in chunks
     CHUNK = 11  # worker → runtime: one output chunk (JSON) of a streamed request
     CANCEL = 12  # runtime → worker: the client of a streamed request went away; stop it
+    STREAM_V2 = 13  # runtime → worker: a v2 request whose chunks come as v2 responses
 
 
 class ProtocolError(Exception):

@@ -35,6 +35,7 @@ from omni_sdk._serving import EngineRunner, Prepared
 from omni_sdk._streaming import encode_chunk
 from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from omni_sdk.envelopes import ai_error_body, v2_error_body
+from omni_sdk.sequences import SequenceControls
 from omni_sdk.wire import (
     PROTOCOL_VERSION,
     RESPONSE_PREFIX,
@@ -141,22 +142,22 @@ class WorkerLoop:
             cancel = (Kind.CANCEL, 0, request_id)
             if any(frame[:3] == cancel for frame in pending):  # cancelled before it began
                 pending = [frame for frame in pending if frame[:3] != cancel]
-                self.sock.sendall(_stream_end(request_id, 499, runner, "cancelled"))
+                self.sock.sendall(_stream_end(request_id, 499, prepared, "cancelled"))
                 return pending
             chunks = stream_of(runner.engine, prepared.request)
             for chunk in chunks:
-                body = encode_chunk(runner.response_model, chunk)
-                self.sock.sendall(self.shm.frame(Kind.CHUNK, request_id, [body]))
+                body = chunk_body(runner, prepared, chunk)
+                self.sock.sendall(self.shm.frame(Kind.CHUNK, request_id, body))
                 pending, cancelled = self._poll(request_id, pending)
                 if cancelled:
                     if hasattr(chunks, "close"):
                         chunks.close()  # GeneratorExit inside the engine's generator
-                    self.sock.sendall(_stream_end(request_id, 499, runner, "cancelled"))
+                    self.sock.sendall(_stream_end(request_id, 499, prepared, "cancelled"))
                     return pending
-            self.sock.sendall(_stream_end(request_id, 200, runner))
+            self.sock.sendall(_stream_end(request_id, 200, prepared))
         except Exception as exc:  # whatever the engine does costs this stream alone
             log.exception("model %r: a streamed request failed", runner.model_name)
-            self.sock.sendall(_stream_end(request_id, 500, runner, _failure(runner, exc)))
+            self.sock.sendall(_stream_end(request_id, 500, prepared, _failure(runner, exc)))
         return pending
 
     def _poll(self, request_id: int, pending: list[Frame]) -> tuple[list[Frame], bool]:
@@ -251,24 +252,25 @@ class AsyncWorker(asyncio.Protocol):
             chunks = stream_of(runner.engine, prepared.request)
             if hasattr(chunks, "__aiter__"):
                 async for chunk in chunks:
-                    self._chunk(request_id, chunk)
+                    self._chunk(request_id, prepared, chunk)
             else:
                 for chunk in await _maybe_await(chunks):
-                    self._chunk(request_id, chunk)
-            self._write(_stream_end(request_id, 200, runner))
+                    self._chunk(request_id, prepared, chunk)
+            self._write(_stream_end(request_id, 200, prepared))
         except asyncio.CancelledError:  # the client went away: close the generator
             if chunks is not None and hasattr(chunks, "aclose"):
                 await chunks.aclose()
-            self._write(_stream_end(request_id, 499, runner, "cancelled"))
+            self._write(_stream_end(request_id, 499, prepared, "cancelled"))
         except Exception as exc:
             log.exception("model %r: a streamed request failed", runner.model_name)
-            self._write(_stream_end(request_id, 500, runner, _failure(runner, exc)))
+            self._write(_stream_end(request_id, 500, prepared, _failure(runner, exc)))
         finally:
             self.streams.pop(request_id, None)
 
-    def _chunk(self, request_id: int, chunk: Any) -> None:
-        body = encode_chunk(self.runner.response_model, chunk)
-        self._write(self.shm.frame(Kind.CHUNK, request_id, [body]))
+    def _chunk(self, request_id: int, prepared: Prepared, chunk: Any) -> None:
+        self._write(
+            self.shm.frame(Kind.CHUNK, request_id, chunk_body(self.runner, prepared, chunk))
+        )
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -314,8 +316,9 @@ def split_frames(
     for index, (kind, flags, request_id, body) in enumerate(frames):
         if kind in (Kind.INFER_V2, Kind.RUN_JSON):
             batch.append((request_id, _prepare(runner, kind, flags, body, fds)))
-        elif kind == Kind.RUN_STREAM:
-            streams.append((request_id, _prepare(runner, Kind.RUN_JSON, flags, body, fds)))
+        elif kind == Kind.RUN_STREAM or kind == Kind.STREAM_V2:
+            decode = Kind.RUN_JSON if kind == Kind.RUN_STREAM else Kind.INFER_V2
+            streams.append((request_id, _prepare(runner, decode, flags, body, fds)))
             return batch, streams, control, frames[index + 1 :], False
         elif kind == Kind.CANCEL:
             streams.append((request_id, None))
@@ -354,9 +357,19 @@ def _failure(runner: EngineRunner, exc: Exception) -> str:
     return f"model '{runner.model_name}' failed while streaming: {type(exc).__name__}: {exc}"
 
 
-def _stream_end(request_id: int, status: int, runner: EngineRunner, error: str = "") -> bytes:
+def chunk_body(runner: EngineRunner, prepared: Prepared, chunk: Any) -> list[bytes]:
+    """One chunk of a stream: its JSON (/ai/run), or V2_PREFIX and a v2 inference response
+    (STREAM_V2, a decoupled model's response)."""
+    if not prepared.v2:
+        return [encode_chunk(runner.response_model, chunk)]
+    header_length, parts = runner.encode_v2_chunk(prepared, chunk)
+    return [V2_PREFIX.pack(header_length), *parts]
+
+
+def _stream_end(request_id: int, status: int, prepared: Prepared, error: str = "") -> bytes:
     """The RESPONSE that ends a stream: empty when it went well, else the error's envelope."""
-    body = ai_error_body(status, error) if error else b""
+    envelope = v2_error_body(error) if prepared.v2 else ai_error_body(status, error)
+    body = envelope if error else b""
     return encode_frame(
         Kind.RESPONSE, request_id, RESPONSE_PREFIX.pack(status, 0, 0, 0, 0, 0) + body
     )
@@ -477,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_TENSOR_ELEMENTS,
         help="a v2 input whose shape holds more elements gets 400",
     )
+    parser.add_argument("--sequence", help="SequenceControls as JSON: a sequence model's controls")
     args = parser.parse_args(argv)
     main_started = time.monotonic()  # the runtime compares it with when it spawned us
     inherited = len(sys.modules)  # (a fork has its pre-warmed process's modules already)
@@ -496,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = load_engine(args.package.resolve(), args.model, args.device, resources, timings)
         runner = runner_for(engine, args.model, max_tensor_elements=args.max_tensor_elements)
         runner.model_version = args.model_version
+        if args.sequence:
+            runner.use_sequences(SequenceControls.model_validate_json(args.sequence))
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("model %r failed to load:\n%s", args.model, traceback.format_exc())

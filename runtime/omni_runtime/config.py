@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from omni_sdk import Resources, Scaling
+from omni_sdk.sequences import SequenceControls
 from omni_sdk.units import Bytes, Seconds
 
 __all__ = [
@@ -204,6 +205,9 @@ class ModelOverride(BaseModel):
         pattern=VERSION_PATTERN.pattern,
         description="the model's version (default: its package's distribution version)",
     )
+    sequence: SequenceControls | None = Field(
+        default=None, description="the control inputs of a stateful model (docs/http-api.md)"
+    )
 
     def apply(self, resources: Resources, scaling: Scaling) -> tuple[Resources, Scaling]:
         """Only the fields the file sets replace the engine's defaults."""
@@ -226,6 +230,7 @@ class ZeroCodeModel(BaseModel):
     name: str
     task: str
     kind: str
+    sequence: SequenceControls | None = None  # [model.sequence]
 
 
 class OmniFile(BaseModel):
@@ -276,12 +281,16 @@ def _allowed_fields(parent: tuple[Any, ...]) -> list[str]:
             model = ServerSettings
         elif model is OmniFile and part == "scheduler":
             model = SchedulerSettings
+        elif model is OmniFile and part == "model":
+            model = ZeroCodeModel
         elif model is OmniFile:
             model = ModelOverride
         elif model is ModelOverride and part == "resources":
             model = Resources
         elif model is ModelOverride and part == "scaling":
             model = Scaling
+        elif part == "sequence":  # [models."X".sequence], or a zero-code [model.sequence]
+            model = SequenceControls
     return list(model.model_fields)
 
 

@@ -28,11 +28,18 @@ from omni_runtime.isolation.environments import (
     PackageEnvironment,
 )
 from omni_runtime.isolation.plan import worker_environment
-from omni_runtime.overrides import override_for, own_overrides, shared_overrides, warn_shadowed
+from omni_runtime.overrides import (
+    override_for,
+    own_overrides,
+    sequence_for,
+    shared_overrides,
+    warn_shadowed,
+)
 from omni_runtime.progress import DiscoveryProgress, LoggedProgress
 from omni_runtime.versions import model_version
 from omni_sdk import Resources, Scaling
 from omni_sdk.model_config import is_zero_code
+from omni_sdk.sequences import SequenceControls
 from omni_sdk.units import format_size
 
 __all__ = ["DiscoveryError", "ModelSpec", "PackageFailure", "discover_all", "find_packages"]
@@ -74,6 +81,7 @@ class ModelSpec:
     streaming: bool = False  # infer yields chunks
     env: dict[str, str] = field(default_factory=dict)  # [models."X".env]
     network: str = "loopback"  # or "host"
+    sequence: SequenceControls | None = None  # a stateful model's control inputs
     # input_schema says everything the worker's validation does (no custom validator), so a
     # body may be refused by the schema before the model starts.
     input_schema_exact: bool = False
@@ -166,13 +174,9 @@ async def _describe_package(
     timeout: float,
     overrides: list[ModelOverride],
 ) -> dict[str, Any]:
-    """Run ``omni_sdk.discover`` in the package's interpreter, inside the sandbox where there is
-    one: importing a package runs its code.
-
-    It gets what ``overrides`` (entries for models of this package) give: the node's network
-    if one has ``network = "host"`` (a TritonEngine reads its remote model's metadata), and
-    their ``env`` tables together.
-    """
+    """Run ``omni_sdk.discover`` in the package's interpreter (in the sandbox where there is
+    one: importing a package runs its code), with what ``overrides`` give: the node's network if
+    one has ``network = "host"`` (a TritonEngine reads its remote's metadata), and their envs."""
     launcher: list[str] = []
     model_env: dict[str, str] = {}
     for override in overrides:
@@ -349,6 +353,12 @@ async def discover_all(
                     value = getattr(override, section)
                     for key in value.model_fields_set if value is not None else ():
                         sources[f"{section}.{key}"] = str(path)
+            try:
+                sequence = sequence_for(name, package_dir, files, overrides, engine["inputs"])
+            except ValueError as exc:
+                discovery.failures.append(PackageFailure(package_dir, str(exc)))
+                continue
+            controls = sequence.inputs() if sequence is not None else {}
             discovery.models.append(
                 ModelSpec(
                     name=name,
@@ -358,7 +368,7 @@ async def discover_all(
                     package_dir=package_dir,
                     python=pythons[package_dir],
                     engine_class=engine["class"],
-                    inputs=engine["inputs"],
+                    inputs=[t for t in engine["inputs"] if t["name"] not in controls],
                     outputs=engine["outputs"],
                     input_schema=engine["input_schema"],
                     output_schema=engine["output_schema"],
@@ -375,6 +385,7 @@ async def discover_all(
                     input_schema_exact=engine.get("input_schema_exact") is True,
                     warmup=warmup if isinstance(warmup := engine.get("warmup"), dict) else None,
                     version=version,
+                    sequence=sequence,
                 )
             )
     return discovery

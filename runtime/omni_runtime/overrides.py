@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omni_runtime.config import ModelOverride, OmniFile
+from omni_runtime.config import CONFIG_NAME, ModelOverride, OmniFile
+from omni_sdk.sequences import SequenceControls
 from omni_sdk.units import format_size
 
 log = logging.getLogger("omni.discovery")  # its warnings come while discovery runs
@@ -93,3 +94,30 @@ def _shown(setting: str, value: Any, prefix: str = " = ") -> str:
         return prefix + format_size(value)
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return f"{prefix}{value:g}" if number else f"{prefix}{value!r}"
+
+
+def sequence_for(
+    name: str,
+    package_dir: Path,
+    files: dict[Path, OmniFile],
+    overrides: list[tuple[Path, ModelOverride]],
+    inputs: list[dict[str, Any]],
+) -> SequenceControls | None:
+    """A model's sequence controls: a zero-code package's ``[model.sequence]``, replaced by the
+    most specific ``[models."X".sequence]``. ``ValueError`` when one names no input of it."""
+    own = files.get(package_dir / CONFIG_NAME)
+    sequence = own.model.sequence if own is not None and own.model is not None else None
+    where = f"{package_dir / CONFIG_NAME} [model.sequence]"
+    for path, override in overrides:
+        if override.sequence is not None:
+            sequence, where = override.sequence, f'{path} [models."{name}".sequence]'
+    if sequence is None:
+        return None
+    names = [str(t["name"]) for t in inputs]
+    for input_name, control in sequence.inputs().items():
+        if input_name not in names:
+            raise ValueError(
+                f"{where}: {control} = {input_name!r} names no input of model {name!r} (its "
+                f"inputs: {', '.join(names) or 'none'})"
+            )
+    return sequence

@@ -130,6 +130,45 @@ def test_grpc_is_routed_too(etcd: EtcdCluster) -> None:
         assert trailing["omni-node"] == "g-b" and trailing["omni-route"] == "g-a,g-b"
 
 
+def test_a_decoupled_stream_is_forwarded_chunk_by_chunk(etcd: EtcdCluster) -> None:
+    """gRPC ModelStreamInfer on a node without the streaming model: each chunk comes back from
+    the node that runs it as its own response."""
+    with ExitStack() as stack:
+        stack.enter_context(node(etcd, "d-a", STREAM))
+        b = stack.enter_context(node(etcd, "d-b", ECHO, extra=["--grpc-port", "0"]))
+        port = b.wait_for_line(r"KServe v2 gRPC at \S+:(\d+)").rsplit(":", 1)[1]
+        with httpx.Client(base_url=b.url, timeout=30) as client:
+            assert wait_routable(client, "@test/words").status_code == 200
+        received: list[tuple[object, object]] = []
+        done = threading.Event()
+
+        def callback(result: object, error: object) -> None:
+            received.append((result, error))
+            final = result is not None and result.get_response().parameters.get(  # type: ignore[attr-defined]
+                "triton_final_response"
+            )
+            if error is not None or (final is not None and final.bool_param):
+                done.set()
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        prompt = grpcclient.InferInput("prompt", [1], "BYTES")
+        prompt.set_data_from_numpy(np.array([b"one two"], dtype=np.object_))
+        tokens = grpcclient.InferInput("max_tokens", [1], "INT64")
+        tokens.set_data_from_numpy(np.array([3], dtype=np.int64))
+        client.start_stream(callback=callback)
+        try:
+            client.async_stream_infer(
+                "@test/words", [prompt, tokens], request_id="w", enable_empty_final_response=True
+            )
+            assert done.wait(60), received
+        finally:
+            client.stop_stream()
+            client.close()
+        assert [error for _, error in received] == [None] * 4
+        words = [r.as_numpy("response")[0] for r, _ in received[:3]]  # type: ignore[attr-defined]
+        assert words == [b"one ", b"two ", b"one "]
+
+
 def test_a_node_killed_under_load_costs_no_request(etcd: EtcdCluster, tmp_path: Path) -> None:
     config = tmp_path / "omni.toml"  # both nodes keep a replica warm
     config.write_text('[models."@test/echo".scaling]\nmin_replicas = 1\n')

@@ -46,6 +46,16 @@ def _write(path: Path, text: str) -> Path:
             "field 'scheduler.gpus.cuda:0': expected a size",
         ),
         ("models = [", "not valid TOML"),
+        (
+            '[models."@a/b".sequence]\nstrat = "START"\n',
+            "unknown field 'models.\"@a/b\".sequence.strat' (allowed here: start, end, ready, "
+            "correlation_id, idle_timeout, max_sequences)",
+        ),
+        (
+            '[model]\nname = "a"\ntask = "t"\nkind = "onnx"\n'
+            '[model.sequence]\nidle_timeout = "x"\n',
+            "field 'model.sequence.idle_timeout': expected a duration",
+        ),
     ],
 )
 def test_errors_name_file_field_and_what_is_allowed(
@@ -169,3 +179,24 @@ def test_server_limits(tmp_path: Path) -> None:
     for bad in ("body_timeout = 0", "max_header_size = 0", "max_tensor_elements = -1"):
         with pytest.raises(ConfigError, match=bad.split(" ")[0]):
             load_omni_file(_write(tmp_path / "omni.toml", f"[server]\n{bad}\n"))
+
+
+def test_sequence_controls_hide_their_inputs_and_must_name_real_ones(
+    tmp_path: Path, echo_package: Path
+) -> None:
+    repository = tmp_path / "repo"
+    shutil.copytree(echo_package, repository / "echo")
+    path = _write(
+        repository / "omni.toml",
+        '[models."@test/echo".sequence]\nstart = "flag"\ncorrelation_id = "text"\n',
+    )
+    packages = find_packages([repository])
+    discovery = asyncio.run(discover_all(packages, config_files([repository])))
+    echo = next(m for m in discovery.models if m.name == "@test/echo")
+    assert echo.sequence is not None and echo.sequence.idle_timeout == 5.0
+    names = [t["name"] for t in echo.inputs]
+    assert "flag" not in names and "text" not in names and "count" in names
+    _write(path, '[models."@test/echo".sequence]\nend = "NOPE"\n')
+    discovery = asyncio.run(discover_all(packages, config_files([repository])))
+    [failure] = discovery.failures
+    assert str(path) in failure.error and "end = 'NOPE' names no input" in failure.error

@@ -109,7 +109,7 @@ class Forwarder:
         name: str,
         alive: Callable[[], bool],
     ) -> Response:
-        if kind == Kind.RUN_STREAM:
+        if kind == Kind.RUN_STREAM or kind == Kind.STREAM_V2:
             return await self._stream(url, headers, body, on_chunk, trace, peer, alive)
         try:
             response = await _answer_begun(

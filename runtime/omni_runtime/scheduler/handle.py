@@ -120,7 +120,10 @@ class ModelHandle:
             version = model.spec.version
             answered_by(version)  # the answer names the version that gave it
         try:
-            response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
+            if model.sequences is not None:  # a stateful model: the sequence's replica
+                response = await model.sequences.call(kind, parts, priority, on_chunk)
+            else:
+                response = await model.call(kind, parts, reject_if_busy, priority, on_chunk)
             status = response[0]
         except ModelBusy:
             status = 429

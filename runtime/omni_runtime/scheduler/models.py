@@ -21,6 +21,7 @@ from omni_runtime.metrics import Metrics
 from omni_runtime.scheduler.backend import Clock, Response, Worker, WorkerGone
 from omni_runtime.scheduler.queue import ModelBusy, ModelUnavailable, Priority, RequestQueue
 from omni_runtime.scheduler.replica import Replica, pipelines, replica_capacity
+from omni_runtime.scheduler.sequences import Sequences
 from omni_runtime.scheduler.stats import ModelStats
 from omni_runtime.scheduler.views import ACTIVE, ReplicaState
 
@@ -88,6 +89,7 @@ class ServedModel:
         self.lifecycle = asyncio.Lock()  # one operator load or unload at a time
         self.changed = asyncio.Event()  # set whenever a replica becomes ready or a start fails
         self.successor: ServedModel | None = None  # the version that replaced it (rollout)
+        self.sequences = Sequences(self, spec.sequence) if spec.sequence is not None else None
 
     # -- what the API shows --------------------------------------------------------------
 
@@ -176,9 +178,7 @@ class ServedModel:
         """Send one request to a replica with room, waiting in the queue for one if needed:
         ``await model.call(...)``, at once: a free replica's slot is taken by the call. (Not
         itself a coroutine: with a replica free, the request's coroutine is the send itself,
-        one frame fewer on the hot path.)
-
-        ``on_chunk`` gets each chunk of a streamed request (``Kind.RUN_STREAM``).
+        one frame fewer on the hot path.) ``on_chunk`` gets each chunk of a streamed request.
         """
         if self.unloading or not self.wanted or self.closing or self.backing_off():
             raise self.unavailable()

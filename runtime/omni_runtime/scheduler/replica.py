@@ -37,6 +37,7 @@ class Replica:
         self.capacity = capacity
         self.state = ReplicaState.STARTING
         self.in_flight = 0
+        self.sequences = 0  # live sequences pinned to it: it is not stopped while it has one
         self.served = 0
         self.last_done = 0.0  # when it last answered
         self.idle_since = now
@@ -55,7 +56,7 @@ class Replica:
         return ReplicaView(
             id=self.id,
             state=ReplicaState.PARKED if parked else self.state,
-            in_flight=self.in_flight,
+            in_flight=self.in_flight + self.sequences,  # (as busy as a request in flight)
             host_bytes=self.host_bytes,
             gpu_bytes=self.gpu_bytes,
             device=self.worker.spec.device,

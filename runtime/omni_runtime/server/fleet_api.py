@@ -33,7 +33,7 @@ from omni_sdk.wire import V2_PREFIX, Kind
 
 __all__ = ["FleetRoutes"]
 
-_KINDS = {int(Kind.INFER_V2), int(Kind.RUN_JSON), int(Kind.RUN_STREAM)}
+_KINDS = {int(Kind.INFER_V2), int(Kind.RUN_JSON), int(Kind.RUN_STREAM), int(Kind.STREAM_V2)}
 
 
 class FleetRoutes:
@@ -56,7 +56,7 @@ class FleetRoutes:
             raise HTTPError(400, f"Omni-Kind {kind} is not a request kind")
         reject = fields.get(b"omni-reject-if-busy") == b"1"
         body = await read_body(scope, receive, self.max_body + 8, model.name)
-        if kind == Kind.INFER_V2 and (
+        if kind in (Kind.INFER_V2, Kind.STREAM_V2) and (
             len(body) < V2_PREFIX.size or V2_PREFIX.unpack_from(body)[0] > len(body) - 4
         ):
             raise HTTPError(
@@ -64,8 +64,8 @@ class FleetRoutes:
                 f"model '{model.name}': a forwarded v2 request starts with its u32 "
                 "Inference-Header-Content-Length, no larger than the rest of the body",
             )
-        if kind == Kind.RUN_STREAM:
-            await self._stream(send, model, body, reject, priority, started)
+        if kind == Kind.RUN_STREAM or kind == Kind.STREAM_V2:
+            await self._stream(send, model, kind, body, reject, priority, started)
             return
         try:
             status, header_length, answer = await model.call(
@@ -85,6 +85,7 @@ class FleetRoutes:
         self,
         send: Send,
         model: ModelHandle,
+        kind: int,
         body: bytes,
         reject: bool,
         priority: Priority,
@@ -92,7 +93,7 @@ class FleetRoutes:
     ) -> None:
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         call = asyncio.ensure_future(
-            model.call(Kind.RUN_STREAM, [body], reject, priority, queue.put_nowait, started)
+            model.call(kind, [body], reject, priority, queue.put_nowait, started)
         )
         opened = False
         try:

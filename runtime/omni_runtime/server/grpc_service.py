@@ -29,6 +29,7 @@ from omni_runtime.scheduler import (
 )
 from omni_runtime.scheduler.trace import TRACE, Trace
 from omni_runtime.server import grpc_shared_memory as shm
+from omni_runtime.server import grpc_stream
 from omni_runtime.server.grpc_stats import statistics_response
 from omni_runtime.server.grpc_tensors import RequestError, config_tensor, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
@@ -145,7 +146,7 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
             input=[config_tensor(t, model_config_pb2.ModelInput, spec) for t in spec.inputs],
             output=[config_tensor(t, model_config_pb2.ModelOutput, spec) for t in spec.outputs],
         )
-        return service_pb2.ModelConfigResponse(config=config)
+        return service_pb2.ModelConfigResponse(config=grpc_stream.call_policy(config, spec))
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         await self._guard(context)
@@ -160,6 +161,8 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._guard(context)
         model = await self._model(context, request.model_name, request.model_version)
+        if model.spec.streaming:  # a decoupled model, as Triton refuses it
+            await grpc_stream.refuse(context, model.name)
         try:
             response, metadata = await self._infer(model, request)
         except _Refused as refused:
@@ -170,11 +173,11 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
         return response
 
     async def ModelStreamInfer(self, requests: Any, context: Any) -> AsyncIterator[Any]:
-        """Each request of the stream answered as ``ModelInfer`` would answer it, as soon as
-        it is ready (several at once, in the order they finish; ``id`` tells them apart); an
-        error is that request's ``error_message``, and the stream goes on."""
+        """Each request of the stream answered as ``ModelInfer`` would answer it (a decoupled
+        model's with a response per chunk: ``grpc_stream``), as soon as it is ready, several at
+        once (``id`` tells them apart); an error is that request's ``error_message``."""
         await self._guard(context)
-        answers: asyncio.Queue[Any] = asyncio.Queue()
+        answers: asyncio.Queue[Any] = asyncio.Queue(64)  # a slow reader holds the workers back
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(request: Any) -> None:
@@ -188,8 +191,10 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
                         f"(served models: {known})",
                     )
                 self._check_version(model, request.model_version)
+                if model.spec.streaming:  # a decoupled model: a response per chunk
+                    return await grpc_stream.answer(model, request, self.max_body, answers.put)
                 response, _ = await self._infer(model, request)
-                if _wants_final_flag(request):
+                if grpc_stream.wants_final_flag(request):
                     response.parameters["triton_final_response"].bool_param = True
                 await answers.put(service_pb2.ModelStreamInferResponse(infer_response=response))
             except _Refused as refused:
@@ -322,9 +327,3 @@ class _Refused(Exception):
         super().__init__(message)
         self.code = code
         self.metadata = metadata or []
-
-
-def _wants_final_flag(request: Any) -> bool:
-    """The client asked for ``triton_final_response`` on the last response of a request."""
-    parameter = request.parameters.get("triton_enable_empty_final_response")
-    return parameter is not None and parameter.bool_param

@@ -88,14 +88,27 @@ def infer_body(request: Any) -> tuple[bytes, int]:
     header: dict[str, Any] = {"inputs": inputs}
     if request.id:
         header["id"] = request.id
+    # The request's own parameters (sequence_id, ...) as the HTTP route would see them.
+    parameters = _parameters(request.parameters) if request.parameters else {}
     if request.outputs:
         header["outputs"] = [
             {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
         ]
     else:
-        header["parameters"] = {"binary_data_output": True}
+        parameters["binary_data_output"] = True
+    if parameters:
+        header["parameters"] = parameters
     encoded = json.dumps(header).encode()
     return encoded + b"".join(chunks), len(encoded)
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """``InferParameter`` values by name, as JSON values."""
+    values = {}
+    for key, parameter in parameters.items():
+        which = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, which) if which else None
+    return values
 
 
 def infer_response(

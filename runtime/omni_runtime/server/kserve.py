@@ -33,7 +33,12 @@ from omni_runtime.server.http import (
     respond,
     respond_json,
 )
-from omni_runtime.server.model_control import ControlError, config_tensor, scaling_override
+from omni_runtime.server.model_control import (
+    ControlError,
+    config_tensor,
+    scaling_override,
+    sequence_batching,
+)
 from omni_runtime.server.shared_memory import SharedMemory, SharedMemoryError
 from omni_runtime.server.shm_tensors import (
     REGION_MARK,
@@ -206,6 +211,7 @@ class KServeRoutes:
         self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
     ) -> None:
         spec = model.spec
+        batching = sequence_batching(spec)
         await respond_json(
             send,
             {
@@ -213,8 +219,10 @@ class KServeRoutes:
                 "platform": "omni",
                 "backend": "omni",
                 "max_batch_size": spec.max_batch_size,
+                **({"sequence_batching": batching} if batching is not None else {}),
                 "input": [config_tensor(t, spec.batch_dimension) for t in spec.inputs],
                 "output": [config_tensor(t, spec.batch_dimension) for t in spec.outputs],
+                "model_transaction_policy": {"decoupled": spec.streaming},
                 "parameters": {
                     "task": {"string_value": spec.task},
                     "package": {"string_value": spec.package},

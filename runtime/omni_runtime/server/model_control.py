@@ -14,7 +14,7 @@ from typing import Any
 
 from omni_runtime.discovery import ModelSpec
 
-__all__ = ["ControlError", "config_tensor", "scaling_override"]
+__all__ = ["ControlError", "config_tensor", "scaling_override", "sequence_batching"]
 
 _SAME_AS_NOW = ("name", "platform", "backend", "max_batch_size", "input", "output")
 
@@ -83,6 +83,28 @@ def _current(spec: ModelSpec) -> dict[str, Any]:
         "max_batch_size": spec.max_batch_size,
         "input": [config_tensor(t, spec.batch_dimension) for t in spec.inputs],
         "output": [config_tensor(t, spec.batch_dimension) for t in spec.outputs],
+    }
+
+
+_CONTROL_KINDS = {
+    "start": "CONTROL_SEQUENCE_START",
+    "end": "CONTROL_SEQUENCE_END",
+    "ready": "CONTROL_SEQUENCE_READY",
+    "correlation_id": "CONTROL_SEQUENCE_CORRID",
+}
+
+
+def sequence_batching(spec: ModelSpec) -> dict[str, Any] | None:
+    """Triton's ``sequence_batching`` of a sequence model's config (its idle timeout and the
+    control inputs the runtime fills); None for any other model."""
+    if spec.sequence is None:
+        return None
+    return {
+        "max_sequence_idle_microseconds": int(spec.sequence.idle_timeout * 1_000_000),
+        "control_input": [
+            {"name": name, "control": [{"kind": _CONTROL_KINDS[control]}]}
+            for name, control in spec.sequence.inputs().items()
+        ],
     }
 
 

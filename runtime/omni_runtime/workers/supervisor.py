@@ -107,6 +107,8 @@ class WorkerProcess:
             "--shm-threshold", str(self.settings.shm_threshold),
             "--max-tensor-elements", str(self.settings.max_tensor_elements),
         ]  # fmt: skip
+        if spec.sequence is not None:
+            command += ["--sequence", spec.sequence.model_dump_json()]
         environment = Path(spec.python).parent.parent if spec.python != sys.executable else None
         cache = self.isolation.cache_dir(spec.name)
         env = worker_environment(os.environ, spec.env, cache)
