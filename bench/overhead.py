@@ -5,8 +5,8 @@
 Every row is measured for each request shape (--shapes; all by default):
   BYTES string        one BYTES tensor ["hello"], JSON (@bench/trivial)
   one FP32            one FP32 value, JSON (@bench/value)
-  1,000 FP32          a list of 1,000 floats, JSON (@bench/values)
-  binary 1,000 FP32   the same as a binary tensor (Inference-Header-Content-Length)
+  1000 FP32          a list of 1,000 floats, JSON (@bench/values)
+  binary 1000 FP32   the same as a binary tensor (Inference-Header-Content-Length)
 Rows:
   in-process call      EngineRunner decode → infer → encode, no HTTP (one Python loop)
   plain ASGI app       Starlette on uvicorn, the engine in the same process (bench/baseline_app.py)
@@ -81,9 +81,9 @@ _BINARY, _BINARY_HEADER = _binary("values", VALUES)
 SHAPES = {
     "BYTES string": Shape(MODEL, V2_BODY.encode(), 0, ("text", "BYTES", ["hello"])),
     "one FP32": Shape("@bench/value", _v2("value", "FP32", [0.5]), 0, ("value", "FP32", [0.5])),
-    "1,000 FP32": Shape("@bench/values", _v2("values", "FP32", VALUES), 0,
+    "1000 FP32": Shape("@bench/values", _v2("values", "FP32", VALUES), 0,
                         ("values", "FP32", VALUES)),
-    "binary 1,000 FP32": Shape("@bench/values", _BINARY, _BINARY_HEADER,
+    "binary 1000 FP32": Shape("@bench/values", _BINARY, _BINARY_HEADER,
                                ("values", "FP32", VALUES), raw=True),
 }  # fmt: skip
 
@@ -274,6 +274,7 @@ def omni_rows(
         port, ready="omni-runtime: serving", env=env,
     )  # fmt: skip
     try:
+        settle(port, shapes, token)
         for name in shapes:
             shape = SHAPES[name]
             url = f"http://127.0.0.1:{port}/v2/models/{shape.model}/infer"
@@ -290,6 +291,17 @@ def omni_rows(
     finally:
         stop(omni)
     return rows
+
+
+def settle(port: int, shapes: list[str], token: str | None, quiet: float = 8.0) -> None:
+    """Bring every model to the replicas its load gives it (3 s at concurrency 8 each), then
+    wait ``quiet`` seconds: what starting replicas leaves running for a while (pre-warmed
+    processes importing what the workers used) must not share the CPU with the measurements."""
+    for name in shapes:
+        shape = SHAPES[name]
+        url = f"http://127.0.0.1:{port}/v2/models/{shape.model}/infer"
+        wrk(url, shape.body, 8, 3, token, shape.header_length)
+    time.sleep(quiet)
 
 
 def start(

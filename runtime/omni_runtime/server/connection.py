@@ -124,6 +124,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = _HeadHeld(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -212,6 +214,48 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return self.url
         parts = self._head_start.split(b" ", 2)
         return parts[1] if len(parts) > 1 else b""
+
+
+class _HeadHeld:
+    """A request's view of its connection's transport that holds the answer's head (uvicorn
+    writes the status line and headers, then the body, each with a write of its own) until
+    the body follows, so that both go out in one send: a system call and a TCP segment fewer
+    per answer. A head whose body does not follow in the same pass of the event loop (a
+    stream's first event still to come) is sent on its own at the end of that pass."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(b"HTTP/1.1 ") and data.endswith(b"\r\n\r\n"):
+            self._held = data
+            self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def limited_protocol(
