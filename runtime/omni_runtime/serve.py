@@ -59,6 +59,7 @@ def _serve_with(
     from omni_runtime.scheduler.promoted import with_promoted
     from omni_runtime.scheduler.rollout import Rollouts
     from omni_runtime.server.app import OmniApp
+    from omni_runtime.server.model_files import ModelFiles
     from omni_runtime.workers import LocalWorkers
 
     discovery, files = discover(args, isolation)
@@ -140,6 +141,11 @@ def _serve_with(
             None if args.shared_env else args.state_dir / "catalog",
             rollouts.replace,
         )
+    # Models loaded from the files of a load request (Triton's model control).
+    model_files = ModelFiles(
+        args.state_dir / "loaded", discoverer(args, isolation, files), node, models, rollouts,
+        isolation.hide,
+    )  # fmt: skip
     front = fleet.directory if fleet is not None else models  # a fleet routes through its own
     tasks: set[asyncio.Task[None]] = set()
     grpc_servers: list[GrpcServer] = []
@@ -162,7 +168,7 @@ def _serve_with(
 
             server, grpc_port = await start_grpc_server(
                 front, args.host, args.grpc_port, grpc_authorizer(tokens),
-                fleet.name if fleet is not None else None, app.shared_memory,
+                fleet.name if fleet is not None else None, app.shared_memory, model_files,
             )  # fmt: skip
             grpc_servers.append(server)
             print(f"omni-runtime: KServe v2 gRPC at {args.host}:{grpc_port}", flush=True)
@@ -185,7 +191,7 @@ def _serve_with(
         front, on_startup=startup, on_shutdown=shutdown, tokens=tokens, batches=batches,
         node=fleet.name if fleet is not None else None,
         fleet=fleet.routes if fleet is not None else None,
-        rollouts=rollouts,
+        rollouts=rollouts, files=model_files,
     )  # fmt: skip
     config = uvicorn_config(app, settings, args.log_level)
 

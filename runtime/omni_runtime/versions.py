@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from omni_runtime.config import CONFIG_NAME, VERSION_PATTERN, OmniFile
+from omni_runtime.config import CONFIG_NAME, VERSION_PATTERN, ConfigError, OmniFile, load_omni_file
 
 __all__ = ["model_version"]
 
@@ -41,8 +41,14 @@ def _served_version(result: dict[str, Any]) -> str | None:
 
 
 def _zero_code_version(package_dir: Path, files: dict[Path, OmniFile]) -> str | None:
-    """``version`` in a zero-code package's ``[model]`` table."""
+    """``version`` in a zero-code package's ``[model]`` table (read from its omni.toml where
+    the files read at start do not hold it: a package added while serving)."""
     own = files.get(package_dir / CONFIG_NAME)
+    if own is None and (package_dir / CONFIG_NAME).is_file():
+        try:
+            own = load_omni_file(package_dir / CONFIG_NAME)
+        except ConfigError:
+            return None  # discovery reports what is wrong with it
     model = own.model if own is not None else None
     version = getattr(model, "version", None) if model is not None else None
     return str(version) if version else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from omni_runtime.batch.runner import BatchRunner
 from omni_runtime.scheduler import ModelDirectory, ModelHandle
@@ -31,6 +31,7 @@ from omni_runtime.server.http import (
     respond,
 )
 from omni_runtime.server.kserve import KServeRoutes
+from omni_runtime.server.model_files import ModelFiles
 from omni_runtime.server.openai_api import OpenAIRoutes
 from omni_runtime.server.openapi import build_openapi
 from omni_runtime.server.rollout_api import RolloutRoutes
@@ -128,6 +129,7 @@ class OmniApp:
         node: str | None = None,
         fleet: FleetRoutes | None = None,
         rollouts: Rollouts | None = None,
+        files: ModelFiles | None = None,
     ) -> None:
         self.models = models
         self.node = node  # in a fleet: every answer names the node that served it
@@ -137,7 +139,7 @@ class OmniApp:
         self._accepted = {access: self.tokens.accepted(access) for access in Access}
         # the regions, shared with the gRPC service
         self.shared_memory = SharedMemory(max_request_bytes=models.settings.max_body_size)
-        kserve = KServeRoutes(models, self.shared_memory)
+        self.kserve = kserve = KServeRoutes(models, self.shared_memory, files)
         self.surfaces = (
             kserve,
             AiRunRoutes(models, batches),
@@ -206,7 +208,7 @@ class OmniApp:
 
     def _prepare(self, method: str, path: str) -> _Prepared:
         resolved = self.table.resolve(method, path)
-        handler = resolved.handler or _refusal(resolved, method, path, self.models)
+        handler = resolved.handler or _refusal(resolved, method, path, self.models, self.kserve)
         model, version = resolved.model, resolved.version
         # A version route reaches the model's current version ("1", Triton's default, is an
         # alias of it) or one being rolled out beside it.
@@ -281,11 +283,17 @@ def _traced(send: Send, trace: Trace, node: str | None, version: str | None) -> 
     return traced
 
 
-def _refusal(resolved: Resolved, method: str, path: str, models: ModelDirectory) -> Handler:
-    """The handler of a request line that resolved to no route: a 404 or 405 saying why."""
+def _refusal(
+    resolved: Resolved, method: str, path: str, models: ModelDirectory, kserve: KServeRoutes
+) -> Handler:
+    """The handler of a request line that resolved to no route: a 404 or 405 saying why (a
+    load request for a model not served here may carry its files: see kserve.load_unknown)."""
     if resolved.why is Why.UNKNOWN_MODEL:
         known = ", ".join(models.names()) or "none"
         if path.startswith("/v2/repository/models/") and path.endswith("/load"):
+            refusal = f"failed to load '{resolved.name}': no such model (served models: {known})"
+            if method == "POST":
+                return cast(Handler, kserve.load_unknown(resolved.name, refusal))
             status, message = 400, f"failed to load '{resolved.name}': no such model"
         elif path.startswith("/v2/"):  # Triton's words, which its clients look for
             status, message = 404, f"{TRITON_UNKNOWN}: '{resolved.name}' is not found"

@@ -13,6 +13,7 @@ from tritonclient.grpc import service_pb2_grpc
 from omni_runtime.scheduler import ModelDirectory
 from omni_runtime.server.grpc_server import GrpcServer
 from omni_runtime.server.grpc_service import InferenceService
+from omni_runtime.server.model_files import ModelFiles
 from omni_runtime.server.shared_memory import SharedMemory
 from omni_runtime.server.tokens import Access, Tokens, authorized
 
@@ -46,10 +47,12 @@ async def start_grpc_server(
     authorize: Callable[[Any, bool], str | None] | None = None,
     node: str | None = None,
     shared_memory: SharedMemory | None = None,
+    files: ModelFiles | None = None,
 ) -> tuple[Any, int]:
     """Start serving on ``host:port`` (0: any free port); returns the server and its port."""
     max_message = int(models.settings.max_body_size) + (1 << 20)
     service = InferenceService(models, authorize or (lambda context, admin: None), node)
+    service.files = files
     memory = shared_memory or SharedMemory()
     if models.settings.grpc_server == "omni":
         handlers = _Handlers()

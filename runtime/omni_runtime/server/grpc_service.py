@@ -30,9 +30,11 @@ from omni_runtime.scheduler import (
 from omni_runtime.scheduler.trace import TRACE, Trace
 from omni_runtime.server import grpc_shared_memory as shm
 from omni_runtime.server import grpc_stream
+from omni_runtime.server.grpc_files import load_files, names_files
 from omni_runtime.server.grpc_stats import statistics_response
 from omni_runtime.server.grpc_tensors import RequestError, config_tensor, infer_response
 from omni_runtime.server.model_control import ControlError, scaling_override
+from omni_runtime.server.model_files import ModelFiles
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
@@ -73,6 +75,7 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
         self.node = node  # in a fleet: answers name the node that served them
         self.max_body = models.settings.max_body_size
         self.authorize = authorize  # (context, admin) -> an error message, or None
+        self.files: ModelFiles | None = None  # loads models from a load request's files
 
     async def _guard(self, context: Any, admin: bool = False) -> None:
         error = self.authorize(context, admin)
@@ -286,6 +289,8 @@ class InferenceService(shm.SharedMemoryRPCs, service_pb2_grpc.GRPCInferenceServi
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         await self._guard(context, admin=True)
         model = self.models.get(request.model_name)
+        if names_files(request):
+            return await load_files(self.files, request, context)
         if model is None:
             known = ", ".join(self.models.names()) or "none"
             await context.abort(

@@ -39,6 +39,7 @@ from omni_runtime.server.model_control import (
     scaling_override,
     sequence_batching,
 )
+from omni_runtime.server.model_files import ModelFiles, has_files
 from omni_runtime.server.shared_memory import SharedMemory, SharedMemoryError
 from omni_runtime.server.shm_tensors import (
     REGION_MARK,
@@ -107,10 +108,16 @@ async def call_model(
 class KServeRoutes:
     """The v2 handlers; each takes ``(scope, receive, send, model)``."""
 
-    def __init__(self, models: ModelDirectory, memory: SharedMemory | None = None) -> None:
+    def __init__(
+        self,
+        models: ModelDirectory,
+        memory: SharedMemory | None = None,
+        files: ModelFiles | None = None,
+    ) -> None:
         self.models = models
         self.max_body = models.settings.max_body_size
         self.memory = memory or SharedMemory()
+        self.files = files  # loads models from a load request's files
 
     # -- inference -----------------------------------------------------------------------
 
@@ -286,6 +293,8 @@ class KServeRoutes:
         self, scope: Scope, receive: Receive, send: Send, model: ModelHandle
     ) -> None:
         body = await read_body(scope, receive, self.max_body)
+        if await self._load_files(send, model.name, body):
+            return
         try:
             request = json.loads(body or b"{}")
             if not isinstance(request, dict):
@@ -301,6 +310,38 @@ class KServeRoutes:
         if error:
             raise HTTPError(400, f"failed to load model '{model.name}': {error}")
         await respond(send, 200, b"")
+
+    def load_unknown(self, name: str, refusal: str) -> Any:
+        """The handler of a load request for a model not served here: served from the
+        request's files, if it carries some; else ``refusal``."""
+
+        async def load(scope: Scope, receive: Receive, send: Send, _: Any) -> None:
+            body = await read_body(scope, receive, self.max_body)
+            if not await self._load_files(send, name, body):
+                raise HTTPError(400, refusal)
+
+        return load
+
+    async def _load_files(self, send: Send, name: str, body: bytes) -> bool:
+        """Answer a load request that carries model files (True), else nothing (False)."""
+        if b'"file:' not in body:
+            return False
+        try:
+            parameters = json.loads(body).get("parameters")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
+            return False  # the ordinary path says what is wrong with it
+        if not has_files(parameters):
+            return False
+        if self.files is None:
+            raise HTTPError(400, f"failed to load '{name}': this node loads no model files")
+        try:
+            error = await self.files.load(name, parameters)
+        except ControlError as exc:
+            raise HTTPError(400, f"failed to load '{name}': {exc}") from None
+        if error:
+            raise HTTPError(400, f"failed to load model '{name}': {error}")
+        await respond(send, 200, b"")
+        return True
 
     async def repository_unload(
         self, scope: Scope, receive: Receive, send: Send, model: ModelHandle

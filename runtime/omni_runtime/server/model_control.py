@@ -3,8 +3,8 @@ applied where Omni can honour it and refused, naming the field, where it cannot.
 
 Honoured: ``instance_group[].count`` (the model's ``scaling.max_replicas``). Accepted when
 they say what the model already is: ``name``, ``platform``, ``backend``, ``max_batch_size``,
-``input``, ``output``. Anything else, and model files sent with the request (``file:...``
-parameters), is refused: Omni serves packages, and a new one is a rollout (docs/rollout.md).
+``input``, ``output``. Anything else is refused. Model files sent with the request
+(``file:...`` parameters) are served by ``model_files.py``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ def scaling_override(spec: ModelSpec, parameters: Any) -> dict[str, Any]:
     if not isinstance(parameters, dict):
         raise ControlError("'parameters' must be an object")
     files = sorted(k for k in parameters if str(k).startswith("file:"))
-    if files:
-        raise ControlError(
-            f"model files sent with the load request ({', '.join(files)}) cannot be served: "
-            "Omni serves model packages; roll out a new package instead (docs/rollout.md)"
-        )
+    if files:  # (server/model_files.py serves them, where the node allows it)
+        raise ControlError(f"model files sent with the load request ({', '.join(files)})")
     unknown = sorted(set(parameters) - {"config"})
     if unknown:
         raise ControlError(f"unknown load parameter(s) {unknown}; Omni takes 'config'")
