@@ -23,7 +23,7 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -248,24 +248,26 @@ class Call:
     def start(self) -> None:
         if self.handler.request_streaming:
             self.requests = Requests(self.handler.request_deserializer or _same)
-            self.task = asyncio.ensure_future(self._stream())
+            self.task = asyncio.ensure_future(self._run(self._stream()))
         else:
-            self.task = asyncio.ensure_future(self._unary(self.messages[0]))
+            self.task = asyncio.ensure_future(self._run(self._unary(self.messages[0])))
 
-    async def _unary(self, body: bytes) -> None:
+    async def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        """``work``, its failures turned into the call's status."""
         try:
-            request = (self.handler.request_deserializer or _same)(body)
-            response = await self.handler.unary_unary(request, self.context)
-            payload = (self.handler.response_serializer or _same)(response)
+            await work
         except Abort as abort:
             self.finish(abort.code, abort.details)
-            return
         except asyncio.CancelledError:
             self._cancelled()
             raise
         except Exception as exc:
             self._failed(exc)
-            return
+
+    async def _unary(self, body: bytes) -> None:
+        request = (self.handler.request_deserializer or _same)(body)
+        response = await self.handler.unary_unary(request, self.context)
+        payload = (self.handler.response_serializer or _same)(response)
         if self.done:
             return
         self.done = True
@@ -280,30 +282,20 @@ class Call:
 
     async def _stream(self) -> None:
         assert self.requests is not None
-        try:
-            if self.handler.response_streaming:
-                responses = self.handler.stream_stream(self.requests, self.context)
-            else:
-                responses = _one(self.handler.stream_unary(self.requests, self.context))
-            async for response in responses:
-                if self.done:
-                    return
-                payload = (self.handler.response_serializer or _same)(response)
-                items = [(DATA, _PREFIX.pack(0, len(payload)) + payload, False)]
-                if not self.sent_headers:
-                    self.sent_headers = True
-                    items.insert(0, (HEADERS, _RESPONSE_HEADERS, False))
-                self.stream.send(items)
-                await self.stream.wait_drained()
-        except Abort as abort:
-            self.finish(abort.code, abort.details)
-            return
-        except asyncio.CancelledError:
-            self._cancelled()
-            raise
-        except Exception as exc:
-            self._failed(exc)
-            return
+        if self.handler.response_streaming:
+            responses = self.handler.stream_stream(self.requests, self.context)
+        else:
+            responses = _one(self.handler.stream_unary(self.requests, self.context))
+        async for response in responses:
+            if self.done:
+                return
+            payload = (self.handler.response_serializer or _same)(response)
+            items = [(DATA, _PREFIX.pack(0, len(payload)) + payload, False)]
+            if not self.sent_headers:
+                self.sent_headers = True
+                items.insert(0, (HEADERS, _RESPONSE_HEADERS, False))
+            self.stream.send(items)
+            await self.stream.wait_drained()
         self.finish(self.code or grpc.StatusCode.OK, self.details)
 
     def finish(self, code: grpc.StatusCode, details: str) -> None:
