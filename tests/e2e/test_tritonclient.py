@@ -239,7 +239,7 @@ def test_model_control_applies_what_it_can_and_refuses_the_rest(
     with pytest.raises(InferenceServerException, match="max_batch_size"):
         client.load_model(ECHO, config=json.dumps({"max_batch_size": 64}))
     # files are served as an ONNX graph (test_model_files.py); a config that is not one's is not
-    with pytest.raises(InferenceServerException, match="failed to load .* 'platform'"):
+    with pytest.raises(InferenceServerException, match=r"failed to load .* 'platform'"):
         client.load_model(ECHO, config="{}", files={"file:1/model.onnx": b"graph"})
     with pytest.raises(InferenceServerException, match="failed to load 'no/such'"):
         client.load_model("no/such")
