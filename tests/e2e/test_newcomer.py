@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.e2e.runtime import serve
+from tests.e2e.runtime import metric, serve
 
 ECHO = FIXTURES / "packages" / "echo-models"
 
@@ -60,16 +60,16 @@ def test_a_malformed_body_gets_its_400_without_a_cold_start() -> None:
             error = response.json()["errors"][0]
             assert "model '@test/echo'" in error["message"] and says in error["message"]
         metrics = http.get("/metrics").text
-        assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
+        assert metric(metrics, "omni_model_cold_starts_total", model="@test/echo") == 0
         # A good body still starts the model and is answered.
         assert http.post("/ai/run/@test/echo", json={"text": "hi"}).status_code == 200
 
 
 def _replicas(metrics: str, model: str) -> float:
-    for line in metrics.splitlines():
-        if line.startswith(f'omni_model_replicas{{model="{model}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"no omni_model_replicas line for {model}")
+    """The model's replicas gauge, which must be there (0 is a value, not an absence)."""
+    if not re.search(rf'^omni_model_replicas{{[^}}]*model="{re.escape(model)}"', metrics, re.M):
+        raise AssertionError(f"no omni_model_replicas line for {model}")
+    return metric(metrics, "omni_model_replicas", model=model)
 
 
 def test_a_body_the_schema_refuses_gets_its_400_without_a_cold_start() -> None:
@@ -83,7 +83,7 @@ def test_a_body_the_schema_refuses_gets_its_400_without_a_cold_start() -> None:
             assert response.status_code == 400, response.text
             assert time.monotonic() - started < 2.0
             metrics = http.get("/metrics").text  # the runtime said so itself: no worker started
-            assert 'omni_model_cold_starts_total{model="@test/echo"}' not in metrics
+            assert metric(metrics, "omni_model_cold_starts_total", model="@test/echo") == 0
             assert _replicas(metrics, "@test/echo") == 0
             message = response.json()["errors"][0]["message"]
             assert message.startswith("model '@test/echo': ") and says in message
