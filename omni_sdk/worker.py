@@ -88,13 +88,6 @@ def load_engine(
     return engine
 
 
-# How long a worker polls its socket for the next request before it sleeps (a process woken
-# from sleep answers 30-150 us later on a virtual machine), where the last request came within
-# SPIN_AFTER_NS of the worker starting to wait.
-SPIN_NS = 400_000
-SPIN_AFTER_NS = 1_000_000
-
-
 class WorkerLoop:
     """Serves a synchronous engine: read what has arrived, answer it all, write once."""
 
@@ -107,31 +100,12 @@ class WorkerLoop:
         self.fds = fds
         self.reader = FrameReader()
         self.stopping = False
-        self.spin = False  # poll the socket before sleeping (see _receive)
-
-    def _receive(self) -> bytes:
-        """The next bytes from the runtime. Where the last request came within
-        ``SPIN_AFTER_NS`` of the worker starting to wait (a client waiting on each answer, or
-        steady traffic), the socket is polled for ``SPIN_NS`` before the worker sleeps: waking
-        a sleeping process costs more than such a request takes. Sporadic traffic never
-        spins."""
-        if self.spin:
-            until = perf_counter_ns() + SPIN_NS
-            while perf_counter_ns() < until:
-                try:
-                    return self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    pass
-        began = perf_counter_ns()
-        data = self.sock.recv(1 << 18)
-        self.spin = perf_counter_ns() - began < SPIN_AFTER_NS
-        return data
 
     def serve(self) -> None:
         pending: list[Frame] = []
         while not self.stopping:
             if not pending:
-                data = self._receive()
+                data = self.sock.recv(1 << 18)
                 if not data:
                     return  # the runtime went away
                 pending.extend(self.reader.feed(data))
