@@ -10,6 +10,7 @@ descriptors starts again once they are back.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -37,6 +38,14 @@ def flood(runtime: RunningRuntime, count: int) -> Iterator[list[socket.socket]]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _open_files(runtime: RunningRuntime) -> int:
+    """How many descriptors the runtime's process holds now."""
+    try:
+        return len(os.listdir(f"/proc/{runtime.process.pid}/fd"))
+    except OSError:
+        return 0
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -78,6 +87,11 @@ def test_a_start_that_failed_for_want_of_descriptors_is_retried(tmp_path: Path) 
     ):
         assert http.get("/v2/health/live").status_code == 200  # a connection, kept alive
         with flood(runtime, 200):
+            # The kernel completes a connection before the runtime accepts it: wait until the
+            # runtime has taken (nearly) every descriptor it may hold.
+            deadline = time.monotonic() + 15
+            while _open_files(runtime) < 120 and time.monotonic() < deadline:
+                time.sleep(0.05)
             during = http.post("/ai/run/@test/echo", json={"text": "during the flood"})
             assert during.status_code == 503  # its worker could not be started
         runtime.wait_for_line("Too many open files")
