@@ -273,7 +273,8 @@ class Rollouts:
                 return f"version {version} answered {errors} of {count} requests with an error"
             if new.failure:
                 return f"version {new.spec.version} failed: {new.failure}"
-            mine = list(new.stats.latencies)[-count:] if count else []
+            # The new version's first answers (a fresh worker's first calls) are left out.
+            mine = list(new.stats.latencies)[-count:][MIN_SAMPLES:] if count else []
             theirs = list(old.stats.latencies)[old_latencies:]
             if len(mine) >= MIN_SAMPLES and len(theirs) >= MIN_SAMPLES:
                 p99_new, p99_old = _p99(mine), _p99(theirs)
