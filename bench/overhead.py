@@ -1,6 +1,7 @@
 """What the process boundary costs: trivial engines in-process vs served by omni-runtime.
 
-    python bench/overhead.py [--seconds 5] [--token] [--compare DIR] [--shapes NAME,...]
+    python bench/overhead.py [--seconds 5] [--rounds 3] [--token] [--compare DIR]
+                             [--shapes NAME,...]
 
 Every row is measured for each request shape (--shapes; all by default):
   BYTES string        one BYTES tensor ["hello"], JSON (@bench/trivial)
@@ -18,6 +19,9 @@ HTTP rows are driven by wrk (Debian package `wrk`), gRPC rows by h2load (Debian 
 request in flight for wrk and one connection with that many streams for h2load, at
 concurrency 1 and 8, after a 1 s warm-up. h2load reports the mean latency, not percentiles:
 the gRPC rows' p50 column is that mean and their p99 is left out.
+The plain app and the runtime(s) run side by side, and each row is the median of --rounds
+runs, taken in turn (plain app, runtime v2, gRPC, ..., then again): the machine's own ups and
+downs fall on every row alike rather than on whichever was measured at the time.
 Then time to first event of a streamed /ai/run (server-sent events) from a model that yields
 a word every 20 ms.
 With --token, omni-runtime runs with OMNI_API_TOKEN set and the load generators send it.
@@ -34,6 +38,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -144,7 +149,9 @@ def wrk(
     seconds: float,
     token: str | None = None,
     header_length: int = 0,
+    warm: bool = True,
 ) -> dict[str, float]:
+    """``connections`` requests in flight for ``seconds``, after 1 s of the same where ``warm``."""
     data = body.encode() if isinstance(body, str) else body
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
@@ -165,10 +172,11 @@ def wrk(
             "end\n"
         )
     try:
-        subprocess.run(  # warm-up
-            ["wrk", "-t1", f"-c{connections}", "-d1s", "-s", script.name, url],
-            capture_output=True, check=True,
-        )  # fmt: skip
+        if warm:
+            subprocess.run(
+                ["wrk", "-t1", f"-c{connections}", "-d1s", "-s", script.name, url],
+                capture_output=True, check=True,
+            )  # fmt: skip
         out = subprocess.run(
             ["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "-s", script.name, url],
             capture_output=True, text=True, check=True,
@@ -201,14 +209,21 @@ def infer_message(shape: Shape) -> bytes:
 
 
 def h2load(
-    address: str, shape: Shape, streams: int, seconds: float, token: str | None = None
+    address: str,
+    shape: Shape,
+    streams: int,
+    seconds: float,
+    token: str | None = None,
+    warm: bool = True,
 ) -> dict[str, float]:
-    """ModelInfer calls from h2load: one connection, ``streams`` calls in flight."""
+    """ModelInfer calls from h2load: one connection, ``streams`` calls in flight (after 1 s of
+    the same where ``warm``)."""
     with tempfile.NamedTemporaryFile("wb", suffix=".bin", delete=False) as body:
         body.write(infer_message(shape))
     url = f"http://{address}/inference.GRPCInferenceService/ModelInfer"
     command = [
-        "h2load", "-c1", f"-m{streams}", "-t1", f"-D{seconds:.0f}", "--warm-up-time=1",
+        "h2load", "-c1", f"-m{streams}", "-t1", f"-D{seconds:.0f}",
+        *(["--warm-up-time=1"] if warm else []),
         "-d", body.name, "-H", "content-type: application/grpc", "-H", "te: trailers",
         *(["-H", f"authorization: Bearer {token}"] if token else []), url,
     ]  # fmt: skip
@@ -253,44 +268,63 @@ def first_event(url: str, runs: int = 20) -> dict[str, float]:
 Row = tuple[str, str, int, dict[str, float]]  # shape, path, concurrency, figures
 
 
-def omni_rows(
-    label: str,
-    seconds: float,
-    token: str | None,
-    shapes: list[str],
-    runtime: Path | None = None,
-) -> list[Row]:
-    """omni-runtime's rows: v2 (HTTP and gRPC) for each shape, ai/run for the BYTES string, at
-    concurrency 1 and 8; ``runtime``: the omni_runtime source to run instead of the installed
-    one."""
+@dataclass(frozen=True)
+class Server:
+    """One server under test: the plain app, or an omni-runtime (``label``: its rows' name)."""
+
+    label: str
+    port: int
+    grpc_port: int | None = None  # None: the plain app (HTTP only)
+    token: str | None = None
+
+
+def measure(servers: list[Server], shapes: list[str], seconds: float, rounds: int) -> list[Row]:
+    """Every path of every server, for each shape and concurrency, in ``rounds`` rounds that
+    take each path once in turn (so that what the machine does meanwhile falls on all of them
+    alike); each row is the median of its rounds."""
+    samples: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    for name in shapes:
+        shape = SHAPES[name]
+        for c in (1, 8):
+            for round_ in range(rounds):
+                warm = round_ == 0
+                for server in servers:
+                    url = f"http://127.0.0.1:{server.port}/v2/models/{shape.model}/infer"
+                    figures = wrk(url, shape.body, c, seconds, server.token,
+                                  shape.header_length, warm)  # fmt: skip
+                    if server.grpc_port is None:
+                        samples.setdefault((name, server.label, c), []).append(figures)
+                        continue
+                    samples.setdefault((name, f"{server.label} v2", c), []).append(figures)
+                    address = f"127.0.0.1:{server.grpc_port}"
+                    figures = h2load(address, shape, c, seconds, server.token, warm)
+                    samples.setdefault((name, f"{server.label} gRPC", c), []).append(figures)
+                    if name == "BYTES string":
+                        url = f"http://127.0.0.1:{server.port}/ai/run/{MODEL}"
+                        figures = wrk(url, AI_BODY, c, seconds, server.token, 0, warm)
+                        samples.setdefault((name, f"{server.label} ai/run", c), []).append(figures)
+    return [(name, path, c, _median(runs)) for (name, path, c), runs in samples.items()]
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def start_omni(
+    label: str, token: str | None, runtime: Path | None = None
+) -> tuple[Server, subprocess.Popen[str]]:
+    """omni-runtime serving the trivial engines; ``runtime``: the omni_runtime source to run
+    instead of the installed one."""
     env = {"OMNI_API_TOKEN": token} if token else {}
     if runtime is not None:
         env["PYTHONPATH"] = str(runtime)
-    rows: list[Row] = []
     port, grpc_port = free_port(), free_port()
-    omni = start(
+    process = start(
         [sys.executable, "-m", "omni_runtime.cli", "serve", str(PACKAGE), "--port", str(port),
          "--grpc-port", str(grpc_port), "--log-level", "warning"],
         port, ready="omni-runtime: serving", env=env,
     )  # fmt: skip
-    try:
-        settle(port, shapes, token)
-        for name in shapes:
-            shape = SHAPES[name]
-            url = f"http://127.0.0.1:{port}/v2/models/{shape.model}/infer"
-            for c in (1, 8):
-                figures = wrk(url, shape.body, c, seconds, token, shape.header_length)
-                rows.append((name, f"{label} v2", c, figures))
-            for c in (1, 8):
-                figures = h2load(f"127.0.0.1:{grpc_port}", shape, c, seconds, token)
-                rows.append((name, f"{label} gRPC", c, figures))
-            if name == "BYTES string":
-                for c in (1, 8):
-                    url = f"http://127.0.0.1:{port}/ai/run/{MODEL}"
-                    rows.append((name, f"{label} ai/run", c, wrk(url, AI_BODY, c, seconds, token)))
-    finally:
-        stop(omni)
-    return rows
+    return Server(label, port, grpc_port, token), process
 
 
 def settle(port: int, shapes: list[str], token: str | None, quiet: float = 8.0) -> None:
@@ -344,6 +378,9 @@ def main() -> int:
     parser.add_argument(
         "--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of each row, taken in turn; the median counts"
+    )
     args = parser.parse_args()
     token = "bench-token" if args.token else None
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -358,28 +395,34 @@ def main() -> int:
 
     rows: list[Row] = [("BYTES string", "in-process call", 1, in_process(args.seconds))]
     port = free_port()
-    baseline = start(
-        [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
-         "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
-        port,
-    )  # fmt: skip
+    processes = [
+        start(
+            [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--port", str(port),
+             "--log-level", "warning", "--no-access-log", "--loop", "uvloop",
+             "--http", "httptools"],
+            port,
+        )
+    ]  # fmt: skip
+    servers = [Server("plain ASGI app", port)]
     try:
-        for name in shapes:
-            shape = SHAPES[name]
-            url = f"http://127.0.0.1:{port}/v2/models/{shape.model}/infer"
-            for c in (1, 8):
-                figures = wrk(url, shape.body, c, args.seconds, None, shape.header_length)
-                rows.append((name, "plain ASGI app", c, figures))
+        omni, process = start_omni("omni-runtime", token)
+        processes.append(process)
+        servers.append(omni)
+        if args.compare is not None:
+            runtime = (args.compare / "runtime").resolve()
+            if not (runtime / "omni_runtime").is_dir():
+                print(f"--compare: {runtime}/omni_runtime does not exist", file=sys.stderr)
+                return 2
+            other, process = start_omni(args.compare.name, token, runtime)
+            processes.append(process)
+            servers.append(other)
+        for server in servers[1:]:
+            settle(server.port, shapes, token, quiet=0)
+        time.sleep(8)
+        rows.extend(measure(servers, shapes, args.seconds, args.rounds))
     finally:
-        stop(baseline)
-
-    rows.extend(omni_rows("omni-runtime", args.seconds, token, shapes))
-    if args.compare is not None:
-        runtime = (args.compare / "runtime").resolve()
-        if not (runtime / "omni_runtime").is_dir():
-            print(f"--compare: {runtime}/omni_runtime does not exist", file=sys.stderr)
-            return 2
-        rows.extend(omni_rows(f"{args.compare.name}", args.seconds, token, shapes, runtime))
+        for process in processes:
+            stop(process)
 
     port = free_port()
     streams = start(
@@ -392,11 +435,11 @@ def main() -> int:
         sse = first_event(f"http://127.0.0.1:{port}/ai/run/@test/words")
     finally:
         stop(streams)
-    report(rows, sse, args.seconds)
+    report(rows, sse, args.seconds, args.rounds)
     return 0
 
 
-def report(rows: list[Row], sse: dict[str, float], seconds: float) -> None:
+def report(rows: list[Row], sse: dict[str, float], seconds: float, rounds: int) -> None:
     base = {(shape, c): r for shape, path, c, r in rows if path == "plain ASGI app"}
     print(f"{'shape':<19}{'path':<24}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}"
           f"{'req/s vs ASGI':>15}{'p50 vs ASGI':>13}")  # fmt: skip
@@ -425,7 +468,7 @@ def report(rows: list[Row], sse: dict[str, float], seconds: float) -> None:
     print(
         f"\nstreamed /ai/run, 10 words 20 ms apart: first event {sse['first_ms']:.1f} ms, "
         f"[DONE] {sse['done_ms']:.1f} ms (median of 20); cpu count {os.cpu_count()}, "
-        f"one {seconds:.0f}s run each"
+        f"the median of {rounds} runs of {seconds:.0f}s each, taken in turn"
     )
 
 
