@@ -17,7 +17,8 @@ from pydantic import BeforeValidator, ByteSize, PlainSerializer, TypeAdapter, Va
 
 __all__ = ["Bytes", "Seconds", "format_size", "parse_duration", "parse_size"]
 
-_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}  # "": seconds
+# a number without a unit is seconds
+_DURATION_UNITS = {"": 1.0, "us": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _BYTE_SIZE = TypeAdapter(ByteSize)
 
@@ -43,7 +44,8 @@ def parse_size(value: int | float | str) -> int:
 
 
 def parse_duration(value: int | float | str) -> float:
-    """Seconds from a number or a string such as ``"5m"``, ``"30s"``, ``"250ms"`` or ``"2"``."""
+    """Seconds from a number or a string such as ``"5m"``, ``"30s"``, ``"250ms"``, ``"300us"``
+    or ``"2"``."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '30s', got {value!r}")
     if isinstance(value, int | float):

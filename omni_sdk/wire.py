@@ -8,6 +8,8 @@ followed by ``length`` bytes of body::
     version u8    PROTOCOL_VERSION; a peer refuses any other (ProtocolError)
     kind    u8    a Kind
     flags   u16   FLAG_FD: the payload is in a memfd; the body is its u64 size (FD_REF)
+                  FLAG_POLL (a request): the runtime has a core to spare; once the worker has
+                  answered, it polls for its next frame for up to POLL_NS before it sleeps
     id      u64   request id, echoed in the response
 
 Kinds (``Kind``), and their bodies:
@@ -55,9 +57,11 @@ __all__ = [
     "DEFAULT_SHM_THRESHOLD",
     "FD_REF",
     "FLAG_FD",
+    "FLAG_POLL",
     "HEADER",
     "MAX_FRAME",
     "MAX_PAYLOAD",
+    "POLL_NS",
     "PROTOCOL_VERSION",
     "RESPONSE_PREFIX",
     "V2_PREFIX",
@@ -76,6 +80,12 @@ __all__ = [
 PROTOCOL_VERSION = 3
 HEADER = struct.Struct("<IBBHQ")
 FLAG_FD = 0x1
+# Set by the runtime on a request whose worker has a core to spare: a process woken from
+# sleep answers 30-150 us late on a virtual machine, so a worker that polls for the request that
+# follows its answer (a client waiting on each answer) saves that. A worker ignores flags it
+# does not know, so an older one just sleeps.
+FLAG_POLL = 0x2
+POLL_NS = 300_000
 FD_REF = struct.Struct("<Q")  # the payload's size; its memfd came over the side channel
 MAX_FRAME = 64 << 20  # the longest frame body either side accepts on the socket itself
 MAX_PAYLOAD = 4 << 30  # the largest payload either side reads from a memfd
@@ -163,12 +173,14 @@ class Payloads:
         self.fds = fds
         self.threshold = threshold
 
-    def frame(self, kind: int, request_id: int, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+    def frame(
+        self, kind: int, request_id: int, parts: list[bytes] | tuple[bytes, ...], flags: int = 0
+    ) -> bytes:
         """One frame carrying ``parts``. Raises ``OSError`` when a large payload cannot be
         written (memory is short): that one message fails, nothing else."""
         size = sum(len(p) for p in parts)
         if size < self.threshold or self.fds is None:
-            return encode_frame(kind, request_id, b"".join(parts))
+            return encode_frame(kind, request_id, b"".join(parts), flags)
         fd = write_memfd(parts, size)
         try:
             self.fds.sendmsg(
@@ -176,7 +188,7 @@ class Payloads:
             )
         finally:
             os.close(fd)
-        return encode_frame(kind, request_id, FD_REF.pack(size), FLAG_FD)
+        return encode_frame(kind, request_id, FD_REF.pack(size), FLAG_FD | flags)
 
 
 def write_memfd(parts: list[bytes] | tuple[bytes, ...], size: int) -> int:

@@ -37,6 +37,8 @@ from omni_sdk._tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.sequences import SequenceControls
 from omni_sdk.wire import (
+    FLAG_POLL,
+    POLL_NS,
     PROTOCOL_VERSION,
     RESPONSE_PREFIX,
     V2_PREFIX,
@@ -100,15 +102,32 @@ class WorkerLoop:
         self.fds = fds
         self.reader = FrameReader()
         self.stopping = False
+        self.poll = False  # poll for the next frame before sleeping (FLAG_POLL)
+
+    def _receive(self) -> bytes:
+        """The next bytes from the runtime. After a request that came with FLAG_POLL, the
+        socket is polled for up to POLL_NS before the worker sleeps: the runtime sets it only
+        while a core is spare, for one worker at a time."""
+        if self.poll:
+            self.poll = False
+            recv = self.sock.recv
+            until = perf_counter_ns() + POLL_NS
+            while perf_counter_ns() < until:
+                try:
+                    return recv(1 << 18, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+        return self.sock.recv(1 << 18)
 
     def serve(self) -> None:
         pending: list[Frame] = []
         while not self.stopping:
             if not pending:
-                data = self.sock.recv(1 << 18)
+                data = self._receive()
                 if not data:
                     return  # the runtime went away
                 pending.extend(self.reader.feed(data))
+                self.poll = any(frame[1] & FLAG_POLL for frame in pending)
             self._fill_batch(pending)
             batch, streams, control, pending, self.stopping = split_frames(
                 self.runner, pending, self.fds

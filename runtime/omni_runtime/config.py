@@ -132,6 +132,13 @@ class ServerSettings(BaseModel):
         description='what serves --grpc-port: "omni", its own HTTP/2 server on the event loop, '
         'or "grpcio", grpcio\'s asyncio server (several times the CPU per call)',
     )
+    busy_poll: Seconds = Field(
+        default=0.0003,
+        ge=0,
+        description="while a worker's answer is due, the runtime polls for it this long before "
+        "it sleeps, and one worker at a time, where a core is spare, polls for its next request "
+        "(waking a process costs 30-150 us on a virtual machine); 0: never (docs/architecture.md)",
+    )
 
 
 class SchedulerSettings(BaseModel):

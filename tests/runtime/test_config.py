@@ -34,7 +34,7 @@ def _write(path: Path, text: str) -> Path:
             "(allowed here: max_body_size, load_timeout, drain_timeout, shm_threshold, "
             "heartbeat_timeout, body_timeout, max_header_size, max_tensor_elements, "
             "batch_max_size, batch_retention, max_connections, cache_quota, source_builds, "
-            "grpc_server)",
+            "grpc_server, busy_poll)",
         ),
         ("[wat]\n", "unknown field 'wat' (allowed here: server, scheduler, models, model)"),
         (

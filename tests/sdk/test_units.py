@@ -38,6 +38,7 @@ def test_parse_size_rejects(bad: object) -> None:
         ("5m", 300.0),
         ("30s", 30.0),
         ("250ms", 0.25),
+        ("300us", 0.0003),
         ("1h", 3600.0),
         (2, 2.0),
         ("2", 2.0),  # a plain number of seconds, as the error message promises

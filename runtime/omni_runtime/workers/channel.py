@@ -16,6 +16,7 @@ from typing import Any
 
 from omni_runtime.scheduler.backend import Response, WorkerGone
 from omni_runtime.scheduler.stats import ComputeStats
+from omni_runtime.workers.busy_poll import BusyPoll
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 from omni_sdk.wire import (
     FLAG_FD,
@@ -98,7 +99,16 @@ def _discard(flags: int, fds: socket.socket | None) -> None:
 
 
 class WorkerChannel(asyncio.Protocol):
-    def __init__(self, label: str, payloads: Payloads, fds: socket.socket | None) -> None:
+    def __init__(
+        self,
+        label: str,
+        payloads: Payloads,
+        fds: socket.socket | None,
+        busy_poll: float = 0.0,
+        worker_polls: bool = True,
+    ) -> None:
+        """``busy_poll``: server.busy_poll; ``worker_polls``: whether the worker may be told to
+        poll (FLAG_POLL): not where its CPU quota is under a core, which polling would use up."""
         self.label = label
         self.compute: ComputeStats | None = None  # where its answers' compute times add up
         self.shm = payloads
@@ -113,6 +123,8 @@ class WorkerChannel(asyncio.Protocol):
         self._streams: dict[int, Callable[[bytes], None]] = {}
         self._next_id = 0
         self._loop = asyncio.get_running_loop()
+        self._busy = BusyPoll.of(self._loop, busy_poll)
+        self._worker_polls = worker_polls
         self.gone_reason = ""
         # Since when the worker owes an answer (a response or a PONG) without having said
         # anything; None while it owes nothing. The runtime's watchdog reads this.
@@ -251,8 +263,10 @@ class WorkerChannel(asyncio.Protocol):
         if transport is None or transport.is_closing():
             future.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
             return future
+        flags = self._busy.flags(self) if self._worker_polls else 0
+        self._busy.sent(self, future, flags)
         try:
-            frame = self.shm.frame(kind, request_id, parts)
+            frame = self.shm.frame(kind, request_id, parts, flags)
         except OSError as exc:  # memory is short: this request fails, nothing else
             message = f"{self.label}: the request could not be handed to its worker: {exc}"
             body = v2_error_body(message) if kind == Kind.INFER_V2 else ai_error_body(503, message)

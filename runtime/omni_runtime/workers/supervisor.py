@@ -181,10 +181,10 @@ class WorkerProcess:
             except CgroupError as exc:
                 log.warning("%s: runs without a cgroup: %s", self.label, exc)
         self._log_task = asyncio.create_task(self._pump_logs())
+        payloads = Payloads(fds_parent, self.settings.shm_threshold)
+        polls = spec.resources.cpus >= 1  # (under a core: polling would use up its CPU quota)
         _, self.channel = await loop.create_unix_connection(
-            lambda: WorkerChannel(
-                self.label, Payloads(fds_parent, self.settings.shm_threshold), fds_parent
-            ),
+            lambda: WorkerChannel(self.label, payloads, fds_parent, self.settings.busy_poll, polls),
             sock=parent,
         )
         timeout = self.settings.load_timeout

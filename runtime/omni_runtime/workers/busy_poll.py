@@ -1,0 +1,112 @@
+"""Polling rather than sleeping, while a core is spare and a worker's answer is due.
+
+A process woken from sleep runs 30-150 µs later on a virtual machine: for a client that waits on
+each answer, the two wake-ups of a request's trip to its worker and back cost more than a small
+model's work. So, within ``server.busy_poll``:
+
+- the runtime's event loop does not sleep while it owes a client a worker's answer and each
+  worker that owes one can have a core: it runs the loop without blocking (its other
+  connections are served as usual) until the answer is in or the time is up;
+- a request sent where every worker that would then owe an answer has a core besides the
+  runtime's carries FLAG_POLL, and its worker, once it has answered, polls for its next
+  request for POLL_NS before it sleeps; one worker at a time.
+
+Neither takes a core from the runtime's own work: the loop polls only when it has nothing else
+to run, and a worker only where the runtime's workers leave a core free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import weakref
+from time import perf_counter
+from typing import Any
+
+from omni_sdk.wire import FLAG_POLL, POLL_NS
+
+__all__ = ["BusyPoll"]
+
+_polls: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoll] = weakref.WeakKeyDictionary()
+
+
+class BusyPoll:
+    """The event loop's: the answers its workers owe, and which worker may poll."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget: float) -> None:
+        self.loop = loop
+        self.budget = budget  # seconds; 0: never poll
+        self.spare = len(os.sched_getaffinity(0)) - 1  # the runtime's own core is not spare
+        self.owed_by: dict[object, int] = {}  # answers owed, by worker (its channel)
+        self.deadline = 0.0  # the loop polls until then at most
+        self.polling = False  # a _poll is scheduled
+        self.poller: object = None  # the worker told to poll last
+        self.poller_owed = 0  # ...the flagged answers it still owes
+        self.poller_until = 0.0  # ...and until when it may poll after its last one
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, budget: float) -> BusyPoll:
+        """The loop's one instance, with ``budget`` (the latest runtime's setting wins)."""
+        poll = _polls.get(loop)
+        if poll is None:
+            poll = _polls[loop] = cls(loop, budget)
+        poll.budget = budget
+        return poll
+
+    @property
+    def owed(self) -> int:
+        return sum(self.owed_by.values())
+
+    def flags(self, worker: object) -> int:
+        """FLAG_POLL for a request about to be sent to ``worker`` where every worker that
+        would then owe an answer has a core besides the runtime's, and no other worker is
+        polling; else 0."""
+        if not self.budget:
+            return 0
+        if len(self.owed_by) + (worker not in self.owed_by) > self.spare:
+            return 0
+        if worker is not self.poller and (self.poller_owed or perf_counter() < self.poller_until):
+            return 0
+        self.poller = worker
+        return FLAG_POLL
+
+    def sent(self, worker: object, answer: asyncio.Future[Any], flags: int) -> None:
+        """A request went to ``worker``: the loop polls until ``answer`` (or the budget) is
+        in, where each worker that owes an answer has a core."""
+        if not self.budget:
+            return
+        self.owed_by[worker] = self.owed_by.get(worker, 0) + 1
+        if flags & FLAG_POLL:
+            self.poller_owed += 1
+        answer.add_done_callback(functools.partial(self._answered, worker, flags))
+        self.deadline = perf_counter() + self.budget
+        self._start()
+
+    def _answered(self, worker: object, flags: int, _: asyncio.Future[Any]) -> None:
+        left = self.owed_by[worker] - 1
+        if left:
+            self.owed_by[worker] = left
+        else:
+            del self.owed_by[worker]
+        if flags & FLAG_POLL:
+            self.poller_owed -= 1
+            self.poller_until = perf_counter() + POLL_NS / 1e9
+        self._start()
+
+    def _start(self) -> None:
+        if not self.polling and self._wanted():
+            self.polling = True
+            self.loop.call_soon(self._poll)
+
+    def _wanted(self) -> bool:
+        # Only while every worker that owes an answer can have a core besides the loop's.
+        return 0 < len(self.owed_by) <= self.spare and perf_counter() < self.deadline
+
+    def _poll(self) -> None:
+        # A callback that schedules itself keeps the loop from blocking in epoll: each turn
+        # still runs every ready connection's I/O.
+        if self._wanted():
+            self.loop.call_soon(self._poll)
+        else:
+            self.polling = False
