@@ -125,6 +125,7 @@ class WorkerChannel(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._busy = BusyPoll.of(self._loop, busy_poll)
         self._worker_polls = worker_polls
+        self._out: list[bytes] = []  # request frames to write at the end of this turn
         self.gone_reason = ""
         # Since when the worker owes an answer (a response or a PONG) without having said
         # anything; None while it owes nothing. The runtime's watchdog reads this.
@@ -222,7 +223,7 @@ class WorkerChannel(asyncio.Protocol):
             message = f"{self.label}: the stream's client stopped reading; the stream was ended"
             future.set_result((504, 0, ai_error_body(504, message)))
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_frame(Kind.CANCEL, request_id))
+            self._write(encode_frame(Kind.CANCEL, request_id))
             if not self._holds:
                 self.transport.resume_reading()
 
@@ -280,8 +281,28 @@ class WorkerChannel(asyncio.Protocol):
             self._streams[request_id] = on_chunk
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
-        transport.write(frame)
+        self._queue(frame)
         return future
+
+    def _queue(self, frame: bytes) -> None:
+        """Requests sent in one turn of the loop leave in one write: under load, one system
+        call and one wake-up of the worker for several requests."""
+        if self._out:
+            self._out.append(frame)
+            return
+        self._out = [frame]
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, frame: bytes) -> None:
+        """A control frame: at once, after the requests queued before it."""
+        self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
 
     def abandon(self, future: asyncio.Future[Response]) -> asyncio.Future[Response]:
         """Tell the worker to stop a request whose caller left (CANCEL).
@@ -297,8 +318,7 @@ class WorkerChannel(asyncio.Protocol):
         self._release(request_id)  # nobody reads its chunks now: no reason to hold back
         settled: asyncio.Future[Response] = self._loop.create_future()
         self._pending[request_id] = settled
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_frame(Kind.CANCEL, request_id))
+        self._write(encode_frame(Kind.CANCEL, request_id))
         return settled
 
     def ping(self) -> None:
@@ -317,7 +337,7 @@ class WorkerChannel(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             waiter.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
         else:
-            self.transport.write(encode_frame(Kind.PING, self._next_id))
+            self._write(encode_frame(Kind.PING, self._next_id))
         return waiter
 
     def silent_for(self, now: float) -> float:
@@ -329,5 +349,4 @@ class WorkerChannel(asyncio.Protocol):
 
     def send(self, kind: int, body: bytes = b"") -> None:
         """A control frame (SHUTDOWN, PING, PREFETCH): always small, always inline."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode_frame(kind, 0, body))
+        self._write(encode_frame(kind, 0, body))

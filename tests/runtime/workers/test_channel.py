@@ -36,3 +36,46 @@ def test_a_payload_that_cannot_be_handed_over_fails_that_request_alone() -> None
         fds_ours.close()
 
     asyncio.run(scenario())
+
+
+def test_requests_of_one_turn_leave_in_one_write_and_control_frames_keep_their_order() -> None:
+    """Under load several requests reach the channel in one turn of the loop: they go to the
+    worker in one write (one system call, one wake-up of the worker). A control frame sent
+    meanwhile (a CANCEL, a PING) goes after them, at once."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        ours, theirs = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.create_unix_connection(
+            lambda: WorkerChannel("model '@t/m'", Payloads(None), None), sock=ours
+        )
+        writes: list[bytes] = []
+        transport = channel.transport
+        assert transport is not None
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        transport.write = counted  # type: ignore[method-assign]
+        first = [channel.request(Kind.RUN_JSON, [b'{"n": %d}' % n]) for n in range(3)]
+        assert writes == []  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+        assert len(writes) == 1
+        second = channel.request(Kind.RUN_JSON, [b'{"n": 3}'])
+        channel.abandon(second)  # the CANCEL follows its request, in the same instant
+        assert len(writes) == 3
+        await asyncio.sleep(0.05)
+        theirs.setblocking(False)
+        frames = list(FrameReader().feed(theirs.recv(1 << 16)))
+        theirs.close()
+        await asyncio.sleep(0.05)
+        for future in first:
+            assert future.done()
+        return [(kind, request_id) for kind, _, request_id, _ in frames]
+
+    assert asyncio.run(scenario()) == [
+        (Kind.RUN_JSON, 1), (Kind.RUN_JSON, 2), (Kind.RUN_JSON, 3),
+        (Kind.RUN_JSON, 4), (Kind.CANCEL, 4),
+    ]  # fmt: skip
