@@ -7,8 +7,10 @@ from the timeouts its selector was given."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import selectors
 import socket
+import weakref
 from typing import Any
 
 import pytest
@@ -46,7 +48,7 @@ def test_the_loop_does_not_sleep_while_an_answer_is_owed_and_sleeps_after() -> N
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, budget=1.0)
+        poll = BusyPoll(budget=1.0)
         poll.spare = 1
         answer: asyncio.Future[None] = loop.create_future()
         poll.sent(WORKER, answer, 0)
@@ -70,7 +72,7 @@ def test_it_polls_for_the_budget_at_most() -> None:
 
     async def main() -> tuple[int, list[float | None]]:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, budget=0.02)
+        poll = BusyPoll(budget=0.02)
         poll.spare = 1
         never: asyncio.Future[None] = loop.create_future()
         poll.sent(WORKER, never, 0)
@@ -95,7 +97,7 @@ def test_no_budget_or_no_core_for_each_worker_means_no_polling(
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, budget=budget)
+        poll = BusyPoll(budget=budget)
         poll.spare = spare
         answers = [loop.create_future() for _ in range(workers)]
         for worker, answer in enumerate(answers):
@@ -115,7 +117,7 @@ def test_flag_poll_goes_to_one_worker_at_a_time_while_a_core_is_spare() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, budget=1.0)
+        poll = BusyPoll(budget=1.0)
         poll.spare = 2
         first: asyncio.Future[None] = loop.create_future()
         assert poll.flags(a) == FLAG_POLL
@@ -147,7 +149,7 @@ def test_a_worker_with_several_answers_owed_still_has_one_core() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, budget=1.0)
+        poll = BusyPoll(budget=1.0)
         poll.spare = 1
         for _ in range(3):
             assert poll.flags("a") == FLAG_POLL
@@ -164,7 +166,7 @@ def test_a_worker_with_several_answers_owed_still_has_one_core() -> None:
 def test_another_worker_gets_flag_poll_once_the_polling_one_is_done() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(loop, budget=1.0)
+        poll = BusyPoll(budget=1.0)
         poll.spare = 1
         answer: asyncio.Future[None] = loop.create_future()
         assert poll.flags("a") == FLAG_POLL
@@ -223,3 +225,13 @@ def test_it_is_one_per_loop() -> None:
         assert BusyPoll.of(loop, 0.003).budget == 0.003
 
     _run(main)
+
+
+def test_a_loop_that_is_gone_takes_its_instance_with_it() -> None:
+    loop = asyncio.new_event_loop()
+    BusyPoll.of(loop, 0.001)
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None

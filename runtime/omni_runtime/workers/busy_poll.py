@@ -32,10 +32,10 @@ _polls: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoll] = weakref
 
 
 class BusyPoll:
-    """The event loop's: the answers its workers owe, and which worker may poll."""
+    """An event loop's (``BusyPoll.of``; it holds no reference to the loop, which is its key):
+    the answers its workers owe, and which worker may poll."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, budget: float) -> None:
-        self.loop = loop
+    def __init__(self, budget: float) -> None:
         self.budget = budget  # seconds; 0: never poll
         self.spare = len(os.sched_getaffinity(0)) - 1  # the runtime's own core is not spare
         self.owed_by: dict[object, int] = {}  # answers owed, by worker (its channel)
@@ -50,7 +50,7 @@ class BusyPoll:
         """The loop's one instance, with ``budget`` (the latest runtime's setting wins)."""
         poll = _polls.get(loop)
         if poll is None:
-            poll = _polls[loop] = cls(loop, budget)
+            poll = _polls[loop] = cls(budget)
         poll.budget = budget
         return poll
 
@@ -97,7 +97,7 @@ class BusyPoll:
     def _start(self) -> None:
         if not self.polling and self._wanted():
             self.polling = True
-            self.loop.call_soon(self._poll)
+            asyncio.get_running_loop().call_soon(self._poll)
 
     def _wanted(self) -> bool:
         # Only while every worker that owes an answer can have a core besides the loop's.
@@ -107,6 +107,6 @@ class BusyPoll:
         # A callback that schedules itself keeps the loop from blocking in epoll: each turn
         # still runs every ready connection's I/O.
         if self._wanted():
-            self.loop.call_soon(self._poll)
+            asyncio.get_running_loop().call_soon(self._poll)
         else:
             self.polling = False
