@@ -35,6 +35,13 @@ class RecordingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-t
         return super().select(timeout)
 
 
+def _busy(budget: float = 1.0, spare: int = 1) -> BusyPoll:
+    """A BusyPoll that sees ``spare`` cores besides the runtime's, whatever this machine has."""
+    poll = BusyPoll(budget=budget)
+    poll.spare = spare
+    return poll
+
+
 def _run(main: Any, selector: selectors.BaseSelector | None = None) -> Any:
     loop = asyncio.SelectorEventLoop(selector)
     try:
@@ -46,10 +53,9 @@ def _run(main: Any, selector: selectors.BaseSelector | None = None) -> Any:
 def test_the_loop_does_not_sleep_while_an_answer_is_owed_and_sleeps_after() -> None:
     selector = RecordingSelector()
 
-    async def main() -> None:
+    async def main() -> tuple[list[float | None], list[float | None]]:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(budget=1.0)
-        poll.spare = 1
+        poll = _busy()
         answer: asyncio.Future[None] = loop.create_future()
         poll.sent(WORKER, answer, 0)
         await asyncio.sleep(0)
@@ -70,10 +76,9 @@ def test_the_loop_does_not_sleep_while_an_answer_is_owed_and_sleeps_after() -> N
 def test_it_polls_for_the_budget_at_most() -> None:
     selector = RecordingSelector()
 
-    async def main() -> tuple[int, list[float | None]]:
+    async def main() -> tuple[bool, list[float | None]]:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(budget=0.02)
-        poll.spare = 1
+        poll = _busy(0.02)
         never: asyncio.Future[None] = loop.create_future()
         poll.sent(WORKER, never, 0)
         await asyncio.sleep(0.1)
@@ -97,8 +102,7 @@ def test_no_budget_or_no_core_for_each_worker_means_no_polling(
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(budget=budget)
-        poll.spare = spare
+        poll = _busy(budget, spare)
         answers = [loop.create_future() for _ in range(workers)]
         for worker, answer in enumerate(answers):
             poll.sent(worker, answer, 0)
@@ -117,8 +121,7 @@ def test_flag_poll_goes_to_one_worker_at_a_time_while_a_core_is_spare() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(budget=1.0)
-        poll.spare = 2
+        poll = _busy(spare=2)
         first: asyncio.Future[None] = loop.create_future()
         assert poll.flags(a) == FLAG_POLL
         poll.sent(a, first, FLAG_POLL)
@@ -149,8 +152,7 @@ def test_a_worker_with_several_answers_owed_still_has_one_core() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(budget=1.0)
-        poll.spare = 1
+        poll = _busy()
         for _ in range(3):
             assert poll.flags("a") == FLAG_POLL
             poll.sent("a", loop.create_future(), FLAG_POLL)
@@ -166,8 +168,7 @@ def test_a_worker_with_several_answers_owed_still_has_one_core() -> None:
 def test_another_worker_gets_flag_poll_once_the_polling_one_is_done() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        poll = BusyPoll(budget=1.0)
-        poll.spare = 1
+        poll = _busy()
         answer: asyncio.Future[None] = loop.create_future()
         assert poll.flags("a") == FLAG_POLL
         poll.sent("a", answer, FLAG_POLL)
