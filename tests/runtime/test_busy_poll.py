@@ -146,19 +146,19 @@ def test_flag_poll_goes_to_one_worker_at_a_time_while_a_core_is_spare() -> None:
     _run(main)
 
 
-def test_a_worker_with_several_answers_owed_still_has_one_core() -> None:
-    """Cores go to processes: one worker owing three answers (a pipeline) may poll where a
-    core is spare; a second busy worker is one too many for it."""
+def test_polling_is_for_one_answer_owed_per_spare_core() -> None:
+    """A client that waits on each answer has one owed at a time: the loop and a worker poll.
+    A second answer owed (a pipeline, a second client) means requests come faster than
+    wake-ups cost: neither the loop nor the worker polls, and the CPU goes to the work."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         poll = _busy()
-        for _ in range(3):
-            assert poll.flags("a") == FLAG_POLL
-            poll.sent("a", loop.create_future(), FLAG_POLL)
+        assert poll.flags("a") == FLAG_POLL
+        poll.sent("a", loop.create_future(), FLAG_POLL)
         assert poll.polling
-        poll.sent("b", loop.create_future(), 0)
-        assert poll.flags("a") == 0
+        assert poll.flags("a") == 0  # one answer owed already, on the one spare core
+        poll.sent("a", loop.create_future(), 0)
         await asyncio.sleep(0.01)
         assert not poll.polling
 
@@ -211,7 +211,9 @@ def _channel_flags(
 
 
 def test_the_channel_flags_requests_while_a_core_is_spare_and_busy_poll_0_turns_it_off() -> None:
-    assert _channel_flags(ServerSettings(), 3) == [FLAG_POLL] * 3
+    assert _channel_flags(ServerSettings(), 3, spare=3) == [FLAG_POLL] * 3
+    # one spare core: only the request sent while no other answer was owed
+    assert _channel_flags(ServerSettings(), 3) == [FLAG_POLL, 0, 0]
     assert _channel_flags(ServerSettings(), 3, spare=0) == [0, 0, 0]
     assert _channel_flags(ServerSettings(busy_poll=0), 3) == [0, 0, 0]
     # a worker whose CPU quota is under a core is never told to poll

@@ -4,15 +4,18 @@ A process woken from sleep runs 30-150 µs later on a virtual machine: for a cli
 each answer, the two wake-ups of a request's trip to its worker and back cost more than a small
 model's work. So, within ``server.busy_poll``:
 
-- the runtime's event loop does not sleep while it owes a client a worker's answer and each
-  worker that owes one can have a core: it runs the loop without blocking (its other
-  connections are served as usual) until the answer is in or the time is up;
-- a request sent where every worker that would then owe an answer has a core besides the
-  runtime's carries FLAG_POLL, and its worker, once it has answered, polls for its next
-  request for POLL_NS before it sleeps; one worker at a time.
+- the runtime's event loop does not sleep while its workers owe answers, no more of them
+  than there are cores besides its own: it runs the loop without blocking (its other
+  connections are served as usual) until the answers are in or the time is up;
+- a request sent where, counting it, no more answers are owed than there are such cores
+  carries FLAG_POLL, and its worker, once it has answered, polls for its next request for
+  POLL_NS before it sleeps; one worker at a time.
 
-Neither takes a core from the runtime's own work: the loop polls only when it has nothing else
-to run, and a worker only where the runtime's workers leave a core free.
+Answers are counted, not workers: a worker owing several (its pipeline full) or several
+workers at work mean requests come faster than one at a time, wake-ups are shared among them,
+and polling would take the CPU that the work needs (at concurrency 8 it doubled a worker's
+CPU per request). Neither takes a core from the runtime's own work: the loop polls only when
+it has nothing else to run.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class BusyPoll:
     def __init__(self, budget: float) -> None:
         self.budget = budget  # seconds; 0: never poll
         self.spare = len(os.sched_getaffinity(0)) - 1  # the runtime's own core is not spare
-        self.owed_by: dict[object, int] = {}  # answers owed, by worker (its channel)
+        self.owed = 0  # answers owed by the loop's workers
         self.deadline = 0.0  # the loop polls until then at most
         self.polling = False  # a _poll is scheduled
         self.poller: object = None  # the worker told to poll last
@@ -54,17 +57,13 @@ class BusyPoll:
         poll.budget = budget
         return poll
 
-    @property
-    def owed(self) -> int:
-        return sum(self.owed_by.values())
-
     def flags(self, worker: object) -> int:
-        """FLAG_POLL for a request about to be sent to ``worker`` where every worker that
-        would then owe an answer has a core besides the runtime's, and no other worker is
+        """FLAG_POLL for a request about to be sent to ``worker`` where, counting it, no more
+        answers are owed than there are cores besides the runtime's, and no other worker is
         polling; else 0."""
         if not self.budget:
             return 0
-        if len(self.owed_by) + (worker not in self.owed_by) > self.spare:
+        if self.owed >= self.spare:
             return 0
         if worker is not self.poller and (self.poller_owed or perf_counter() < self.poller_until):
             return 0
@@ -73,22 +72,18 @@ class BusyPoll:
 
     def sent(self, worker: object, answer: asyncio.Future[Any], flags: int) -> None:
         """A request went to ``worker``: the loop polls until ``answer`` (or the budget) is
-        in, where each worker that owes an answer has a core."""
+        in, while the answers owed are no more than the spare cores."""
         if not self.budget:
             return
-        self.owed_by[worker] = self.owed_by.get(worker, 0) + 1
+        self.owed += 1
         if flags & FLAG_POLL:
             self.poller_owed += 1
-        answer.add_done_callback(functools.partial(self._answered, worker, flags))
+        answer.add_done_callback(functools.partial(self._answered, flags))
         self.deadline = perf_counter() + self.budget
         self._start()
 
-    def _answered(self, worker: object, flags: int, _: asyncio.Future[Any]) -> None:
-        left = self.owed_by[worker] - 1
-        if left:
-            self.owed_by[worker] = left
-        else:
-            del self.owed_by[worker]
+    def _answered(self, flags: int, _: asyncio.Future[Any]) -> None:
+        self.owed -= 1
         if flags & FLAG_POLL:
             self.poller_owed -= 1
             self.poller_until = perf_counter() + POLL_NS / 1e9
@@ -100,8 +95,8 @@ class BusyPoll:
             asyncio.get_running_loop().call_soon(self._poll)
 
     def _wanted(self) -> bool:
-        # Only while every worker that owes an answer can have a core besides the loop's.
-        return 0 < len(self.owed_by) <= self.spare and perf_counter() < self.deadline
+        # Only while each answer owed can have a core besides the loop's.
+        return 0 < self.owed <= self.spare and perf_counter() < self.deadline
 
     def _poll(self) -> None:
         # A callback that schedules itself keeps the loop from blocking in epoll: each turn

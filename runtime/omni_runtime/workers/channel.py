@@ -276,17 +276,23 @@ class WorkerChannel(asyncio.Protocol):
         if HEADER.unpack_from(frame)[3] & FLAG_FD:
             size = sum(len(p) for p in parts)
             log.debug("%s: request %d went in a memfd (%d bytes)", self.label, request_id, size)
+        idle = not self._pending  # the worker owes nothing: it waits for this request
         self._pending[request_id] = future
         if on_chunk is not None:
             self._streams[request_id] = on_chunk
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
-        self._queue(frame)
+        if idle and not self._out:
+            transport.write(frame)
+        else:
+            self._queue(frame)
         return future
 
     def _queue(self, frame: bytes) -> None:
-        """Requests sent in one turn of the loop leave in one write: under load, one system
-        call and one wake-up of the worker for several requests."""
+        """Requests sent in one turn of the loop to a worker already at work leave in one
+        write: under load, one system call and one wake-up of the worker for several
+        requests. (A request to an idle worker leaves at once: nothing would be gained by
+        holding it back.)"""
         if self._out:
             self._out.append(frame)
             return

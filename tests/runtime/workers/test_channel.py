@@ -39,9 +39,10 @@ def test_a_payload_that_cannot_be_handed_over_fails_that_request_alone() -> None
 
 
 def test_requests_of_one_turn_leave_in_one_write_and_control_frames_keep_their_order() -> None:
-    """Under load several requests reach the channel in one turn of the loop: they go to the
-    worker in one write (one system call, one wake-up of the worker). A control frame sent
-    meanwhile (a CANCEL, a PING) goes after them, at once."""
+    """A request to an idle worker leaves at once. Under load several requests reach the
+    channel in one turn of the loop while the worker is at work: they go to it in one write
+    (one system call, one wake-up of the worker). A control frame sent meanwhile (a CANCEL, a
+    PING) goes after them, at once."""
 
     async def scenario() -> list[tuple[int, int]]:
         ours, theirs = socket.socketpair()
@@ -60,12 +61,13 @@ def test_requests_of_one_turn_leave_in_one_write_and_control_frames_keep_their_o
 
         transport.write = counted  # type: ignore[method-assign]
         first = [channel.request(Kind.RUN_JSON, [b'{"n": %d}' % n]) for n in range(3)]
-        assert writes == []  # not yet: at the end of this turn
+        assert len(writes) == 1  # the first, to an idle worker; the others at the end of the turn
         await asyncio.sleep(0)
-        assert len(writes) == 1
+        assert len(writes) == 2
         second = channel.request(Kind.RUN_JSON, [b'{"n": 3}'])
+        assert len(writes) == 2  # the worker owes three answers: it waits for the turn's end
         channel.abandon(second)  # the CANCEL follows its request, in the same instant
-        assert len(writes) == 3
+        assert len(writes) == 4
         await asyncio.sleep(0.05)
         theirs.setblocking(False)
         frames = list(FrameReader().feed(theirs.recv(1 << 16)))
