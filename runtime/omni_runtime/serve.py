@@ -222,7 +222,10 @@ def uvicorn_config(app: Any, settings: ServerSettings, log_level: str) -> Any:
     return uvicorn.Config(
         app,
         http=limited_protocol(
-            settings.max_header_size, settings.body_timeout, settings.max_connections
+            settings.max_header_size,
+            settings.body_timeout,
+            settings.max_connections,
+            settings.max_body_size,
         ),
         log_level=log_level,
         access_log=False,

@@ -69,7 +69,7 @@ class AiRunRoutes:
         if b'"stream"' in body and _wants_stream(body):
             await self._stream(receive, send, model, body, started, reject)
             return
-        encoding = accepted_encoding(scope)
+        encoding = accepted_encoding(scope["headers"])
         await call_model(send, model, Kind.RUN_JSON, [body], started, True, reject, encoding)
 
     async def _batch(self, scope: Scope, send: Send, model: ModelHandle, body: bytes) -> bool:

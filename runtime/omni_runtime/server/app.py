@@ -22,6 +22,7 @@ from omni_runtime.scheduler.trace import TRACE, Trace, route_of
 from omni_runtime.server.ai_run import AiRunRoutes
 from omni_runtime.server.fleet_api import FleetRoutes
 from omni_runtime.server.http import (
+    JSON,
     ClientGone,
     HTTPError,
     Receive,
@@ -30,7 +31,7 @@ from omni_runtime.server.http import (
     family_error,
     respond,
 )
-from omni_runtime.server.kserve import KServeRoutes
+from omni_runtime.server.kserve import KServeRoutes, Reply, binary_header_length
 from omni_runtime.server.model_files import ModelFiles
 from omni_runtime.server.openai_api import OpenAIRoutes
 from omni_runtime.server.openapi import build_openapi
@@ -49,8 +50,9 @@ _ROUTE_CACHE_LIMIT = 4096
 # How Triton starts the message for a model or version it does not serve; clients match it.
 TRITON_UNKNOWN = "Request for unknown model"
 _BEARER = [(b"www-authenticate", b"Bearer")]
-# A route as the dispatcher keeps it: handler, model, accepted Authorization values, access.
-_Prepared = tuple[Any, Any, tuple[bytes, ...], Access, bool]
+# A route as the dispatcher keeps it: handler, model, accepted Authorization values, access,
+# whether it names its version itself (direct), and whether it may go the hot way.
+_Prepared = tuple[Any, Any, tuple[bytes, ...], Access, bool, bool]
 
 
 def route_list(
@@ -186,7 +188,7 @@ class OmniApp:
         prepared = self._cache.get((method, path))
         if prepared is None:
             prepared = self._prepare(method, path)
-        handler, model, accepted, access, direct = prepared
+        handler, model, accepted, access, direct, _ = prepared
         if not direct and (self.node is not None or model is not None):
             trace = Trace(route_of(scope["headers"]) if self.node is not None else [])
             TRACE.set(trace)
@@ -225,10 +227,48 @@ class OmniApp:
             and type(model) is ModelHandle
             and getattr(handler, "names_version", False)
         )
-        prepared = (handler, model, self._accepted[resolved.access], resolved.access, direct)
+        hot = direct and getattr(handler, "__func__", None) is KServeRoutes.infer
+        accepted = self._accepted[resolved.access]
+        prepared = (handler, model, accepted, resolved.access, direct, hot)
         if model is not None and len(self._cache) < _ROUTE_CACHE_LIMIT:
             self._cache[(method, path)] = prepared
         return prepared
+
+    # -- the hot path (server/hot_path.py) ---------------------------------------------
+
+    def hot_route(self, path: str, headers: list[tuple[bytes, bytes]]) -> ModelHandle | None:
+        """The model whose infer route ``POST path`` is, where the connection may answer the
+        request itself (``hot_reply``): a model served here, of its current version, outside
+        a fleet, and a request whose token, where one is needed, is good. None: the request
+        goes through the ASGI application (which answers a bad token, too)."""
+        if self.models.generation != self._generation:
+            self._cache.clear()
+            self._generation = self.models.generation
+        prepared = self._cache.get(("POST", path)) or self._prepare("POST", path)
+        _, model, accepted, _, _, hot = prepared
+        if not hot or (accepted and not authorized(headers, accepted)):
+            return None
+        return cast(ModelHandle, model)
+
+    async def hot_reply(
+        self,
+        path: str,
+        model: ModelHandle,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        started: float,
+    ) -> Reply:
+        """The reply to an infer request that ``hot_route`` let through, its body read:
+        the one ``_http`` gives, errors included."""
+        try:
+            header_length = binary_header_length(headers, model)
+            return await self.kserve.infer_reply(model, headers, header_length, body, started)
+        except HTTPError as exc:
+            return exc.status, family_error(path, exc), JSON, [*exc.headers, model.version_header]
+        except Exception:  # a bug here must cost one request, never the server
+            log.exception("POST %s failed", path)
+            error = HTTPError(500, f"internal error handling POST {path}; see the runtime's log")
+            return 500, family_error(path, error), JSON, []
 
     async def _unauthorized(self, scope: Scope, send: Send, access: Access) -> None:
         path: str = scope["path"]

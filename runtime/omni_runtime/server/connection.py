@@ -8,15 +8,20 @@ both close the connection. A request that arrives in one read (most do) arms no 
 At most ``server.max_connections`` connections stay open: a new one past the limit closes the
 connection idle the longest (connected or kept alive with no request under way), or itself
 when every other one is busy, so idle connections cannot use up the runtime's descriptors.
+
+A small infer request is answered by the connection itself, below ASGI (``hot_path.py``); the
+keep-alive timer is one per connection, looked at when it fires, rather than one set and
+cancelled per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from omni_runtime.server.hot_path import HotApp, HotCycle, hot_cycle
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 
 __all__ = ["limited_protocol"]
@@ -32,9 +37,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_header_size = 16 << 10
     body_timeout = 30.0
     max_connections = 1000
+    max_body_size = 64 << 20
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The application, where it answers small infer requests below ASGI (hot_path.py).
+        self._hot_app = cast(HotApp, self.app) if hasattr(self.app, "hot_route") else None
         self._in_head = True  # the next bytes belong to a request line or headers
         self._head_bytes = 0
         self._head_start = b""  # the first bytes of the head: the method and path
@@ -71,6 +79,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -123,12 +134,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._hot_app is not None:
+            hot = hot_cycle(self, self._hot_app, self.max_body_size)
+            if hot is not None:
+                self.cycle = hot  # type: ignore[assignment]  # (answered in on_message_complete)
+                return
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _HeadHeld(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        cycle: Any = self.cycle
+        if type(cycle) is HotCycle and not cycle.response_complete:
+            assert self._hot_app is not None
+            task = self.loop.create_task(cycle.answer(self._hot_app))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
         self._receiving = False
         self._in_head = True
         self._head_bytes = 0
@@ -201,7 +223,35 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(status, message)
             return
         self._idle_since = self.loop.time()
-        super().on_response_complete()
+        # uvicorn's, but for its keep-alive timer: one per connection (_keep_alive_expired),
+        # not one set and cancelled per request.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self.timeout_keep_alive_task is None:
+            self._keep_alive_in(self.timeout_keep_alive)
+
+    def _unset_keepalive_if_required(self) -> None:
+        pass  # (uvicorn's, on each read) the timer stays: _keep_alive_expired looks again
+
+    def _keep_alive_in(self, seconds: float) -> None:
+        self.timeout_keep_alive_task = self.loop.call_later(seconds, self._keep_alive_expired)
+
+    def _keep_alive_expired(self) -> None:
+        """Close the connection if it has been idle ``timeout_keep_alive`` since its last
+        answer; where it is busy, its next answer arms the timer again."""
+        self.timeout_keep_alive_task = None
+        if self.transport.is_closing() or not self._idle():
+            return
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._keep_alive_in(left)
+        else:
+            self.transport.close()
 
     def _too_large_message(self) -> str:
         return (
@@ -259,9 +309,13 @@ class _HeadHeld:
 
 
 def limited_protocol(
-    max_header_size: int, body_timeout: float, max_connections: int = 1000
+    max_header_size: int,
+    body_timeout: float,
+    max_connections: int = 1000,
+    max_body_size: int = 64 << 20,
 ) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with these limits (``uvicorn.Config(http=...)``)."""
+    """uvicorn's httptools protocol with these limits (``uvicorn.Config(http=...)``);
+    ``max_body_size``: the largest body the hot path takes (hot_path.py)."""
     return type(
         "LimitedHttpToolsProtocol",
         (LimitedHttpToolsProtocol,),
@@ -269,5 +323,6 @@ def limited_protocol(
             "max_header_size": max_header_size,
             "body_timeout": body_timeout,
             "max_connections": max_connections,
+            "max_body_size": max_body_size,
         },
     )

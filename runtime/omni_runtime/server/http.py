@@ -157,9 +157,10 @@ def decompress(body: bytes, encoding: str, limit: int, subject: str = "") -> byt
     return out
 
 
-def accepted_encoding(scope: Scope) -> str | None:
-    """``gzip`` or ``deflate`` when the client's ``Accept-Encoding`` asks for one."""
-    for name, value in scope["headers"]:
+def accepted_encoding(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """``gzip`` or ``deflate`` when the client's ``Accept-Encoding`` (in a request's
+    ``headers``) asks for one."""
+    for name, value in headers:
         if name == b"accept-encoding":
             offered = {part.split(b";")[0].strip().lower() for part in value.split(b",")}
             for encoding in (b"gzip", b"deflate"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from omni_runtime.scheduler import (
@@ -49,7 +49,14 @@ from omni_runtime.server.shm_tensors import (
 from omni_sdk import __version__
 from omni_sdk.wire import V2_PREFIX, Kind
 
-__all__ = ["KServeRoutes", "call_model", "names_version"]
+__all__ = [
+    "KServeRoutes",
+    "Reply",
+    "binary_header_length",
+    "call_model",
+    "model_reply",
+    "names_version",
+]
 
 
 def names_version(handler: Any) -> Any:
@@ -68,6 +75,7 @@ EXTENSIONS = [
     "system_shared_memory",
 ]
 Answer = tuple[int, int, bytes]  # a worker's answer: status, header length, body
+Reply = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]  # status, body, type, headers
 
 
 async def call_model(
@@ -81,7 +89,22 @@ async def call_model(
     encoding: str | None = None,
     after: Callable[[Answer], Answer] | None = None,
 ) -> None:
-    """Send one request to the model and write its answer (or why there is none) back,
+    """Send one request to the model and write its answer (``model_reply``) back."""
+    reply = await model_reply(model, kind, parts, started, ai, reject_if_busy, encoding, after)
+    await respond(send, *reply)
+
+
+async def model_reply(
+    model: ModelHandle,
+    kind: int,
+    parts: list[bytes],
+    started: float,
+    ai: bool,
+    reject_if_busy: bool = False,
+    encoding: str | None = None,
+    after: Callable[[Answer], Answer] | None = None,
+) -> Reply:
+    """Send one request to the model: its answer (or why there is none) as an HTTP reply,
     compressed with ``encoding`` (gzip, deflate) when the client's Accept-Encoding asked and
     the answer is large enough for it to pay; ``after`` rewrites the model's answer first."""
     extra: list[tuple[bytes, bytes]] = []
@@ -100,9 +123,22 @@ async def call_model(
         extra.append((b"content-encoding", encoding.encode()))
     if header_length:
         extra.append((b"inference-header-content-length", str(header_length).encode()))
-        await respond(send, status, body, b"application/octet-stream", extra)
-    else:
-        await respond(send, status, body, JSON, extra)
+        return status, body, b"application/octet-stream", extra
+    return status, body, JSON, extra
+
+
+def binary_header_length(headers: list[tuple[bytes, bytes]], model: ModelHandle) -> int:
+    """An infer request's ``Inference-Header-Content-Length`` (0 without one: all JSON)."""
+    for name, value in headers:
+        if name == b"inference-header-content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise HTTPError(
+                    400,
+                    f"model '{model.name}': Inference-Header-Content-Length must be an integer",
+                ) from None
+    return 0
 
 
 class KServeRoutes:
@@ -124,43 +160,46 @@ class KServeRoutes:
     @names_version
     async def infer(self, scope: Scope, receive: Receive, send: Send, model: ModelHandle) -> None:
         started = time.perf_counter()
-        header_length = 0
-        for name, value in scope["headers"]:
-            if name == b"inference-header-content-length":
-                try:
-                    header_length = int(value)
-                except ValueError:
-                    raise HTTPError(
-                        400,
-                        f"model '{model.name}': Inference-Header-Content-Length must be an integer",
-                    ) from None
+        headers = scope["headers"]
+        header_length = binary_header_length(headers, model)
         try:  # (read here, not through read(): the hot path saves a coroutine)
             body = await read_body(scope, receive, self.max_body, model.name)
         except HTTPError as exc:
             model.account(exc.status, started)
             raise
+        await respond(send, *await self.infer_reply(model, headers, header_length, body, started))
+
+    def infer_reply(
+        self,
+        model: ModelHandle,
+        headers: list[tuple[bytes, bytes]],
+        header_length: int,
+        body: bytes,
+        started: float,
+    ) -> Coroutine[Any, Any, Reply]:
+        """The reply to an infer request whose body has arrived (the HTTP connection's hot
+        path asks for it directly: server/hot_path.py): ``await self.infer_reply(...)``.
+        (Not itself a coroutine: the hot path's chain of them is one frame shorter.)"""
         if header_length < 0 or header_length > len(body):
             raise HTTPError(
                 400,
                 f"model '{model.name}': Inference-Header-Content-Length is {header_length} "
                 f"but the body has {len(body)} bytes",
             )
-        encoding = accepted_encoding(scope)
+        encoding = accepted_encoding(headers)
         if body.find(REGION_MARK, 0, header_length or len(body)) != -1:
-            await self._infer_with_regions(send, model, body, header_length, started, encoding)
-            return
+            return self._infer_with_regions(model, body, header_length, started, encoding)
         parts = [V2_PREFIX.pack(header_length), body]
-        await call_model(send, model, Kind.INFER_V2, parts, started, False, False, encoding)
+        return model_reply(model, Kind.INFER_V2, parts, started, False, False, encoding)
 
     async def _infer_with_regions(
         self,
-        send: Send,
         model: ModelHandle,
         body: bytes,
         header_length: int,
         started: float,
         encoding: str | None,
-    ) -> None:
+    ) -> Reply:
         """An infer request whose header names a shared-memory region: inputs read from
         their regions, the model called, outputs written into theirs (shm_tensors.py)."""
         try:
@@ -173,7 +212,9 @@ class KServeRoutes:
             return response_to_regions(self.memory, model.name, plans, answer)
 
         parts = [V2_PREFIX.pack(header_length), body]
-        await call_model(send, model, Kind.INFER_V2, parts, started, False, False, encoding, after)
+        return await model_reply(
+            model, Kind.INFER_V2, parts, started, False, False, encoding, after
+        )
 
     # -- health and metadata -------------------------------------------------------------
 
