@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 __all__ = ["Metrics", "ModelGauges"]
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+_BUCKET_LABELS = (*(repr(bound) for bound in _LATENCY_BUCKETS), "+Inf")  # as Prometheus writes them
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,53 @@ class _ModelCollector(Collector):
         yield memory
 
 
+class _Answers:
+    """One model version's answers: by status, and their durations' histogram."""
+
+    __slots__ = ("buckets", "by_status", "created", "since", "total")
+
+    def __init__(self) -> None:
+        self.by_status: dict[int, int] = {}
+        self.created: dict[int, float] = {}  # when each status was first counted
+        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last: over every bound
+        self.total = 0.0  # seconds
+        self.since = time.time()
+
+
+class _RequestCollector(Collector):
+    """``omni_requests_total`` and ``omni_request_duration_seconds``, as prometheus_client's
+    Counter and Histogram show them, counted without their locks: one answer costs a few
+    additions (``Metrics.observe``, on the event loop), the families are made when scraped."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], _Answers] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "omni_requests",
+            "Requests answered, by model, version and HTTP status",
+            labels=["model", "version", "status"],
+        )
+        duration = HistogramMetricFamily(
+            "omni_request_duration_seconds",
+            "Time from request to response",
+            labels=["model", "version"],
+        )
+        for (model, version), answers in list(self.answers.items()):
+            for status, count in list(answers.by_status.items()):
+                created = answers.created[status]
+                requests.add_metric([model, version, str(status)], count, created=created)
+            cumulative, running = [], 0
+            for bound, count in zip(_BUCKET_LABELS, answers.buckets, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            duration.add_metric([model, version], cumulative, answers.total)
+            labels = {"model": model, "version": version}
+            duration.samples.append(Sample(duration.name + "_created", labels, answers.since))
+        yield requests
+        yield duration
+
+
 class _BatchCollector(Collector):
     def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
         self._counts = counts
@@ -91,15 +146,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "omni_requests", "Requests answered, by model, version and HTTP status",
-            ["model", "version", "status"], registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
-            "omni_request_duration_seconds", "Time from request to response",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        self._requests = _RequestCollector()
+        r.register(self._requests)
         self.cold_starts = Counter(
             "omni_model_cold_starts", "Worker processes started", ["model", "version"],
             registry=r,
@@ -138,8 +186,6 @@ class Metrics:
             "(promoted, rolled_back, failed, aborted)",
             ["model", "outcome"], registry=r,
         )  # fmt: skip
-        self._children: dict[tuple[str, str, int], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
 
     def watch_models(self, gauges: Callable[[], list[ModelGauges]]) -> None:
         """``gauges()`` gives each model version's replicas, queue depth and memory at scrape
@@ -151,16 +197,18 @@ class Metrics:
         self.registry.register(_BatchCollector(counts))
 
     def observe(self, model: str, version: str, status: int, seconds: float) -> None:
-        """Count one answered request; label children are cached for the hot path."""
-        key = (model, version, status)
-        counter = self._children.get(key)
-        if counter is None:
-            counter = self._children[key] = self.requests.labels(model, version, str(status))
-        counter.inc()
-        histogram = self._durations.get(key[:2])
-        if histogram is None:
-            histogram = self._durations[key[:2]] = self.duration.labels(model, version)
-        histogram.observe(seconds)
+        """Count one answered request (on the event loop: the hot path takes no lock)."""
+        answers = self._requests.answers.get((model, version))
+        if answers is None:
+            answers = self._requests.answers[(model, version)] = _Answers()
+        by_status = answers.by_status
+        if status in by_status:
+            by_status[status] += 1
+        else:
+            by_status[status] = 1
+            answers.created[status] = time.time()
+        answers.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        answers.total += seconds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
