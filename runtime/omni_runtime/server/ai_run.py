@@ -29,7 +29,7 @@ from omni_runtime.server.http import (
     respond,
 )
 from omni_runtime.server.input_check import InputCheck
-from omni_runtime.server.kserve import call_model, names_version
+from omni_runtime.server.kserve import model_reply, names_version
 from omni_sdk.wire import Kind
 
 __all__ = ["AiRunRoutes"]
@@ -70,7 +70,8 @@ class AiRunRoutes:
             await self._stream(receive, send, model, body, started, reject)
             return
         encoding = accepted_encoding(scope["headers"])
-        await call_model(send, model, Kind.RUN_JSON, [body], started, True, reject, encoding)
+        reply = await model_reply(model, Kind.RUN_JSON, [body], started, True, reject, encoding)
+        await respond(send, *reply)
 
     async def _batch(self, scope: Scope, send: Send, model: ModelHandle, body: bytes) -> bool:
         """A batch submitted or polled: answered here (True), else an ordinary request."""

@@ -53,7 +53,6 @@ __all__ = [
     "KServeRoutes",
     "Reply",
     "binary_header_length",
-    "call_model",
     "model_reply",
     "names_version",
 ]
@@ -61,7 +60,7 @@ __all__ = [
 
 def names_version(handler: Any) -> Any:
     """Marks a model route whose answers carry ``Omni-Model-Version`` by themselves (the HTTP
-    app then adds nothing to them): the hot routes, ``call_model``'s callers."""
+    app then adds nothing to them): the hot routes, ``model_reply``'s callers."""
     handler.names_version = True
     return handler
 
@@ -76,22 +75,6 @@ EXTENSIONS = [
 ]
 Answer = tuple[int, int, bytes]  # a worker's answer: status, header length, body
 Reply = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]  # status, body, type, headers
-
-
-async def call_model(
-    send: Send,
-    model: ModelHandle,
-    kind: int,
-    parts: list[bytes],
-    started: float,
-    ai: bool,
-    reject_if_busy: bool = False,
-    encoding: str | None = None,
-    after: Callable[[Answer], Answer] | None = None,
-) -> None:
-    """Send one request to the model and write its answer (``model_reply``) back."""
-    reply = await model_reply(model, kind, parts, started, ai, reject_if_busy, encoding, after)
-    await respond(send, *reply)
 
 
 async def model_reply(
