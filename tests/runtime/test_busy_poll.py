@@ -20,8 +20,6 @@ from omni_runtime.workers.busy_poll import BusyPoll
 from omni_runtime.workers.channel import WorkerChannel
 from omni_sdk.wire import FLAG_POLL, POLL_NS, FrameReader, Kind, Payloads, encode_frame
 
-WORKER = "worker"  # a worker, as BusyPoll sees it (the runtime passes its channel)
-
 
 class RecordingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
     """The selector of an asyncio loop that keeps the timeout of every select."""
@@ -57,7 +55,7 @@ def test_the_loop_does_not_sleep_while_an_answer_is_owed_and_sleeps_after() -> N
         loop = asyncio.get_running_loop()
         poll = _busy()
         answer: asyncio.Future[None] = loop.create_future()
-        poll.sent(WORKER, answer, 0)
+        poll.sent(answer, 0)
         await asyncio.sleep(0)
         selector.timeouts.clear()
         loop.call_later(0.05, answer.set_result, None)
@@ -80,7 +78,7 @@ def test_it_polls_for_the_budget_at_most() -> None:
         loop = asyncio.get_running_loop()
         poll = _busy(0.02)
         never: asyncio.Future[None] = loop.create_future()
-        poll.sent(WORKER, never, 0)
+        poll.sent(never, 0)
         await asyncio.sleep(0.1)
         polling = poll.polling
         never.cancel()
@@ -104,8 +102,8 @@ def test_no_budget_or_no_core_for_each_worker_means_no_polling(
         loop = asyncio.get_running_loop()
         poll = _busy(budget, spare)
         answers = [loop.create_future() for _ in range(workers)]
-        for worker, answer in enumerate(answers):
-            poll.sent(worker, answer, 0)
+        for answer in answers:
+            poll.sent(answer, 0)
         assert poll.flags(object()) == 0
         selector.timeouts.clear()
         for answer in answers:
@@ -124,17 +122,17 @@ def test_flag_poll_goes_to_one_worker_at_a_time_while_a_core_is_spare() -> None:
         poll = _busy(spare=2)
         first: asyncio.Future[None] = loop.create_future()
         assert poll.flags(a) == FLAG_POLL
-        poll.sent(a, first, FLAG_POLL)
+        poll.sent(first, FLAG_POLL)
         # a will poll once it has answered: no other worker may meanwhile
         second: asyncio.Future[None] = loop.create_future()
         assert poll.flags(b) == 0
-        poll.sent(b, second, 0)
+        poll.sent(second, 0)
         first.set_result(None)
         await asyncio.sleep(0)
         assert poll.flags(b) == 0  # a is polling now, for up to POLL_NS...
         assert poll.flags(a) == FLAG_POLL  # ...and its own next request keeps it polling
         third: asyncio.Future[None] = loop.create_future()
-        poll.sent(a, third, FLAG_POLL)
+        poll.sent(third, FLAG_POLL)
         assert poll.owed == 2
         second.set_result(None)
         await asyncio.sleep(POLL_NS / 1e9 + 0.01)
@@ -155,10 +153,10 @@ def test_polling_is_for_one_answer_owed_per_spare_core() -> None:
         loop = asyncio.get_running_loop()
         poll = _busy()
         assert poll.flags("a") == FLAG_POLL
-        poll.sent("a", loop.create_future(), FLAG_POLL)
+        poll.sent(loop.create_future(), FLAG_POLL)
         assert poll.polling
         assert poll.flags("a") == 0  # one answer owed already, on the one spare core
-        poll.sent("a", loop.create_future(), 0)
+        poll.sent(loop.create_future(), 0)
         await asyncio.sleep(0.01)
         assert not poll.polling
 
@@ -171,7 +169,7 @@ def test_another_worker_gets_flag_poll_once_the_polling_one_is_done() -> None:
         poll = _busy()
         answer: asyncio.Future[None] = loop.create_future()
         assert poll.flags("a") == FLAG_POLL
-        poll.sent("a", answer, FLAG_POLL)
+        poll.sent(answer, FLAG_POLL)
         answer.set_result(None)
         await asyncio.sleep(0)
         assert poll.flags("b") == 0

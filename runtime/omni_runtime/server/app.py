@@ -182,13 +182,7 @@ class OmniApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        if self.models.generation != self._generation:  # a model came or went
-            self._cache.clear()
-            self._generation = self.models.generation
-        prepared = self._cache.get((method, path))
-        if prepared is None:
-            prepared = self._prepare(method, path)
-        handler, model, accepted, access, direct, _ = prepared
+        handler, model, accepted, access, direct, _ = self._route(method, path)
         if not direct and (self.node is not None or model is not None):
             trace = Trace(route_of(scope["headers"]) if self.node is not None else [])
             TRACE.set(trace)
@@ -198,15 +192,17 @@ class OmniApp:
             return
         try:
             await handler(scope, receive, send, model)
-        except HTTPError as exc:
-            extra = [*exc.headers, model.version_header] if direct else exc.headers
-            await respond(send, exc.status, family_error(path, exc), extra=extra)
         except ClientGone:
             pass  # nobody is left to answer
-        except Exception:  # a bug here must cost one request, never the server
-            log.exception("%s %s failed", method, path)
-            message = f"internal error handling {method} {path}; see the runtime's log"
-            await respond(send, 500, family_error(path, HTTPError(500, message)))
+        except Exception as exc:  # a bug here must cost one request, never the server
+            await respond(send, *_error_reply(method, path, exc, model if direct else None))
+
+    def _route(self, method: str, path: str) -> _Prepared:
+        """The request line's route, from the cache while no model came or went."""
+        if self.models.generation != self._generation:
+            self._cache.clear()
+            self._generation = self.models.generation
+        return self._cache.get((method, path)) or self._prepare(method, path)
 
     def _prepare(self, method: str, path: str) -> _Prepared:
         resolved = self.table.resolve(method, path)
@@ -238,14 +234,10 @@ class OmniApp:
 
     def hot_route(self, path: str, headers: list[tuple[bytes, bytes]]) -> ModelHandle | None:
         """The model whose infer route ``POST path`` is, where the connection may answer the
-        request itself (``hot_reply``): a model served here, of its current version, outside
-        a fleet, and a request whose token, where one is needed, is good. None: the request
+        request itself (``hot_reply``): a model served here, outside a fleet and a rollout's
+        split, and a request whose token, where one is needed, is good. None: the request
         goes through the ASGI application (which answers a bad token, too)."""
-        if self.models.generation != self._generation:
-            self._cache.clear()
-            self._generation = self.models.generation
-        prepared = self._cache.get(("POST", path)) or self._prepare("POST", path)
-        _, model, accepted, _, _, hot = prepared
+        _, model, accepted, _, _, hot = self._route("POST", path)
         if not hot or (accepted and not authorized(headers, accepted)):
             return None
         return cast(ModelHandle, model)
@@ -263,12 +255,8 @@ class OmniApp:
         try:
             header_length = binary_header_length(headers, model)
             return await self.kserve.infer_reply(model, headers, header_length, body, started)
-        except HTTPError as exc:
-            return exc.status, family_error(path, exc), JSON, [*exc.headers, model.version_header]
-        except Exception:  # a bug here must cost one request, never the server
-            log.exception("POST %s failed", path)
-            error = HTTPError(500, f"internal error handling POST {path}; see the runtime's log")
-            return 500, family_error(path, error), JSON, []
+        except Exception as exc:  # a bug here must cost one request, never the server
+            return _error_reply("POST", path, exc, model)
 
     async def _unauthorized(self, scope: Scope, send: Send, access: Access) -> None:
         path: str = scope["path"]
@@ -299,6 +287,18 @@ class OmniApp:
 
 
 Handler = Callable[[Scope, Receive, Send, Any], Awaitable[None]]
+
+
+def _error_reply(method: str, path: str, exc: Exception, model: ModelHandle | None) -> Reply:
+    """The answer to a request whose handler raised ``exc`` (in its ``except``): an
+    ``HTTPError`` in the route family's envelope, naming ``model``'s version where the route
+    names its own; anything else a 500 that names the route, logged."""
+    if isinstance(exc, HTTPError):
+        extra = [*exc.headers, model.version_header] if model is not None else exc.headers
+        return exc.status, family_error(path, exc), JSON, extra
+    log.exception("%s %s failed", method, path)
+    message = f"internal error handling {method} {path}; see the runtime's log"
+    return 500, family_error(path, HTTPError(500, message)), JSON, []
 
 
 def _traced(send: Send, trace: Trace, node: str | None, version: str | None) -> Send:

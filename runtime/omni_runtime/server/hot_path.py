@@ -143,7 +143,6 @@ def hot_cycle(protocol: LimitedHttpToolsProtocol, app: HotApp, max_body: int) ->
         parser.get_method() != b"POST"
         or parser.get_http_version() != "1.1"
         or parser.should_upgrade()
-        or protocol.pipeline
         or (protocol.cycle is not None and not protocol.cycle.response_complete)
         or protocol.root_path
         or not _PLAIN_PATH.match(url)

@@ -70,8 +70,8 @@ class BusyPoll:
         self.poller = worker
         return FLAG_POLL
 
-    def sent(self, worker: object, answer: asyncio.Future[Any], flags: int) -> None:
-        """A request went to ``worker``: the loop polls until ``answer`` (or the budget) is
+    def sent(self, answer: asyncio.Future[Any], flags: int) -> None:
+        """A request went to a worker: the loop polls until ``answer`` (or the budget) is
         in, while the answers owed are no more than the spare cores."""
         if not self.budget:
             return

@@ -265,7 +265,7 @@ class WorkerChannel(asyncio.Protocol):
             future.set_exception(WorkerGone(f"{self.label}'s worker is not connected"))
             return future
         flags = self._busy.flags(self) if self._worker_polls else 0
-        self._busy.sent(self, future, flags)
+        self._busy.sent(future, flags)
         try:
             frame = self.shm.frame(kind, request_id, parts, flags)
         except OSError as exc:  # memory is short: this request fails, nothing else
