@@ -38,8 +38,10 @@ class Behaviour:
         self.cancelled = asyncio.Event()
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
+        self.held = 0
 
     async def hold(self, request: bytes, context: Any) -> bytes:
+        self.held += 1
         self.entered.set()
         await self.release.wait()
         return b"held"
@@ -202,6 +204,56 @@ async def test_streams_answer_each_message() -> None:
 
             answers = [a async for a in chat(words())]
         assert answers == [f"W{index}".encode() for index in range(200)]
+
+
+class _Writes:
+    """A connection's own transport, with what is written through it kept."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def _frames_of(data: bytes) -> list[tuple[int, int, int]]:
+    """(type, flags, stream) of each frame in ``data``."""
+    frames, offset = [], 0
+    while len(data) - offset >= 9:
+        head, flags, stream = struct.unpack_from(">IBI", data, offset)
+        frames.append((head & 0xFF, flags, stream))
+        offset += 9 + (head >> 8)
+    return frames
+
+
+@on_loop
+async def test_answers_that_are_ready_together_leave_in_one_write() -> None:
+    async with serving() as served:
+        server, address, behaviour = served
+        async with channel(address) as chan:
+            hold = chan.unary_unary("/test.Svc/hold")
+            calls = [hold(b"") for _ in range(3)]
+            for _ in range(500):
+                if behaviour.held == 3:
+                    break
+                await asyncio.sleep(0.01)
+            (connection,) = server.connections
+            spy = _Writes(connection.transport)
+            connection.transport = spy
+            behaviour.release.set()  # the three calls end in one turn of the loop
+            assert await asyncio.gather(*calls) == [b"held"] * 3
+            assert await hold(b"") == b"held"  # and a call after them has its own write
+        ends = [
+            {stream for kind, flags, stream in _frames_of(data) if kind == 1 and flags & 0x1}
+            for data in spy.writes
+        ]
+        ends = [streams for streams in ends if streams]
+        assert [len(streams) for streams in ends] == [3, 1], ends
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:

@@ -59,11 +59,14 @@ class GrpcServer:
         self.max_connections = max_connections
         self.connections: set[H2Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by start()
         self._trailers: dict[tuple[int, str, tuple[tuple[str, Any], ...]], bytes] = {}
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._connection, host, port, reuse_address=True)
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            self._connection, host, port, reuse_address=True
+        )
         return int(self._server.sockets[0].getsockname()[1])
 
     def _connection(self) -> H2Connection:
@@ -248,9 +251,9 @@ class Call:
     def start(self) -> None:
         if self.handler.request_streaming:
             self.requests = Requests(self.handler.request_deserializer or _same)
-            self.task = asyncio.ensure_future(self._run(self._stream()))
+            self.task = self.server.loop.create_task(self._run(self._stream()))
         else:
-            self.task = asyncio.ensure_future(self._run(self._unary(self.messages[0])))
+            self.task = self.server.loop.create_task(self._run(self._unary(self.messages[0])))
 
     async def _run(self, work: Coroutine[Any, Any, None]) -> None:
         """``work``, its failures turned into the call's status."""

@@ -100,8 +100,10 @@ class H2Connection(asyncio.Protocol):
         self.resets = 0
         self.going_away = False
         self.paused: asyncio.Future[None] | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self.active = time.monotonic()  # when the peer last sent something
+        self.out: list[bytes] = []  # frames to write at the end of this turn of the loop
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -115,14 +117,13 @@ class H2Connection(asyncio.Protocol):
             wire.MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK,
         )  # fmt: skip
         grow = _U32.pack(WINDOW - 65535)
-        transport.write(
-            frame(wire.SETTINGS, 0, 0, settings) + frame(wire.WINDOW_UPDATE, 0, 0, grow)
-        )
+        self._write(frame(wire.SETTINGS, 0, 0, settings) + frame(wire.WINDOW_UPDATE, 0, 0, grow))
         if self.going_away:  # refused before it was made (the server's connection limit)
             self.go_away()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.out.clear()
         for stream in list(self.streams.values()):
             self._close(stream, reset=True)
         if self.paused is not None and not self.paused.done():
@@ -192,8 +193,8 @@ class H2Connection(asyncio.Protocol):
             if not flags & wire.ACK:
                 self._settings(payload)
         elif kind == wire.PING:
-            if not flags & wire.ACK and self.transport is not None:
-                self.transport.write(frame(wire.PING, wire.ACK, 0, payload))
+            if not flags & wire.ACK:
+                self._write(frame(wire.PING, wire.ACK, 0, payload))
         elif kind == wire.WINDOW_UPDATE:
             self._window_update(stream_id, payload)
         elif kind == wire.GOAWAY:
@@ -208,17 +209,14 @@ class H2Connection(asyncio.Protocol):
             payload = payload[1 : len(payload) - payload[0]] if payload else b""
         self.unacked += received
         if self.unacked > WINDOW // 2:
-            assert self.transport is not None
-            self.transport.write(frame(wire.WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
+            self._write(frame(wire.WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
             self.unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.closed:
             return  # a stream already reset or answered: its data is dropped
         stream.received += received
-        if stream.received > WINDOW // 2 and self.transport is not None:  # a long stream
-            self.transport.write(
-                frame(wire.WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.received))
-            )
+        if stream.received > WINDOW // 2:  # a long stream
+            self._write(frame(wire.WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.received)))
             stream.received = 0
         if payload:
             self.handler.on_data(stream, payload)
@@ -284,8 +282,7 @@ class H2Connection(asyncio.Protocol):
                 self.max_frame = max(16384, min(value, (1 << 24) - 1))
             elif key == wire.HEADER_TABLE_SIZE:
                 pass  # this side never indexes what it sends
-        assert self.transport is not None
-        self.transport.write(frame(wire.SETTINGS, wire.ACK, 0))
+        self._write(frame(wire.SETTINGS, wire.ACK, 0))
         self._unblock()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
@@ -305,8 +302,7 @@ class H2Connection(asyncio.Protocol):
 
     def flush(self, stream: H2Stream) -> None:
         """Send what ``stream`` has queued, as far as the flow-control windows allow."""
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return
         out = []
         pending = stream.pending
@@ -335,7 +331,7 @@ class H2Connection(asyncio.Protocol):
             if end and not pending:
                 finished = True
         if out:
-            transport.write(b"".join(out))
+            self._write(b"".join(out))
         if finished:
             self._close(stream)  # after its last frames are written: it may close the connection
         elif not pending and stream.drained is not None and not stream.drained.done():
@@ -349,8 +345,7 @@ class H2Connection(asyncio.Protocol):
             self.flush(stream)
 
     def _reset(self, stream_id: int, code: int) -> None:
-        if self.transport is not None:
-            self.transport.write(frame(wire.RST_STREAM, 0, stream_id, _U32.pack(code)))
+        self._write(frame(wire.RST_STREAM, 0, stream_id, _U32.pack(code)))
 
     def reset(self, stream: H2Stream, code: int = wire.CANCEL) -> None:
         """End ``stream`` before its answer is complete."""
@@ -371,21 +366,39 @@ class H2Connection(asyncio.Protocol):
             self.handler.on_reset(stream)
         else:
             self.finished += 1
-        if self.going_away and not self.streams and self.transport is not None:
-            self.transport.close()
+        if self.going_away and not self.streams:
+            self._close_transport()
 
     def _fail(self, code: int, why: str) -> None:
         log.info("gRPC: closing a connection: %s", why)
-        if self.transport is not None:
-            payload = _U32.pack(self.last_stream) + _U32.pack(code) + why.encode()[:200]
-            self.transport.write(frame(wire.GOAWAY, 0, 0, payload))
-            self.transport.close()
+        payload = _U32.pack(self.last_stream) + _U32.pack(code) + why.encode()[:200]
+        self._write(frame(wire.GOAWAY, 0, 0, payload))
+        self._close_transport()
 
     def go_away(self) -> None:
         """Take no new stream; close once the open ones are answered (a server stopping)."""
         self.going_away = True
+        payload = _U32.pack(self.last_stream) + _U32.pack(wire.NO_ERROR)
+        self._write(frame(wire.GOAWAY, 0, 0, payload))
+        if not self.streams:
+            self._close_transport()
+
+    def _write(self, data: bytes) -> None:
+        """Queue ``data`` for one write at the end of this turn of the loop: the answers of
+        several calls that end together (a worker's batch) leave in one system call."""
+        if self.transport is None:
+            return
+        if not self.out:
+            self.loop.call_soon(self._write_out)
+        self.out.append(data)
+
+    def _write_out(self) -> None:
+        if self.out and self.transport is not None:
+            self.transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
+        self.out.clear()
+
+    def _close_transport(self) -> None:
+        """Close the connection after what is queued for it is written."""
         if self.transport is not None:
-            payload = _U32.pack(self.last_stream) + _U32.pack(wire.NO_ERROR)
-            self.transport.write(frame(wire.GOAWAY, 0, 0, payload))
-            if not self.streams:
-                self.transport.close()
+            self._write_out()
+            self.transport.close()
