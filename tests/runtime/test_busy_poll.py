@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from omni_runtime.config import ServerSettings
-from omni_runtime.workers.busy_poll import BusyPoll
+from omni_runtime.workers.busy_poll import CROWDED_S, BusyPoll
 from omni_runtime.workers.channel import WorkerChannel
 from omni_sdk.wire import FLAG_POLL, POLL_NS, FrameReader, Kind, Payloads, encode_frame
 
@@ -159,6 +159,37 @@ def test_polling_is_for_one_answer_owed_per_spare_core() -> None:
         poll.sent(loop.create_future(), 0)
         await asyncio.sleep(0.01)
         assert not poll.polling
+
+    _run(main)
+
+
+def test_after_more_answers_owed_than_spare_cores_nothing_polls_for_a_while() -> None:
+    """Under load (several clients at once) the answers owed fall to one only between waves
+    of requests; polling then would take the cores that the next wave needs. So, for
+    CROWDED_S after more answers were owed than spare cores, neither the loop nor a worker
+    polls, even for a single answer owed; after it, a lone client's requests are polled for
+    again."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        poll = _busy()
+        answers = [loop.create_future() for _ in range(2)]
+        for answer in answers:
+            poll.sent(answer, poll.flags("a"))
+        answers[0].set_result(None)
+        await asyncio.sleep(0)
+        assert poll.owed == 1 and not poll.polling  # one owed, but the load was just higher
+        answers[1].set_result(None)
+        await asyncio.sleep(0)
+        assert poll.flags("a") == 0
+        single: asyncio.Future[None] = loop.create_future()
+        poll.sent(single, 0)
+        assert not poll.polling
+        single.set_result(None)
+        await asyncio.sleep(CROWDED_S + 0.01)
+        assert poll.flags("a") == FLAG_POLL  # the crowd is gone: a lone request is polled for
+        poll.sent(loop.create_future(), FLAG_POLL)
+        assert poll.polling
 
     _run(main)
 

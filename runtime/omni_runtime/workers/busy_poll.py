@@ -14,8 +14,11 @@ model's work. So, within ``server.busy_poll``:
 Answers are counted, not workers: a worker owing several (its pipeline full) or several
 workers at work mean requests come faster than one at a time, wake-ups are shared among them,
 and polling would take the CPU that the work needs (at concurrency 8 it doubled a worker's
-CPU per request). Neither takes a core from the runtime's own work: the loop polls only when
-it has nothing else to run.
+CPU per request). For ``CROWDED_S`` after more answers were owed than there are spare cores,
+nothing polls at all: under such load the answers owed fall to one only between waves of
+requests, and polling then took the cores that the client and the next wave needed (at
+concurrency 8 over gRPC, a fifth of the calls per second). Neither takes a core from the
+runtime's own work: the loop polls only when it has nothing else to run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from omni_sdk.wire import FLAG_POLL, POLL_NS
 
 __all__ = ["BusyPoll"]
 
+# After more answers were owed at once than there are spare cores, nothing polls for this long:
+# under such load the answers owed drop to a few only between waves of requests, and polling
+# then would take the cores that the next wave needs.
+CROWDED_S = 0.02
 _polls: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoll] = weakref.WeakKeyDictionary()
 
 
@@ -47,6 +54,7 @@ class BusyPoll:
         self.poller: object = None  # the worker told to poll last
         self.poller_owed = 0  # ...the flagged answers it still owes
         self.poller_until = 0.0  # ...and until when it may poll after its last one
+        self.crowded_until = 0.0  # more answers were owed than spare cores: no polling till then
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop, budget: float) -> BusyPoll:
@@ -65,7 +73,10 @@ class BusyPoll:
             return 0
         if self.owed >= self.spare:
             return 0
-        if worker is not self.poller and (self.poller_owed or perf_counter() < self.poller_until):
+        now = perf_counter()
+        if now < self.crowded_until:
+            return 0
+        if worker is not self.poller and (self.poller_owed or now < self.poller_until):
             return 0
         self.poller = worker
         return FLAG_POLL
@@ -79,7 +90,10 @@ class BusyPoll:
         if flags & FLAG_POLL:
             self.poller_owed += 1
         answer.add_done_callback(functools.partial(self._answered, flags))
-        self.deadline = perf_counter() + self.budget
+        now = perf_counter()
+        self.deadline = now + self.budget
+        if self.owed > self.spare:
+            self.crowded_until = now + CROWDED_S
         self._start()
 
     def _answered(self, flags: int, _: asyncio.Future[Any]) -> None:
@@ -95,8 +109,8 @@ class BusyPoll:
             asyncio.get_running_loop().call_soon(self._poll)
 
     def _wanted(self) -> bool:
-        # Only while each answer owed can have a core besides the loop's.
-        return 0 < self.owed <= self.spare and perf_counter() < self.deadline
+        # Only while each answer owed can have a core besides the loop's, and has had lately.
+        return 0 < self.owed <= self.spare and self.crowded_until <= perf_counter() < self.deadline
 
     def _poll(self) -> None:
         # A callback that schedules itself keeps the loop from blocking in epoll: each turn
