@@ -367,13 +367,13 @@ class H2Connection(asyncio.Protocol):
         else:
             self.finished += 1
         if self.going_away and not self.streams:
-            self._close_transport()
+            self._write_out(close=True)
 
     def _fail(self, code: int, why: str) -> None:
         log.info("gRPC: closing a connection: %s", why)
         payload = _U32.pack(self.last_stream) + _U32.pack(code) + why.encode()[:200]
         self._write(frame(wire.GOAWAY, 0, 0, payload))
-        self._close_transport()
+        self._write_out(close=True)
 
     def go_away(self) -> None:
         """Take no new stream; close once the open ones are answered (a server stopping)."""
@@ -381,24 +381,20 @@ class H2Connection(asyncio.Protocol):
         payload = _U32.pack(self.last_stream) + _U32.pack(wire.NO_ERROR)
         self._write(frame(wire.GOAWAY, 0, 0, payload))
         if not self.streams:
-            self._close_transport()
+            self._write_out(close=True)
 
     def _write(self, data: bytes) -> None:
         """Queue ``data`` for one write at the end of this turn of the loop: the answers of
         several calls that end together (a worker's batch) leave in one system call."""
-        if self.transport is None:
-            return
-        if not self.out:
-            self.loop.call_soon(self._write_out)
-        self.out.append(data)
-
-    def _write_out(self) -> None:
-        if self.out and self.transport is not None:
-            self.transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
-        self.out.clear()
-
-    def _close_transport(self) -> None:
-        """Close the connection after what is queued for it is written."""
         if self.transport is not None:
-            self._write_out()
+            if not self.out:
+                self.loop.call_soon(self._write_out)
+            self.out.append(data)
+
+    def _write_out(self, close: bool = False) -> None:
+        """Write what is queued; with ``close``, then close the connection."""
+        if self.out and self.transport is not None:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+        if close and self.transport is not None:
             self.transport.close()
