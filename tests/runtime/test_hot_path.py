@@ -29,6 +29,7 @@ class App:
         self.asgi: list[str] = []
         self.hot: list[str] = []
         self.finished: list[str] = []  # hot replies that ran to their end
+        self.tasks: list[object] = []  # asyncio.current_task() as each hot reply began
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
@@ -52,6 +53,7 @@ class App:
         started: float,
     ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:  # fmt: skip
         self.hot.append(path)
+        self.tasks.append(asyncio.current_task())
         if path == "/hot/slow":
             await asyncio.sleep(0.3)
         self.finished.append(path)
@@ -139,6 +141,23 @@ def test_an_infer_request_is_answered_by_the_connection_with_the_same_headers() 
             assert headers["x-model"] == "model"
             assert "date" in headers and "connection" not in headers  # kept alive
         assert [body for _, _, body in answers] == [b"hot:one", b"hot:two"]
+
+    _run(scenario)
+
+
+def test_the_reply_begins_within_the_read_that_completed_the_request() -> None:
+    """Not a turn of the loop later, in a task (server/eager.py): on Omni's hot path, the
+    request is on its way to its worker before the connection's read returns. A reply that
+    waits goes on in a task all the same."""
+
+    async def scenario() -> None:
+        app = App()
+        async with serving(app) as port:
+            [(_, _, fast)] = await _exchange(port, _post("/hot/m", b"1"), 1)
+            [(_, _, slow)] = await _exchange(port, _post("/hot/slow", b"2"), 1)
+        assert (fast, slow) == (b"hot:1", b"hot:2")
+        assert app.tasks == [None, None]  # both began inside data_received
+        assert app.finished == ["/hot/m", "/hot/slow"]
 
     _run(scenario)
 

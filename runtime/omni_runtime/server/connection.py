@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from omni_runtime.server.eager import start_eagerly
 from omni_runtime.server.hot_path import HotApp, HotCycle, hot_cycle
 from omni_sdk.envelopes import ai_error_body, v2_error_body
 
@@ -134,7 +135,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._hot_app is not None:
+        if self._hot_app is not None and not self.transport.is_closing():
             hot = hot_cycle(self, self._hot_app, self.max_body_size)
             if hot is not None:
                 self.cycle = hot  # type: ignore[assignment]  # (answered in on_message_complete)
@@ -148,9 +149,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle: Any = self.cycle
         if type(cycle) is HotCycle and not cycle.response_complete:
             assert self._hot_app is not None
-            task = self.loop.create_task(cycle.answer(self._hot_app))
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
+            # Sent to its worker now, not a turn of the loop later (eager.py).
+            task = start_eagerly(self.loop, cycle.answer(self._hot_app))
+            if task is not None:
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
         self._receiving = False
         self._in_head = True
         self._head_bytes = 0

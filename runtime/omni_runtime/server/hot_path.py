@@ -6,7 +6,8 @@ infer route of a model served here, that machinery cost as much of the runtime's
 trip to the worker (docs/benchmarks.md). So the connection (``connection.py``) answers these
 requests itself, with the application's own code: ``OmniApp.hot_route`` says whether a
 request may go this way, ``OmniApp.hot_reply`` gives its reply (errors included), and the
-reply leaves in one write.
+reply leaves in one write. ``answer`` starts eagerly (``eager.py``): the request goes to its
+worker within the read that completed it.
 
 A request goes this way when every one of these holds, and through ASGI otherwise:
 
