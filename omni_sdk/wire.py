@@ -136,12 +136,17 @@ class FrameReader:
 
     def feed(self, data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         buffer = self._buffer
-        buffer += data
+        # Whole frames are cut straight out of ``data`` where nothing waits before it (most
+        # reads): one copy of each body rather than three.
+        direct = not buffer and type(data) is bytes
+        source: bytes | bytearray = data if direct else buffer
+        if not direct:
+            buffer += data
         offset = 0
-        size = len(buffer)
+        size = len(source)
         header_size = HEADER.size
         while size - offset >= header_size:
-            length, version, kind, flags, request_id = HEADER.unpack_from(buffer, offset)
+            length, version, kind, flags, request_id = HEADER.unpack_from(source, offset)
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(
                     f"peer speaks protocol version {version}, this side speaks "
@@ -152,9 +157,16 @@ class FrameReader:
             end = offset + header_size + length
             if end > size:
                 break
-            yield kind, flags, request_id, bytes(buffer[offset + header_size : end])
+            if direct:
+                body = data[offset + header_size : end]
+            else:
+                with memoryview(buffer) as view:
+                    body = bytes(view[offset + header_size : end])
+            yield kind, flags, request_id, body
             offset = end
-        if offset:
+        if direct:
+            buffer += data[offset:]  # the start of a frame still to come, if any
+        elif offset:
             del buffer[:offset]
 
 
@@ -178,9 +190,9 @@ class Payloads:
     ) -> bytes:
         """One frame carrying ``parts``. Raises ``OSError`` when a large payload cannot be
         written (memory is short): that one message fails, nothing else."""
-        size = sum(len(p) for p in parts)
-        if size < self.threshold or self.fds is None:
-            return encode_frame(kind, request_id, b"".join(parts), flags)
+        size = sum(map(len, parts))
+        if size < self.threshold or self.fds is None:  # (one copy of the parts, not two)
+            return b"".join([HEADER.pack(size, PROTOCOL_VERSION, kind, flags, request_id), *parts])
         fd = write_memfd(parts, size)
         try:
             self.fds.sendmsg(

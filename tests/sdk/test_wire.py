@@ -32,6 +32,25 @@ def test_frames_split_across_reads() -> None:
     assert frames == [(Kind.RUN_JSON, 0, 1, b'{"a": 1}'), (Kind.PING, 0, 2, b"")]
 
 
+def test_frames_read_whole_or_cut_anywhere_come_out_the_same() -> None:
+    """Whole frames are cut straight out of a read; a frame cut by the end of a read waits
+    for the rest: at every point of a cut, the same frames, as bytes."""
+    stream = b"".join(
+        encode_frame(kind, n, body)
+        for n, (kind, body) in enumerate(
+            [(Kind.INFER_V2, b"x" * 300), (Kind.PING, b""), (Kind.RUN_JSON, b'{"a": 1}')], 1
+        )
+    )
+    expected = [(Kind.INFER_V2, 0, 1, b"x" * 300), (Kind.PING, 0, 2, b""),
+                (Kind.RUN_JSON, 0, 3, b'{"a": 1}')]  # fmt: skip
+    for cut in range(len(stream) + 1):
+        reader = FrameReader()
+        frames = [*reader.feed(stream[:cut]), *reader.feed(stream[cut:])]
+        frames += reader.feed(stream)  # and once more, whole, after them
+        assert frames == expected + expected, cut
+        assert all(type(body) is bytes for *_, body in frames)
+
+
 def test_other_protocol_version_is_refused() -> None:
     frame = bytearray(encode_frame(Kind.PING, 1))
     frame[4] = PROTOCOL_VERSION + 1
