@@ -123,7 +123,12 @@ class PayloadError(Exception):
 
 
 def encode_frame(kind: int, request_id: int, body: bytes = b"", flags: int = 0) -> bytes:
-    return HEADER.pack(len(body), PROTOCOL_VERSION, kind, flags, request_id) + body
+    return _head(len(body), kind, flags, request_id) + body
+
+
+def _head(size: int, kind: int, flags: int, request_id: int) -> bytes:
+    """A frame's header, before ``size`` bytes of body."""
+    return HEADER.pack(size, PROTOCOL_VERSION, kind, flags, request_id)
 
 
 class FrameReader:
@@ -192,7 +197,7 @@ class Payloads:
         written (memory is short): that one message fails, nothing else."""
         size = sum(map(len, parts))
         if size < self.threshold or self.fds is None:  # (one copy of the parts, not two)
-            return b"".join([HEADER.pack(size, PROTOCOL_VERSION, kind, flags, request_id), *parts])
+            return b"".join([_head(size, kind, flags, request_id), *parts])
         fd = write_memfd(parts, size)
         try:
             self.fds.sendmsg(
